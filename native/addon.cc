@@ -1,0 +1,44 @@
+// livesnap_native: the raw device mechanisms the TypeScript orchestrator drives.
+// See src/device/native.ts for the typed contract of every export.
+#include "common.h"
+#include "io_engine.h"
+
+namespace livesnap {
+Napi::Value Open(const Napi::CallbackInfo&);
+Napi::Value Close(const Napi::CallbackInfo&);
+Napi::Value Stat(const Napi::CallbackInfo&);
+Napi::Value AllocAligned(const Napi::CallbackInfo&);
+Napi::Value Fdatasync(const Napi::CallbackInfo&);
+Napi::Value FlushBuffers(const Napi::CallbackInfo&);
+Napi::Value Discard(const Napi::CallbackInfo&);
+Napi::Value ZeroRange(const Napi::CallbackInfo&);
+Napi::Value ReadBatch(const Napi::CallbackInfo&);
+Napi::Value WriteBatch(const Napi::CallbackInfo&);
+Napi::Value IoEngine(const Napi::CallbackInfo&);
+Napi::Value Freeze(const Napi::CallbackInfo&);
+Napi::Value Thaw(const Napi::CallbackInfo&);
+Napi::Value ThawSync(const Napi::CallbackInfo&);
+Napi::Value Fiemap(const Napi::CallbackInfo&);
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("open", Napi::Function::New(env, Open));
+  exports.Set("close", Napi::Function::New(env, Close));
+  exports.Set("stat", Napi::Function::New(env, Stat));
+  exports.Set("allocAligned", Napi::Function::New(env, AllocAligned));
+  exports.Set("fdatasync", Napi::Function::New(env, Fdatasync));
+  exports.Set("flushBuffers", Napi::Function::New(env, FlushBuffers));
+  exports.Set("discard", Napi::Function::New(env, Discard));
+  exports.Set("zeroRange", Napi::Function::New(env, ZeroRange));
+  exports.Set("readBatch", Napi::Function::New(env, ReadBatch));
+  exports.Set("writeBatch", Napi::Function::New(env, WriteBatch));
+  exports.Set("ioEngine", Napi::Function::New(env, IoEngine));
+  exports.Set("freeze", Napi::Function::New(env, Freeze));
+  exports.Set("thaw", Napi::Function::New(env, Thaw));
+  exports.Set("thawSync", Napi::Function::New(env, ThawSync));
+  exports.Set("fiemap", Napi::Function::New(env, Fiemap));
+  return exports;
+}
+}  // namespace livesnap
+
+static Napi::Object InitAddon(Napi::Env env, Napi::Object exports) { return livesnap::Init(env, exports); }
+NODE_API_MODULE(livesnap_native, InitAddon)

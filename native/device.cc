@@ -1,0 +1,131 @@
+// Opening devices and files for direct I/O, their geometry, aligned memory, and the
+// whole-device operations (sync, flush cache, discard, zero).
+#include "common.h"
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+#include <cstdlib>
+
+namespace livesnap {
+
+// open(path, {write, direct, exclusive, create}) -> fd
+Napi::Value Open(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!RequireArgs(info, 1, "usage: open(path, {write, direct, exclusive, create})") ) return env.Null();
+  if (!info[0].IsString()) { Napi::TypeError::New(env, "path must be a string").ThrowAsJavaScriptException(); return env.Null(); }
+  std::string path = info[0].As<Napi::String>();
+  bool write = false, direct = true, exclusive = false, create = false;
+  if (info.Length() > 1 && info[1].IsObject()) {
+    Napi::Object o = info[1].As<Napi::Object>();
+    if (o.Has("write")) write = o.Get("write").ToBoolean();
+    if (o.Has("direct")) direct = o.Get("direct").ToBoolean();
+    if (o.Has("exclusive")) exclusive = o.Get("exclusive").ToBoolean();
+    if (o.Has("create")) create = o.Get("create").ToBoolean();
+  }
+  int flags = (write ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_LARGEFILE;
+  if (direct) flags |= O_DIRECT;
+  // On a block device O_EXCL without O_CREAT claims it exclusively: EBUSY while mounted or held.
+  if (exclusive) flags |= O_EXCL;
+  if (create) flags |= O_CREAT;
+  int fd = open(path.c_str(), flags, 0600);
+  if (fd < 0) { ErrnoError(env, errno, "open", path).ThrowAsJavaScriptException(); return env.Null(); }
+  return Napi::Number::New(env, fd);
+}
+
+Napi::Value Close(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!RequireArgs(info, 1, "usage: close(fd)")) return env.Null();
+  if (close(info[0].As<Napi::Number>().Int32Value()) != 0) ErrnoError(env, errno, "close").ThrowAsJavaScriptException();
+  return env.Undefined();
+}
+
+// stat(fd) -> {size, logicalSectorSize, physicalSectorSize, blockDevice, rdevMajor, rdevMinor}
+Napi::Value Stat(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!RequireArgs(info, 1, "usage: stat(fd)")) return env.Null();
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  struct stat st;
+  if (FStat(fd, &st) != 0) { ErrnoError(env, errno, "fstat").ThrowAsJavaScriptException(); return env.Null(); }
+  uint64_t size = st.st_size;
+  int lss = 512, pss = 512;
+  bool blk = S_ISBLK(st.st_mode);
+  if (blk) {
+    if (ioctl(fd, BLKGETSIZE64, &size) != 0) { ErrnoError(env, errno, "ioctl(BLKGETSIZE64)").ThrowAsJavaScriptException(); return env.Null(); }
+    if (ioctl(fd, BLKSSZGET, &lss) != 0) lss = 512;
+    unsigned int p = 0;
+    if (ioctl(fd, BLKPBSZGET, &p) == 0 && p) pss = (int)p; else pss = lss;
+  }
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("size", Napi::Number::New(env, (double)size));
+  o.Set("logicalSectorSize", Napi::Number::New(env, lss));
+  o.Set("physicalSectorSize", Napi::Number::New(env, pss));
+  o.Set("blockDevice", Napi::Boolean::New(env, blk));
+  o.Set("regularFile", Napi::Boolean::New(env, S_ISREG(st.st_mode)));
+  o.Set("rdevMajor", Napi::Number::New(env, major(st.st_rdev)));
+  o.Set("rdevMinor", Napi::Number::New(env, minor(st.st_rdev)));
+  return o;
+}
+
+static void FreeAligned(Napi::Env, void* data) { free(data); }
+
+// allocAligned(size, alignment=4096) -> ArrayBuffer (zeroed). Meant to be pooled by the caller:
+// external memory is only released when the event loop turns and GC runs.
+Napi::Value AllocAligned(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int64_t size = 0, align = 4096;
+  if (info.Length() < 1 || !GetOffset(info[0], &size) || size <= 0) {
+    Napi::RangeError::New(env, "allocAligned: size must be a positive integer").ThrowAsJavaScriptException(); return env.Null();
+  }
+  if (info.Length() > 1 && (!GetOffset(info[1], &align) || align < 512 || (align & (align - 1)))) {
+    Napi::RangeError::New(env, "allocAligned: alignment must be a power of two >= 512").ThrowAsJavaScriptException(); return env.Null();
+  }
+  void* p = nullptr;
+  if (posix_memalign(&p, (size_t)align, (size_t)size) != 0) { ErrnoError(env, ENOMEM, "posix_memalign").ThrowAsJavaScriptException(); return env.Null(); }
+  memset(p, 0, (size_t)size);
+  Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, p, (size_t)size, FreeAligned);
+  Napi::MemoryManagement::AdjustExternalMemory(env, size);
+  return ab;
+}
+
+Napi::Value Fdatasync(const Napi::CallbackInfo& info) {
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  return CallWorker::Start(info.Env(), "fdatasync", "", [fd] { return fdatasync(fd) == 0 ? 0 : errno; });
+}
+
+// BLKFLSBUF: drop the kernel's buffer cache for the device so reads see what is on the medium.
+Napi::Value FlushBuffers(const Napi::CallbackInfo& info) {
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  return CallWorker::Start(info.Env(), "ioctl(BLKFLSBUF)", "", [fd] { return ioctl(fd, BLKFLSBUF, 0) == 0 ? 0 : errno; });
+}
+
+static int RangeOp(int fd, uint64_t off, uint64_t len, bool zero) {
+  struct stat st;
+  if (FStat(fd, &st) != 0) return errno;
+  if (S_ISBLK(st.st_mode)) {
+    uint64_t range[2] = {off, len};
+    if (ioctl(fd, zero ? BLKZEROOUT : BLKDISCARD, range) == 0) return 0;
+    return errno;
+  }
+  int mode = zero ? FALLOC_FL_ZERO_RANGE : (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE);
+  if (fallocate(fd, mode, (off_t)off, (off_t)len) == 0) return 0;
+  if (zero && errno == EOPNOTSUPP && fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0) return 0;
+  return errno;
+}
+
+static Napi::Value Range(const Napi::CallbackInfo& info, bool zero) {
+  Napi::Env env = info.Env();
+  int64_t off, len;
+  if (info.Length() < 3 || !info[0].IsNumber() || !GetOffset(info[1], &off) || !GetOffset(info[2], &len)) {
+    Napi::TypeError::New(env, "usage: (fd, offset, length)").ThrowAsJavaScriptException(); return env.Null();
+  }
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  return CallWorker::Start(env, zero ? "zeroRange" : "discard", "", [=] { return RangeOp(fd, off, len, zero); });
+}
+Napi::Value Discard(const Napi::CallbackInfo& info) { return Range(info, false); }
+Napi::Value ZeroRange(const Napi::CallbackInfo& info) { return Range(info, true); }
+
+}  // namespace livesnap

@@ -1,0 +1,84 @@
+// File-system controls: FIFREEZE / FITHAW on a mount point, FIEMAP on a file.
+#include "common.h"
+#include <fcntl.h>
+#include <linux/fiemap.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+#include <vector>
+
+namespace livesnap {
+
+static int FreezeOp(const std::string& mnt, unsigned long req) {
+  int fd = open(mnt.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return errno;
+  int r = ioctl(fd, req, 0) == 0 ? 0 : errno;
+  close(fd);
+  return r;
+}
+
+// freeze(mountPoint): FIFREEZE syncs dirty data and blocks new writers on that file system only.
+Napi::Value Freeze(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsString()) { Napi::TypeError::New(env, "usage: freeze(mountPoint)").ThrowAsJavaScriptException(); return env.Null(); }
+  std::string mnt = info[0].As<Napi::String>();
+  return CallWorker::Start(env, "ioctl(FIFREEZE)", mnt, [mnt] { return FreezeOp(mnt, FIFREEZE); });
+}
+
+Napi::Value Thaw(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsString()) { Napi::TypeError::New(env, "usage: thaw(mountPoint)").ThrowAsJavaScriptException(); return env.Null(); }
+  std::string mnt = info[0].As<Napi::String>();
+  return CallWorker::Start(env, "ioctl(FITHAW)", mnt, [mnt] { return FreezeOp(mnt, FITHAW); });
+}
+
+// thawSync(mountPoint): for exit and signal paths, where no promise will be awaited.
+Napi::Value ThawSync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsString()) { Napi::TypeError::New(env, "usage: thawSync(mountPoint)").ThrowAsJavaScriptException(); return env.Null(); }
+  std::string mnt = info[0].As<Napi::String>();
+  int r = FreezeOp(mnt, FITHAW);
+  if (r) { ErrnoError(env, r, "ioctl(FITHAW)", mnt).ThrowAsJavaScriptException(); return env.Null(); }
+  return env.Undefined();
+}
+
+// fiemap(path, sync=true) -> Float64Array [logical, physical, length, flags] * n
+Napi::Value Fiemap(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsString()) { Napi::TypeError::New(env, "usage: fiemap(path)").ThrowAsJavaScriptException(); return env.Null(); }
+  std::string path = info[0].As<Napi::String>();
+  bool sync = info.Length() < 2 || info[1].ToBoolean();
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) { ErrnoError(env, errno, "open", path).ThrowAsJavaScriptException(); return env.Null(); }
+  const unsigned kBatch = 512;
+  std::vector<uint8_t> mem(sizeof(struct fiemap) + kBatch * sizeof(struct fiemap_extent));
+  struct fiemap* fm = reinterpret_cast<struct fiemap*>(mem.data());
+  std::vector<double> out;
+  uint64_t start = 0;
+  bool last = false;
+  while (!last) {
+    memset(mem.data(), 0, mem.size());
+    fm->fm_start = start;
+    fm->fm_length = ~0ULL - start;
+    fm->fm_flags = sync ? FIEMAP_FLAG_SYNC : 0;
+    fm->fm_extent_count = kBatch;
+    if (ioctl(fd, FS_IOC_FIEMAP, fm) != 0) {
+      int e = errno; close(fd);
+      ErrnoError(env, e, "ioctl(FS_IOC_FIEMAP)", path).ThrowAsJavaScriptException(); return env.Null();
+    }
+    if (fm->fm_mapped_extents == 0) break;
+    for (unsigned i = 0; i < fm->fm_mapped_extents; i++) {
+      const struct fiemap_extent& e = fm->fm_extents[i];
+      out.push_back((double)e.fe_logical); out.push_back((double)e.fe_physical);
+      out.push_back((double)e.fe_length); out.push_back((double)e.fe_flags);
+      if (e.fe_flags & FIEMAP_EXTENT_LAST) last = true;
+      start = e.fe_logical + e.fe_length;
+    }
+  }
+  close(fd);
+  Napi::Float64Array arr = Napi::Float64Array::New(env, out.size());
+  for (size_t i = 0; i < out.size(); i++) arr[i] = out[i];
+  return arr;
+}
+
+}  // namespace livesnap

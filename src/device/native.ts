@@ -1,0 +1,89 @@
+// The typed contract of the C++ addon (native/). Mechanism only: every decision is made by the caller.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+export interface OpenFlags {
+  write?: boolean;
+  /** O_DIRECT (default true). */
+  direct?: boolean;
+  /** O_EXCL on a block device: fails with EBUSY while it is mounted or otherwise claimed. */
+  exclusive?: boolean;
+  create?: boolean;
+}
+
+export interface NativeStat {
+  size: number;
+  logicalSectorSize: number;
+  physicalSectorSize: number;
+  blockDevice: boolean;
+  regularFile: boolean;
+  rdevMajor: number;
+  rdevMinor: number;
+}
+
+/** A system error from the addon: same shape as Node's fs errors. */
+export interface NativeError extends Error {
+  code: string;
+  errno: number;
+  syscall: string;
+  path?: string;
+}
+
+export interface NativeAddon {
+  open(path: string, flags?: OpenFlags): number;
+  close(fd: number): void;
+  stat(fd: number): NativeStat;
+  /** Zeroed memory aligned for O_DIRECT. Pool it: it is only freed when GC runs. */
+  allocAligned(size: number, alignment?: number): ArrayBuffer;
+  /**
+   * Runs a whole batch of positioned reads into `buffer`: `segments` holds [offset, length, bufOffset]
+   * triplets. Resolves with one entry per segment: bytes read (short only at end of file) or -errno.
+   */
+  readBatch(fd: number, buffer: ArrayBuffer, segments: Float64Array): Promise<Int32Array>;
+  writeBatch(fd: number, buffer: ArrayBuffer, segments: Float64Array): Promise<Int32Array>;
+  fdatasync(fd: number): Promise<void>;
+  /** BLKFLSBUF (block devices only). */
+  flushBuffers(fd: number): Promise<void>;
+  /** BLKDISCARD on a device, punch hole on a file. */
+  discard(fd: number, offset: number, length: number): Promise<void>;
+  /** BLKZEROOUT on a device, FALLOC_FL_ZERO_RANGE (or punch hole) on a file. */
+  zeroRange(fd: number, offset: number, length: number): Promise<void>;
+  ioEngine(): 'io_uring' | 'threadpool';
+  freeze(mountPoint: string): Promise<void>;
+  thaw(mountPoint: string): Promise<void>;
+  thawSync(mountPoint: string): void;
+  /** [logical, physical, length, flags] quadruplets, FIEMAP_FLAG_SYNC unless sync is false. */
+  fiemap(path: string, sync?: boolean): Float64Array;
+}
+
+let cached: NativeAddon | undefined;
+
+/**
+ * Loads the addon. In the single-binary release the bundle sets LIVESNAP_ADDON_PATH (or calls
+ * setAddon) after writing the addon out of the SEA assets; from a checkout it is build/Release.
+ */
+export function native(): NativeAddon {
+  if (cached) return cached;
+  const candidates = [
+    process.env.LIVESNAP_ADDON_PATH,
+    path.resolve(__dirname, '../../build/Release/livesnap_native.node'),
+    path.resolve(__dirname, '../../../build/Release/livesnap_native.node'),
+  ].filter((p): p is string => !!p);
+  for (const p of candidates) {
+    if (fs.existsSync(p)) {
+      const m = { exports: {} as NativeAddon };
+      process.dlopen(m, p);
+      cached = m.exports;
+      return cached;
+    }
+  }
+  throw new Error(`livesnap's native addon is not built (looked in ${candidates.join(', ')}); run "npm ci" or "npm run build:native"`);
+}
+
+export function setAddon(addon: NativeAddon): void {
+  cached = addon;
+}
+
+export function isNativeError(e: unknown): e is NativeError {
+  return e instanceof Error && typeof (e as NativeError).code === 'string' && typeof (e as NativeError).syscall === 'string';
+}

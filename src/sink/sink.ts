@@ -1,0 +1,50 @@
+// Every writer of backup data (raw image, tar archive, stdout, tape, S3, appliance) is a sink
+// behind this one interface. Nothing here assumes the target can seek.
+import type { Bitset } from '../util/bitset';
+import type { FileSystemKind } from '../fs/used-map';
+
+export interface VolumeInfo {
+  /** Source device or export name, as the user gave it. */
+  source: string;
+  /** Volume size in bytes. */
+  size: number;
+  blockSize: number;
+  totalBlocks: number;
+  usedBlocks: number;
+  filesystem: FileSystemKind;
+  /** The snapshot instant (for offline and freeze backups: when the copy started). */
+  snapshotTime: Date;
+  notes: string[];
+  toolVersion: string;
+}
+
+/**
+ * One batch of volume data in one buffer: `segments` holds [volumeOffset, length, bufferOffset]
+ * triplets, in ascending volume offset order and never overlapping. The buffer is only valid until
+ * the sink's write() promise resolves: a sink that keeps data must copy it.
+ */
+export interface DataBatch {
+  buffer: ArrayBuffer;
+  segments: Float64Array;
+}
+
+export interface FinishInfo {
+  /** Blocks (in blockSize units) that could not be read and were written as zeros. */
+  badBlocks: number[];
+}
+
+export interface BackupSink {
+  /** Human-readable name for messages ("image /backup/vol.img"). */
+  readonly description: string;
+  /**
+   * Called once before any data. `used` is the final set of blocks that will be written:
+   * a sequential format (GNU sparse map) needs it up front.
+   */
+  begin(volume: VolumeInfo, used: Bitset): Promise<void>;
+  /** Data batches arrive in ascending volume offset order. */
+  write(batch: DataBatch): Promise<void>;
+  /** All data written; make it durable and mark it complete. */
+  finish(info: FinishInfo): Promise<void>;
+  /** The backup failed or was cancelled: remove or clearly mark the partial output. Never throws. */
+  abort(reason: Error): Promise<void>;
+}

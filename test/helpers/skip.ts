@@ -1,0 +1,22 @@
+// Skips that say why: the reason is printed and counted in the closing line.
+import test, { type ExecutionContext } from 'ava';
+import { isRoot, which } from './system';
+
+/** Registers `title` as skipped (with its reason printed) when a requirement is missing. */
+export function requirements(needs: { root?: boolean; commands?: string[] }): string | undefined {
+  if (needs.root && !isRoot) return 'needs root (loop devices, mounts)';
+  for (const c of needs.commands ?? []) if (!which(c)) return `needs the command "${c}" (see .ci/run for the package)`;
+  return undefined;
+}
+
+export function testIf(needs: { root?: boolean; commands?: string[] }) {
+  const why = requirements(needs);
+  return (title: string, fn: (t: ExecutionContext) => Promise<void> | void) => {
+    if (why) {
+      console.log(`# SKIP ${title}: ${why}`);
+      test.skip(`${title} (skipped: ${why})`, () => {});
+    } else {
+      test(title, fn);
+    }
+  };
+}
