@@ -7,7 +7,8 @@
         "native/device.cc",
         "native/io_batch.cc",
         "native/uring_engine.cc",
-        "native/fsctl.cc"
+        "native/fsctl.cc",
+        "native/hash.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS", "_GNU_SOURCE", "_FILE_OFFSET_BITS=64"],

@@ -19,6 +19,7 @@ Napi::Value Freeze(const Napi::CallbackInfo&);
 Napi::Value Thaw(const Napi::CallbackInfo&);
 Napi::Value ThawSync(const Napi::CallbackInfo&);
 Napi::Value Fiemap(const Napi::CallbackInfo&);
+Napi::Value Xxh128(const Napi::CallbackInfo&);
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("open", Napi::Function::New(env, Open));
@@ -36,6 +37,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("thaw", Napi::Function::New(env, Thaw));
   exports.Set("thawSync", Napi::Function::New(env, ThawSync));
   exports.Set("fiemap", Napi::Function::New(env, Fiemap));
+  exports.Set("xxh128", Napi::Function::New(env, Xxh128));
   return exports;
 }
 }  // namespace livesnap

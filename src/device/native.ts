@@ -54,6 +54,8 @@ export interface NativeAddon {
   thawSync(mountPoint: string): void;
   /** [logical, physical, length, flags] quadruplets, FIEMAP_FLAG_SYNC unless sync is false. */
   fiemap(path: string, sync?: boolean): Float64Array;
+  /** XXH3-128 of the bytes, canonical big-endian 16-byte form. */
+  xxh128(bytes: Uint8Array | ArrayBuffer, seed?: number): Buffer;
 }
 
 let cached: NativeAddon | undefined;
