@@ -10,6 +10,8 @@ export interface DeviceOpenOptions {
   create?: boolean;
   /** Fall back to buffered I/O where the file system refuses O_DIRECT (tmpfs); default false. */
   allowBuffered?: boolean;
+  /** O_DIRECT (default true). Buffered writes let the kernel merge many small writes before a final fdatasync. */
+  direct?: boolean;
 }
 
 /** What metadata parsers read through: any byte range, alignment handled for them. */
@@ -45,9 +47,9 @@ export class Device implements BlockReader {
     }
     if (st?.isDirectory()) throw new UserError(`${path} is a directory, not a block device or image file`, 'name the device (e.g. /dev/sdb1) or an image file');
     if (st && !st.isBlockDevice() && !st.isFile()) throw new UserError(`${path} is neither a block device nor a regular file`);
-    const flags = { write: !!opts.write, direct: true, exclusive: !!opts.exclusive && !!st?.isBlockDevice(), create: !!opts.create };
+    const flags = { write: !!opts.write, direct: opts.direct ?? true, exclusive: !!opts.exclusive && !!st?.isBlockDevice(), create: !!opts.create };
     let fd: number;
-    let direct = true;
+    let direct = flags.direct;
     try {
       fd = native().open(path, flags);
     } catch (e) {
@@ -63,7 +65,7 @@ export class Device implements BlockReader {
       } else if (isNativeError(e) && e.code === 'EBUSY') {
         throw new UserError(
           `${path} is in use (mounted or held by another program)`,
-          'unmount it first, or back it up online with "--method freeze --mount <mountpoint>" or "livesnap serve"',
+          `unmount it first (see "findmnt ${path}"); to back up a mounted volume use "--method freeze --mount <mountpoint>"`,
         );
       } else if (isNativeError(e) && (e.code === 'EACCES' || e.code === 'EPERM')) {
         throw new UserError(`${path}: permission denied`, 'run as root or as a user with access to the device');

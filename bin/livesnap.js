@@ -1,0 +1,6 @@
+#!/usr/bin/env node
+'use strict';
+require('../dist/src/cli/main.js')
+  .main(process.argv.slice(2))
+  .then((code) => { process.exitCode = code; })
+  .catch((e) => { process.stderr.write(`livesnap: ${e && e.stack ? e.stack : e}\n`); process.exitCode = 1; });

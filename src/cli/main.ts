@@ -1,0 +1,23 @@
+// The livesnap command line.
+import { Builtins, Cli } from 'clipanion';
+import { TOOL_VERSION } from '../jobs/version';
+import { BackupCommand } from './commands/backup';
+import { DemoCommand } from './commands/demo';
+import { InspectCommand } from './commands/inspect';
+import { RestoreCommand } from './commands/restore';
+import { VerifyCommand } from './commands/verify';
+import { VersionCommand } from './commands/version';
+
+export function buildCli(): Cli {
+  const cli = new Cli({ binaryLabel: 'livesnap', binaryName: 'livesnap', binaryVersion: TOOL_VERSION, enableCapture: false });
+  for (const c of [InspectCommand, BackupCommand, RestoreCommand, VerifyCommand, DemoCommand, VersionCommand]) cli.register(c);
+  cli.register(Builtins.HelpCommand);
+  cli.register(Builtins.VersionCommand);
+  return cli;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const cli = buildCli();
+  const ctx = { ...Cli.defaultContext, colorDepth: process.stdout.isTTY ? Cli.defaultContext.colorDepth : 1 };
+  return cli.run(argv.length ? argv : ['--help'], ctx);
+}

@@ -1,0 +1,55 @@
+// FIFREEZE for the duration of a copy (seed 004: writers to that one file system wait, others do
+// not), and FITHAW always after: on success, on error, on Ctrl-C and on process exit.
+import { native } from '../device/native';
+import { UserError } from '../util/errors';
+import { mountAt } from '../util/mounts';
+import type { Device } from '../device/device';
+
+export function checkFreezeMount(mountPoint: string, source: Device): void {
+  const m = mountAt(mountPoint);
+  if (!m) throw new UserError(`${mountPoint} is not a mount point`, 'give the directory where the source file system is mounted (see "findmnt")');
+  if (source.isBlockDevice && (m.major !== source.info.rdevMajor || m.minor !== source.info.rdevMinor)) {
+    throw new UserError(`${mountPoint} is not where ${source.path} is mounted (it holds ${m.source})`, `freezing it would not make ${source.path} consistent; see "findmnt ${source.path}"`);
+  }
+  if (m.readOnly) return;
+}
+
+/** Runs `work` with the file system frozen; returns its result and how long it was frozen. */
+export async function withFrozen<T>(mountPoint: string, work: () => Promise<T>): Promise<{ result: T; frozenMs: number }> {
+  let frozen = false;
+  const thawNow = () => {
+    if (!frozen) return;
+    frozen = false;
+    try { native().thawSync(mountPoint); } catch { /* already thawed */ }
+  };
+  const onSignal = (sig: NodeJS.Signals) => {
+    thawNow();
+    process.stderr.write(`\nlivesnap: ${sig}: ${mountPoint} thawed, backup cancelled\n`);
+    process.exit(sig === 'SIGINT' ? 130 : 143);
+  };
+  process.on('exit', thawNow);
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  process.on('SIGHUP', onSignal);
+  let t0 = 0;
+  try {
+    try {
+      await native().freeze(mountPoint);
+    } catch (e) {
+      throw new UserError(`cannot freeze ${mountPoint}: ${(e as Error).message}`, 'the file system must support FIFREEZE (ext4, xfs, btrfs) and not be frozen already');
+    }
+    frozen = true;
+    t0 = performance.now();
+    const result = await work();
+    const frozenMs = performance.now() - t0;
+    frozen = false;
+    await native().thaw(mountPoint);
+    return { result, frozenMs };
+  } finally {
+    thawNow();
+    process.off('exit', thawNow);
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    process.off('SIGHUP', onSignal);
+  }
+}

@@ -1,0 +1,37 @@
+// Chooses the sink from the target's form: ".img" or a disk → raw image; ".tar", "-" and tape
+// devices → archive. --format overrides.
+import * as fs from 'node:fs';
+import { UserError } from '../util/errors';
+import { ImageSink } from './image-sink';
+import type { BackupSink } from './sink';
+
+export interface TargetOptions {
+  force?: boolean;
+  format?: 'raw' | 'tar';
+}
+
+export function isTapeDevice(target: string): boolean {
+  if (/^\/dev\/n?st\d+/.test(target)) return true;
+  try {
+    const st = fs.statSync(target);
+    // SCSI tape character devices: major 9.
+    return st.isCharacterDevice() && Number((BigInt(st.rdev) >> 8n) & 0xfffn) === 9;
+  } catch {
+    return false;
+  }
+}
+
+export function targetFormat(target: string, format?: 'raw' | 'tar'): 'raw' | 'tar' {
+  if (format) return format;
+  if (target === '-' || /\.tar(\.zst)?$/i.test(target) || isTapeDevice(target)) return 'tar';
+  return 'raw';
+}
+
+export function openBackupTarget(target: string, opts: TargetOptions): BackupSink {
+  const format = targetFormat(target, opts.format);
+  if (format === 'raw') {
+    if (target === '-') throw new UserError('a raw image cannot be written to standard output (it is sparse and written by offset)', 'use --format tar for a stream');
+    return new ImageSink(target, { force: opts.force });
+  }
+  throw new UserError(`the ${format} format is not available in this build`);
+}

@@ -1,0 +1,174 @@
+// The lockable "not yet copied" map of a snapshot (seed 001, FIG. 13 step 1306 and FIG. 14-15), one
+// bit per snapshot block (4 KiB by default):
+//   pending  the block's original is still only on the device: someone must copy it before it changes
+//   busy     a task holds the block: the copier's read or a copy-before-write save is in flight, or a
+//            snapshot-view read of a still-pending block; whoever meets a busy block waits for it
+//   saved    the original is in the intermediate container (or the block is bad: slot -1, zeros)
+// A block that is none of these is done (copied to the sink) or not part of the backup (free,
+// excluded): writes to it go straight through.
+// Claiming is "pending and not busy -> busy, not pending" in one synchronous step (JS runs one thing at
+// a time), so two claimers never copy the same block and a writer never overtakes an in-flight read.
+import { Bitset } from '../util/bitset';
+
+export type TaskKind = 'copy' | 'save' | 'view';
+
+export interface Task {
+  readonly start: number;
+  readonly end: number;
+  readonly kind: TaskKind;
+  readonly done: Promise<void>;
+}
+
+interface TaskImpl extends Task {
+  resolve: () => void;
+}
+
+/** Wakes everything waiting for "something changed" (a task ended, container space freed, disarm). */
+export class Notifier {
+  private waiters: Array<() => void> = [];
+  wait(): Promise<void> {
+    return new Promise((resolve) => this.waiters.push(resolve));
+  }
+  notify(): void {
+    if (this.waiters.length === 0) return;
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f();
+  }
+  get waiting(): number {
+    return this.waiters.length;
+  }
+}
+
+/** True when any bit in [start, end) is set in either bitset (bounded scan, bytes at a time). */
+export function anySet2(a: Bitset, b: Bitset, start: number, end: number): boolean {
+  const ab = a.bytes, bb = b.bytes;
+  let i = start;
+  while (i < end && (i & 7) !== 0) {
+    if (((ab[i >>> 3]! | bb[i >>> 3]!) & (1 << (i & 7))) !== 0) return true;
+    i++;
+  }
+  const fullEnd = end & ~7;
+  for (let k = i >>> 3; k < fullEnd >>> 3; k++) if ((ab[k]! | bb[k]!) !== 0) return true;
+  for (i = Math.max(i, fullEnd); i < end; i++) if (((ab[i >>> 3]! | bb[i >>> 3]!) & (1 << (i & 7))) !== 0) return true;
+  return false;
+}
+
+export function anySet(a: Bitset, start: number, end: number): boolean {
+  return anySet2(a, a, start, end);
+}
+
+export class CopyMap {
+  readonly pending: Bitset;
+  readonly busy: Bitset;
+  readonly saved: Bitset;
+  /** block -> container slot for saved blocks; -1 = bad block (read failed), emitted as zeros. */
+  readonly slots = new Map<number, number>();
+  private readonly tasks = new Set<TaskImpl>();
+  /** Woken whenever a task ends, container space is freed, or the snapshot is disarmed. */
+  readonly changed = new Notifier();
+
+  /** `allPending`: the state at arming (every block pending); allocated before the freeze window. */
+  constructor(readonly totalBlocks: number, allPending = true) {
+    this.pending = new Bitset(totalBlocks, allPending);
+    this.busy = new Bitset(totalBlocks);
+    this.saved = new Bitset(totalBlocks);
+  }
+
+  /** A write to [first, end) must take the slow path (some block still pending or held). */
+  needsWork(first: number, end: number): boolean {
+    return anySet2(this.pending, this.busy, first, end);
+  }
+
+  get savedCount(): number {
+    return this.slots.size;
+  }
+
+  get taskCount(): number {
+    return this.tasks.size;
+  }
+
+  countTasks(kind: TaskKind): number {
+    let n = 0;
+    for (const t of this.tasks) if (t.kind === kind) n++;
+    return n;
+  }
+
+  /**
+   * Claims the run of pending, not busy, not saved blocks starting at `start` (at most up to `limit`):
+   * they stop being pending and become busy under one task. Returns undefined when `start` is not claimable.
+   */
+  claimRun(start: number, limit: number, kind: 'copy' | 'save'): Task | undefined {
+    const p = this.pending, b = this.busy;
+    let e = start;
+    while (e < limit && p.get(e) && !b.get(e)) e++;
+    if (e === start) return undefined;
+    p.clearRange(start, e);
+    return this.lock(start, e, kind);
+  }
+
+  /** Locks [start, end) without changing pending (snapshot-view reads of pending blocks). */
+  lock(start: number, end: number, kind: TaskKind): Task {
+    let resolve!: () => void;
+    const done = new Promise<void>((r) => { resolve = r; });
+    const t: TaskImpl = { start, end, kind, done, resolve };
+    this.tasks.add(t);
+    this.busy.setRange(start, end);
+    return t;
+  }
+
+  unlock(task: Task): void {
+    const t = task as TaskImpl;
+    if (!this.tasks.delete(t)) return;
+    this.busy.clearRange(t.start, t.end);
+    // View locks may overlap other tasks: put back the bits of the tasks still running there.
+    for (const o of this.tasks) if (o.start < t.end && t.start < o.end) this.busy.setRange(Math.max(o.start, t.start), Math.min(o.end, t.end));
+    t.resolve();
+    this.changed.notify();
+  }
+
+  /** Resolves when every task overlapping [start, end) as of now has ended. */
+  waitFor(start: number, end: number): Promise<void> {
+    const ps: Array<Promise<void>> = [];
+    for (const t of this.tasks) if (t.start < end && start < t.end) ps.push(t.done);
+    if (ps.length === 0) return Promise.resolve();
+    return ps.length === 1 ? ps[0]! : Promise.all(ps).then(() => undefined);
+  }
+
+  /** Records that block `b` (claimed by a save) now lives in container slot `slot` (-1: bad). */
+  markSaved(b: number, slot: number): void {
+    this.saved.set(b);
+    this.slots.set(b, slot);
+  }
+
+  /** Forgets a saved block (its data went to the sink or is not needed); returns its slot. */
+  unsave(b: number): number | undefined {
+    const s = this.slots.get(b);
+    if (s === undefined) return undefined;
+    this.slots.delete(b);
+    this.saved.clear(b);
+    return s;
+  }
+
+  /** First block in [from, end) that is pending, busy or saved; `end` if none. */
+  nextWork(from: number, end: number): number {
+    const p = this.pending.bytes, b = this.busy.bytes, s = this.saved.bytes;
+    let i = from;
+    while (i < end) {
+      if ((i & 7) === 0) {
+        const k = i >>> 3;
+        if ((p[k]! | b[k]! | s[k]!) === 0) { i += 8; continue; }
+      }
+      const k = i >>> 3, m = 1 << (i & 7);
+      if (((p[k]! | b[k]! | s[k]!) & m) !== 0) return i;
+      i++;
+    }
+    return end;
+  }
+
+  /** Disarm: every task's waiters are released now (the tasks themselves still end normally). */
+  releaseAllWaiters(): void {
+    for (const t of this.tasks) t.resolve();
+    this.changed.notify();
+  }
+}
