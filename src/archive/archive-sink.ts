@@ -16,11 +16,14 @@ import {
 } from './manifest';
 import { VolumeSetOutput } from './multi-volume';
 import { BLOCK, USTAR_MAX_SIZE, padTo512, paxRecords, smallMember, ustarHeader, type Owner } from './pax-header';
-import { DEFAULT_RECORD_SIZE, RecordWriter, WritableRecordOutput, checkRecordSize, openRecordFile, type RecordOutput } from './record-writer';
+import { DEFAULT_RECORD_SIZE, FdRecordOutput, RecordWriter, WritableRecordOutput, checkRecordSize, openRecordFile, type RecordOutput } from './record-writer';
 import { encodeSparseMap, sparseMapFromBitset, type SparseMap } from './sparse-map';
 
 export interface ArchiveSinkOptions {
-  /** A path (file or tape device, truncated/created 0600) or a Writable (e.g. process.stdout). */
+  /**
+   * A path (file or tape device, truncated/created 0600), '-' for standard output (written with
+   * writev(2) on fd 1, faster than process.stdout; do not write anything else to stdout), or a Writable.
+   */
   out: string | Writable;
   /** Bytes per write to the target; multiple of 512, 512..1 MiB. Default 10240. */
   recordSize?: number;
@@ -70,10 +73,10 @@ export class ArchiveSink implements BackupSink {
 
   constructor(private readonly opts: ArchiveSinkOptions) {
     this.recordSize = checkRecordSize(opts.recordSize ?? DEFAULT_RECORD_SIZE);
-    const where = typeof opts.out === 'string' ? opts.out : 'standard output';
+    const where = typeof opts.out === 'string' && opts.out !== '-' ? opts.out : 'standard output';
     this.description = `${opts.compress === 'zstd' ? 'zstd-compressed ' : ''}tar archive ${where}`;
     if (opts.tapeSize !== undefined) {
-      if (typeof opts.out !== 'string') throw new Error('a multi-volume archive (tape size) needs a file or device path, not a stream');
+      if (typeof opts.out !== 'string' || opts.out === '-') throw new Error('a multi-volume archive (tape size) needs a file or device path, not a stream');
       this.volumeSet = new VolumeSetOutput({ path: opts.out, volumePath: opts.volumePath, nextVolumeCommand: opts.nextVolumeCommand }, opts.tapeSize, this.recordSize);
     }
   }
@@ -87,6 +90,7 @@ export class ArchiveSink implements BackupSink {
     const r = this.recordSize;
     let base: RecordOutput;
     if (this.volumeSet) base = this.volumeSet;
+    else if (this.opts.out === '-') base = new FdRecordOutput(1, r, false);
     else if (typeof this.opts.out === 'string') {
       const o = await openRecordFile(this.opts.out, r);
       if (o.regular) this.createdFile = this.opts.out;

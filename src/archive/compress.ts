@@ -92,16 +92,21 @@ export function zstdDecompress(raw: AsyncIterator<Uint8Array>, head: Uint8Array[
   child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
   child.stdin.on('error', () => { /* reported via the exit status */ });
   let killed = false;
+  let exited = false;
+  child.once('exit', () => { exited = true; });
   const feed = (async () => {
     let rawBytes = 0;
     const put = (b: Uint8Array) => new Promise<void>((resolve) => {
       rawBytes += b.length;
-      if (!child.stdin.write(b)) child.stdin.once('drain', resolve);
-      else resolve();
+      if (!child.stdin.write(b)) {
+        const done = () => { child.stdin.off('drain', done); child.stdin.off('close', done); resolve(); };
+        child.stdin.once('drain', done);
+        child.stdin.once('close', done);
+      } else resolve();
     });
     for (const b of head) await put(b);
     for (;;) {
-      if (killed) break;
+      if (killed || exited || child.stdin.destroyed) break;
       const r = await raw.next();
       if (r.done) break;
       await put(r.value);

@@ -80,13 +80,51 @@ export class WritableRecordOutput implements RecordOutput {
   }
 }
 
-/** Opens a file or device for writing, as a RecordOutput. */
-export async function openRecordFile(file: string, recordSize: number): Promise<{ out: WritableRecordOutput; fd: number; created: boolean; regular: boolean }> {
+const IOV_MAX = 1024;
+
+/**
+ * Records straight to a file descriptor with writev(2): one iovec per record (on a tape the kernel
+ * writes each iovec as one block), no per-record stream overhead. Retries EAGAIN (a non-blocking pipe).
+ */
+export class FdRecordOutput implements RecordOutput {
+  constructor(readonly fd: number, readonly recordSize: number, private readonly owned: boolean) {}
+
+  async write(data: Buffer): Promise<void> {
+    const r = this.recordSize;
+    let off = 0;
+    while (off < data.length) {
+      const iov: Buffer[] = [];
+      for (let o = off; o < data.length && iov.length < IOV_MAX; o += r) iov.push(data.subarray(o, Math.min(o + r, data.length)));
+      let n: number;
+      try {
+        n = await new Promise<number>((resolve, reject) => fs.writev(this.fd, iov, (e, k) => (e ? reject(e) : resolve(k))));
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code === 'EAGAIN') { await new Promise((res) => setTimeout(res, 1)); continue; }
+        throw e;
+      }
+      if (n <= 0) throw new Error(`short write (${n} bytes) to the archive`);
+      off += n;
+    }
+  }
+
+  async close(): Promise<void> {
+    if (!this.owned) return;
+    // Durable before "complete" is reported. fsync is EINVAL on pipes/char devices: that is fine.
+    await new Promise<void>((resolve, reject) => fs.fsync(this.fd, (e) => (e && e.code !== 'EINVAL' && e.code !== 'EROFS' ? reject(e) : resolve())));
+    await new Promise<void>((resolve, reject) => fs.close(this.fd, (e) => (e ? reject(e) : resolve())));
+  }
+
+  destroy(): void {
+    if (this.owned) fs.close(this.fd, () => {});
+  }
+}
+
+/** Opens a file or device for writing (created 0600, truncated), as a RecordOutput. */
+export async function openRecordFile(file: string, recordSize: number): Promise<{ out: RecordOutput; fd: number; created: boolean; regular: boolean }> {
   const existed = fs.existsSync(file);
   const fd = await new Promise<number>((resolve, reject) => fs.open(file, 'w', 0o600, (e, fd) => (e ? reject(e) : resolve(fd))));
   const regular = fs.fstatSync(fd).isFile();
-  const stream = fs.createWriteStream('', { fd, autoClose: false, highWaterMark: 1 << 20 });
-  return { out: new WritableRecordOutput(stream, recordSize, { fd }), fd, created: !existed, regular };
+  return { out: new FdRecordOutput(fd, recordSize, true), fd, created: !existed, regular };
 }
 
 /**

@@ -82,6 +82,7 @@ function geometry(raw: Buffer, deviceSize: number): Geometry {
   if (sb.inodesPerGroup < 1 || sb.inodesPerGroup > blockSize * 8) throw corrupt(`superblock inodes per group ${sb.inodesPerGroup} is out of range`);
   const inodeSize = sb.revLevel === 0 ? 128 : sb.inodeSize;
   if (inodeSize < 128 || inodeSize > blockSize || !isPow2(inodeSize)) throw corrupt(`superblock inode size ${inodeSize} is impossible`);
+  if (sb.reservedGdtBlocks > blockSize / 4) throw corrupt(`superblock reserved GDT blocks ${sb.reservedGdtBlocks} is more than ${blockSize / 4}`);
   const groups = Math.ceil((sb.blocksCount - sb.firstDataBlock) / bpg);
   if (groups * sb.inodesPerGroup !== sb.inodesCount) {
     throw corrupt(`superblock inode count ${sb.inodesCount} does not match ${groups} groups of ${sb.inodesPerGroup} inodes`);
@@ -256,6 +257,26 @@ export function orBits(set: Bitset, src: Uint8Array, at: number, nbits: number):
   }
 }
 
+/** Set bits of a whole bitset, 32 bits at a time (no bit past `size` is ever set here). */
+function popcount(set: Bitset): number {
+  const bytes = set.bytes;
+  const words = bytes.byteOffset % 4 === 0 ? new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.length >>> 2) : undefined;
+  let n = 0;
+  let tail = 0;
+  if (words) {
+    for (let i = 0; i < words.length; i++) {
+      let v = words[i]!;
+      if (v === 0) continue;
+      if (v === 0xffffffff) { n += 32; continue; }
+      v = v - ((v >>> 1) & 0x55555555);
+      v = (v & 0x33333333) + ((v >>> 2) & 0x33333333);
+      n += (((v + (v >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
+    }
+    tail = words.length * 4;
+  }
+  return n + set.count(tail * 8, set.size);
+}
+
 function allBlocksMap(filesystem: FileSystemKind, blockSize: number, deviceSize: number, notes: string[]): UsedBlockMap {
   const totalBlocks = Math.ceil(deviceSize / blockSize);
   return { filesystem, blockSize, totalBlocks, usedBlocks: totalBlocks, bitmap: new Bitset(totalBlocks, true), notes, allBlocks: true };
@@ -374,7 +395,7 @@ async function read(reader: BlockReader): Promise<UsedBlockMap> {
   }
   if (journalNote !== undefined) notes.push(journalNote.replace('%N', String(fromJournal)));
   if (g.blocksCount < totalBlocks) notes.push(`the device is ${totalBlocks - g.blocksCount} blocks larger than the file system: the tail is copied`);
-  return { filesystem: g.kind, blockSize, totalBlocks, usedBlocks: bitmap.count(), bitmap, notes, allBlocks: false };
+  return { filesystem: g.kind, blockSize, totalBlocks, usedBlocks: popcount(bitmap), bitmap, notes, allBlocks: false };
 }
 
 /**
@@ -431,7 +452,7 @@ async function journalCopies(reader: BlockReader, g: Geometry, gdt: Buffer, gdtL
   return {
     descs: newDescs,
     bitmaps,
-    note: `journal needs recovery: used the newest committed journal copies of %N block bitmaps and ${gdtCopies.size} group descriptor blocks (${scan.transactions} committed transactions, ${what})`,
+    note: `journal needs recovery: used the newest committed journal copies of %N block bitmaps and ${gdtCopies.size} group descriptor blocks (${scan.transactions} committed transactions, ${scan.revoked} revoke records, ${what})`,
   };
 }
 

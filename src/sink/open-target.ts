@@ -3,6 +3,7 @@
 import * as fs from 'node:fs';
 import { UserError } from '../util/errors';
 import { ImageSink } from './image-sink';
+import { NullSink } from './null-sink';
 import type { BackupSink } from './sink';
 
 export interface TargetOptions {
@@ -31,6 +32,7 @@ export function openBackupTarget(target: string, opts: TargetOptions): BackupSin
   const format = targetFormat(target, opts.format);
   if (format === 'raw') {
     if (target === '-') throw new UserError('a raw image cannot be written to standard output (it is sparse and written by offset)', 'use --format tar for a stream');
+    if (target === '/dev/null') return new NullSink();
     return new ImageSink(target, { force: opts.force });
   }
   throw new UserError(`the ${format} format is not available in this build`);

@@ -54,6 +54,18 @@ export function anySet2(a: Bitset, b: Bitset, start: number, end: number): boole
   return false;
 }
 
+/** First set bit of `a` in [from, end); `end` if none (bounded, unlike Bitset.next). */
+export function nextSet(a: Bitset, from: number, end: number): number {
+  const ab = a.bytes;
+  let i = from;
+  while (i < end) {
+    if ((i & 7) === 0 && ab[i >>> 3] === 0) { i += 8; continue; }
+    if ((ab[i >>> 3]! & (1 << (i & 7))) !== 0) return i;
+    i++;
+  }
+  return end;
+}
+
 export function anySet(a: Bitset, start: number, end: number): boolean {
   return anySet2(a, a, start, end);
 }

@@ -1,0 +1,29 @@
+#!/usr/bin/env node
+// Serves one file or device over NBD with livesnap's server (for bench/nbd-datapath).
+// usage: node bench/nbd-serve.js FILE SOCKET [NAME]
+'use strict';
+const path = require('node:path');
+const dist = path.resolve(__dirname, '../dist/src');
+const { Device } = require(path.join(dist, 'device/device.js'));
+const { DeviceBackend } = require(path.join(dist, 'nbd/device-backend.js'));
+const { createNbdServer } = require(path.join(dist, 'nbd/server.js'));
+
+async function main() {
+  const [file, socket, name = 'disk'] = process.argv.slice(2);
+  if (!file || !socket) { console.error('usage: nbd-serve.js FILE SOCKET [NAME]'); process.exit(2); }
+  const dev = Device.open(file, { write: true });
+  const server = createNbdServer({ log: (lvl, msg) => { if (lvl !== 'debug' && process.env.NBD_SERVE_VERBOSE) console.error(msg); } });
+  const backend = new DeviceBackend(dev);
+  server.addExport(name, backend);
+  await server.listenUnix(socket);
+  const stop = async () => {
+    await server.close();
+    if (process.env.NBD_SERVE_VERBOSE) console.error(JSON.stringify({ server: server.stats(), backend: backend.stats() }));
+    dev.close();
+    process.exit(0);
+  };
+  process.on('SIGTERM', stop);
+  process.on('SIGINT', stop);
+  console.log('ready');
+}
+main().catch((e) => { console.error(e.message); process.exit(1); });

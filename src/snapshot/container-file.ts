@@ -1,0 +1,30 @@
+// file:PATH on another file system: created (never an existing file), preallocated with
+// FALLOC_FL_ZERO_RANGE so a full disk shows up now and not in the middle of a backup, written with
+// O_DIRECT, removed when the backup ends.
+import * as fs from 'node:fs';
+import { Device } from '../device/device';
+import { DeviceContainer } from './container-device';
+
+export class FileContainer extends DeviceContainer {
+  readonly kind = 'file' as const;
+
+  /** Takes over `dev`, an O_DIRECT fd on the preallocated file `path`. */
+  constructor(dev: Device, readonly path: string, capacity: number, blockSize: number) {
+    super(dev, capacity, blockSize);
+  }
+
+  get description(): string {
+    return `file ${this.path} (${this.capacity * this.blockSize} bytes)`;
+  }
+
+  protected slotOffset(slot: number): number {
+    return slot * this.blockSize;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    try { this.target.close(); } catch { /* already closed */ }
+    try { fs.rmSync(this.path, { force: true }); } catch { /* best effort */ }
+  }
+}
