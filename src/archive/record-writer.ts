@@ -87,9 +87,19 @@ const IOV_MAX = 1024;
  * writes each iovec as one block), no per-record stream overhead. Retries EAGAIN (a non-blocking pipe).
  */
 export class FdRecordOutput implements RecordOutput {
+  // Writes without a position use the fd's offset: two writev() calls running at once on libuv's
+  // pool could land in either order (and a short write on a pipe would interleave), so they queue.
+  private tail: Promise<void> = Promise.resolve();
+
   constructor(readonly fd: number, readonly recordSize: number, private readonly owned: boolean) {}
 
-  async write(data: Buffer): Promise<void> {
+  write(data: Buffer): Promise<void> {
+    const p = this.tail.then(() => this.writeNow(data));
+    this.tail = p.catch(() => {});
+    return p;
+  }
+
+  private async writeNow(data: Buffer): Promise<void> {
     const r = this.recordSize;
     let off = 0;
     while (off < data.length) {

@@ -11,8 +11,13 @@ export abstract class LivesnapCommand extends Command {
 
   abstract run(): Promise<number>;
 
+  protected dataOnStdout(): boolean {
+    return false;
+  }
+
   async execute(): Promise<number> {
-    this.reporter = new Reporter({ json: this.json });
+    // When data goes to standard output (an archive on "--to -"), JSON events move to stderr.
+    this.reporter = new Reporter({ json: this.json, out: this.dataOnStdout() ? process.stderr : process.stdout });
     try {
       return await this.run();
     } catch (e) {

@@ -78,7 +78,14 @@ function geometry(raw: Buffer, deviceSize: number): Geometry {
   }
   if (sb.firstDataBlock >= sb.blocksCount) throw corrupt(`superblock first data block ${sb.firstDataBlock} is past the block count ${sb.blocksCount}`);
   const bpg = sb.blocksPerGroup;
-  if (bpg < 8 || bpg > blockSize * 8 || bpg % 8 !== 0) throw corrupt(`superblock blocks per group ${bpg} is out of range (8..${blockSize * 8}, a multiple of 8)`);
+  let ratio = 1;
+  if (sb.roCompat & RO_COMPAT.BIGALLOC) {
+    if (sb.logClusterSize < sb.logBlockSize || sb.logClusterSize - sb.logBlockSize > 16) throw corrupt(`superblock cluster size field ${sb.logClusterSize} is impossible`);
+    ratio = 2 ** (sb.logClusterSize - sb.logBlockSize);
+    if (sb.clustersPerGroup * ratio !== bpg) throw corrupt(`superblock blocks per group ${bpg} is not ${sb.clustersPerGroup} clusters of ${ratio} blocks`);
+  }
+  const bitsPerGroup = bpg / ratio;
+  if (bitsPerGroup < 8 || bitsPerGroup > blockSize * 8 || bitsPerGroup % 8 !== 0) throw corrupt(`superblock blocks per group ${bpg} is out of range (8..${blockSize * 8 * ratio}, a multiple of 8)`);
   if (sb.inodesPerGroup < 1 || sb.inodesPerGroup > blockSize * 8) throw corrupt(`superblock inodes per group ${sb.inodesPerGroup} is out of range`);
   const inodeSize = sb.revLevel === 0 ? 128 : sb.inodeSize;
   if (inodeSize < 128 || inodeSize > blockSize || !isPow2(inodeSize)) throw corrupt(`superblock inode size ${inodeSize} is impossible`);

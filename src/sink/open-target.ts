@@ -2,6 +2,7 @@
 // devices → archive. --format overrides.
 import * as fs from 'node:fs';
 import { UserError } from '../util/errors';
+import { checkRecordSize, createArchiveSink, requireZstd } from '../archive';
 import { ImageSink } from './image-sink';
 import { NullSink } from './null-sink';
 import type { BackupSink } from './sink';
@@ -9,6 +10,10 @@ import type { BackupSink } from './sink';
 export interface TargetOptions {
   force?: boolean;
   format?: 'raw' | 'tar';
+  recordSize?: number;
+  compress?: 'zstd';
+  tapeSize?: number;
+  nextVolumeCommand?: string;
 }
 
 export function isTapeDevice(target: string): boolean {
@@ -35,5 +40,14 @@ export function openBackupTarget(target: string, opts: TargetOptions): BackupSin
     if (target === '/dev/null') return new NullSink();
     return new ImageSink(target, { force: opts.force });
   }
-  throw new UserError(`the ${format} format is not available in this build`);
+  if (target !== '-' && !isTapeDevice(target)) {
+    let st: fs.Stats | undefined;
+    try { st = fs.statSync(target); } catch { st = undefined; }
+    if (st?.isDirectory()) throw new UserError(`target ${target} is a directory`, 'name a file, e.g. backup.tar');
+    if (st?.isFile() && !opts.force) throw new UserError(`target ${target} already exists`, 'choose another name, or pass --force to overwrite it');
+  }
+  if (opts.compress === 'zstd') requireZstd();
+  if (opts.recordSize !== undefined) checkRecordSize(opts.recordSize);
+  if (opts.tapeSize !== undefined && target === '-') throw new UserError('--tape-size needs a file or tape device as --to, not standard output');
+  return createArchiveSink({ out: target, recordSize: opts.recordSize, compress: opts.compress, tapeSize: opts.tapeSize, nextVolumeCommand: opts.nextVolumeCommand });
 }

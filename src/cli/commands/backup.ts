@@ -4,7 +4,7 @@ import { runBackup } from '../../jobs/backup';
 import { openSource, refuseTargetOnSource } from '../../jobs/source';
 import { openBackupTarget } from '../../sink/open-target';
 import { UserError } from '../../util/errors';
-import { formatBytes, formatRate } from '../../util/size';
+import { formatBytes, formatRate, parseSize } from '../../util/size';
 import { LivesnapCommand } from '../base';
 
 export class BackupCommand extends LivesnapCommand {
@@ -22,13 +22,19 @@ export class BackupCommand extends LivesnapCommand {
         that file system wait meanwhile; other file systems are not affected. The summary reports
         how long it was frozen.
 
-      An image file is written as "<target>.partial" and renamed when complete.
+      The target's form picks the format: \`.img\` or a disk gives a raw sparse image (written as
+      "<target>.partial" and renamed when complete); \`.tar\`, \`-\` (standard output) and tape devices
+      (/dev/nst0) give a POSIX tar archive (manifest.json, disk.img as a GNU sparse file, trailer.json
+      with XXH3-128 chunk checksums) that GNU tar and bsdtar extract to the exact image. Archives are
+      written in fixed records (\`--record-size\`), optionally zstd-compressed and split over volumes.
       Unreadable blocks: \`--on-error abort\` (default) stops cleanly; \`--on-error ignore\` writes zeros
       for them, lists them as bad blocks and carries on.
     `,
     examples: [
       ['Back up an unmounted volume to a sparse image', '$0 backup /dev/sdb1 --to /backup/sdb1.img'],
       ['Back up a mounted file system, frozen during the copy', '$0 backup /dev/sdb1 --method freeze --mount /srv/data --to /backup/data.img'],
+      ['Stream a tar archive to tape, 256 KiB records', '$0 backup /dev/sdb1 --to /dev/nst0 --record-size 256K'],
+      ['Compressed archive on standard output', '$0 backup /dev/sdb1 --to - --compress zstd | ssh vault "cat > sdb1.tar.zst"'],
       ['Keep going past bad blocks', '$0 backup /dev/sdc --to /backup/sdc.img --on-error ignore'],
     ],
   });
@@ -39,7 +45,15 @@ export class BackupCommand extends LivesnapCommand {
   mount = Option.String('--mount', { description: 'Mount point of the source (with --method freeze)' });
   onError = Option.String('--on-error', 'abort', { description: 'abort | ignore: what to do with unreadable blocks', validator: t.isEnum(['abort', 'ignore'] as const) });
   force = Option.Boolean('--force', false, { description: 'Overwrite an existing target file' });
+  recordSize = Option.String('--record-size', { description: 'Archive: bytes per write to the target (default 10240, up to 1M; tape drives like 256K)' });
+  compress = Option.String('--compress', { description: 'Archive: zstd', validator: t.isEnum(['zstd'] as const) });
+  tapeSize = Option.String('--tape-size', { description: 'Archive: split into volumes of this size (e.g. 400G)' });
+  nextVolume = Option.String('--next-volume-command', { description: 'Archive: shell command run between volumes ($LIVESNAP_VOLUME = next number); without it, asks on the terminal' });
   format = Option.String('--format', { description: 'raw | tar (default: from the target: .img raw; .tar, - and tape devices tar)', validator: t.isEnum(['raw', 'tar'] as const) });
+
+  protected override dataOnStdout(): boolean {
+    return this.to === '-';
+  }
 
   async run(): Promise<number> {
     if (this.method === 'freeze' && !this.mount) throw new UserError('--method freeze needs --mount <mountpoint>', 'name the directory where the source is mounted, e.g. --mount /srv/data');
@@ -47,7 +61,14 @@ export class BackupCommand extends LivesnapCommand {
     const source = openSource(this.source, this.method);
     try {
       refuseTargetOnSource(source, this.to);
-      const sink = openBackupTarget(this.to, { force: this.force, format: this.format });
+      const sink = openBackupTarget(this.to, {
+        force: this.force,
+        format: this.format,
+        recordSize: this.recordSize !== undefined ? parseSize(this.recordSize, '--record-size') : undefined,
+        compress: this.compress,
+        tapeSize: this.tapeSize !== undefined ? parseSize(this.tapeSize, '--tape-size') : undefined,
+        nextVolumeCommand: this.nextVolume,
+      });
       const r = this.reporter;
       r.info(`backing up ${this.source} to ${sink.description} (${this.method})`);
       const summary = await runBackup({

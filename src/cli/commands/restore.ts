@@ -1,6 +1,7 @@
 import { Command, Option } from 'clipanion';
 import * as fs from 'node:fs';
 import { restoreImage } from '../../jobs/restore';
+import { looksLikeArchive, restoreArchive } from '../../jobs/archive-restore';
 import { UserError } from '../../util/errors';
 import { formatBytes, formatRate } from '../../util/size';
 import { LivesnapCommand } from '../base';
@@ -8,8 +9,12 @@ import { LivesnapCommand } from '../base';
 export class RestoreCommand extends LivesnapCommand {
   static override paths = [['restore']];
   static override usage = Command.Usage({
-    description: 'Write a backup image back to a device or into a new image file',
+    description: 'Write a backup (image or archive) back to a device or into a new image file',
     details: `
+      The backup may be a raw image, or an archive read from a file, a tape device or standard
+      input ("-") without seeking; every chunk's checksum is checked as it streams, and a file
+      target only gets its name once the archive's trailer has been checked.
+
       Writes every block the backup stored (the used blocks of the image's file system) to the
       target. A device target must not be mounted and must be at least as large as the image; a file
       target is created sparse (use --force to replace an existing file).
@@ -17,6 +22,8 @@ export class RestoreCommand extends LivesnapCommand {
     examples: [
       ['Restore to a disk', '$0 restore /backup/sdb1.img --to /dev/sdb1'],
       ['Restore into a new sparse file', '$0 restore /backup/sdb1.img --to /var/tmp/copy.img'],
+      ['Restore from tape', 'mt -f /dev/nst0 rewind && $0 restore /dev/nst0 --to /dev/sdb1'],
+      ['Restore from a stream', 'ssh vault "cat sdb1.tar.zst" | $0 restore - --to /dev/sdb1'],
     ],
   });
 
@@ -24,9 +31,29 @@ export class RestoreCommand extends LivesnapCommand {
   to = Option.String('--to', { required: true, description: 'Target block device or image file' });
   force = Option.Boolean('--force', false, { description: 'Overwrite an existing target file' });
 
+  nextVolume = Option.String('--next-volume-command', { description: 'Archive on several volumes: shell command run before each next one ($LIVESNAP_VOLUME)' });
+
   async run(): Promise<number> {
-    refuseImageOnTarget(this.image, this.to);
     const r = this.reporter;
+    if (this.image === '-' || looksLikeArchive(this.image)) {
+      if (this.image !== '-') refuseImageOnTarget(this.image, this.to);
+      const t0 = performance.now();
+      const s = await restoreArchive({
+        input: this.image,
+        target: this.to,
+        force: this.force,
+        nextVolumeCommand: this.nextVolume,
+        onManifest: (m) => r.info(`archive of ${m.source} (${m.filesystem}, ${formatBytes(m.volumeSize)}) taken ${m.snapshotTime}`),
+        onProgress: (d, t) => r.progress('restore', d, t, `${formatBytes(d)}/${formatBytes(t)}`),
+      });
+      const ms = performance.now() - t0;
+      r.done(
+        { image: this.image, target: this.to, format: 'tar', filesystem: s.manifest.filesystem, volumeSize: s.manifest.volumeSize, bytes: s.manifest.storedBytes, chunksVerified: s.chunksVerified, badBlocks: s.trailer.badBlocks, durationMs: ms },
+        [`restore complete: ${this.image === '-' ? 'standard input' : this.image} -> ${this.to}`, `  wrote ${formatBytes(s.manifest.storedBytes)} in ${(ms / 1000).toFixed(2)} s (${formatRate(s.manifest.storedBytes, ms)}), ${s.chunksVerified} chunk checksums verified`],
+      );
+      return 0;
+    }
+    refuseImageOnTarget(this.image, this.to);
     const res = await restoreImage({
       image: this.image,
       target: this.to,

@@ -1,5 +1,6 @@
 import { Command, Option } from 'clipanion';
 import { verifyImage } from '../../jobs/restore';
+import { looksLikeArchive, verifyArchive } from '../../jobs/archive-restore';
 import { UserError } from '../../util/errors';
 import { formatBytes } from '../../util/size';
 import { LivesnapCommand } from '../base';
@@ -7,19 +8,29 @@ import { LivesnapCommand } from '../base';
 export class VerifyCommand extends LivesnapCommand {
   static override paths = [['verify']];
   static override usage = Command.Usage({
-    description: 'Compare a backup image with a device, block by block',
+    description: 'Check a backup: an archive\'s checksums, or an image/archive against a device',
     details: `
+      For an archive (file, tape or "-"), reads it all without writing anything and checks every
+      header, the manifest, the sparse map, every chunk checksum and the trailer; with --against it
+      also compares the stored data with the device.
+
       Compares every block the backup stored (the used blocks of the image's file system) with the
       same block on the device. Exit status 0 when all match; 1 with the first differing block and
       the count otherwise.
     `,
-    examples: [['Check a backup against its source', '$0 verify /backup/sdb1.img --against /dev/sdb1']],
+    examples: [
+      ['Check an image against its source', '$0 verify /backup/sdb1.img --against /dev/sdb1'],
+      ['Check an archive on tape', '$0 verify /dev/nst0'],
+    ],
   });
 
   image = Option.String({ name: 'image' });
   against = Option.String('--against', { description: 'Device (or image) to compare with' });
 
+  nextVolume = Option.String('--next-volume-command', { description: 'Archive on several volumes: shell command run before each next one ($LIVESNAP_VOLUME)' });
+
   async run(): Promise<number> {
+    if (this.image === '-' || looksLikeArchive(this.image)) return this.verifyArchive();
     if (!this.against) throw new UserError('a raw image carries no checksums: verify needs --against <device>', `e.g. livesnap verify ${this.image} --against /dev/sdb1`);
     const r = this.reporter;
     const res = await verifyImage({ image: this.image, against: this.against, onProgress: (d, t) => r.progress('verify', d, t, `${formatBytes(d)}/${formatBytes(t)}`) });
@@ -29,6 +40,26 @@ export class VerifyCommand extends LivesnapCommand {
       ok
         ? [`verify ok: ${this.image} matches ${this.against} on all ${res.map.usedBlocks} used blocks (${formatBytes(res.bytes)})`]
         : [`verify FAILED: ${res.differingBlocks} of ${res.map.usedBlocks} used blocks differ; first differing block ${res.firstDifferingBlock} (byte offset ${res.firstDifferingBlock! * res.map.blockSize}, ${res.map.blockSize}-byte blocks)`],
+    );
+    return ok ? 0 : 1;
+  }
+
+  private async verifyArchive(): Promise<number> {
+    const r = this.reporter;
+    const s = await verifyArchive({
+      input: this.image,
+      against: this.against,
+      nextVolumeCommand: this.nextVolume,
+      onProgress: (d, t) => r.progress('verify', d, t, `${formatBytes(d)}/${formatBytes(t)}`),
+    });
+    const ok = s.differingBlocks === 0;
+    const m = s.manifest;
+    r.done(
+      { image: this.image, format: 'tar', against: this.against ?? null, match: ok, chunksVerified: s.chunksVerified, differingBlocks: s.differingBlocks, firstDifferingBlock: s.firstDifferingBlock ?? null, compareBlockSize: s.compareBlockSize, status: s.trailer.status, badBlocks: s.trailer.badBlocks, volumeSize: m.volumeSize, storedBytes: m.storedBytes },
+      [
+        `archive ok: ${s.chunksVerified} chunk checksums verified, ${formatBytes(m.storedBytes)} of ${m.filesystem} volume ${m.source} taken ${m.snapshotTime}`,
+        ...(this.against ? [ok ? `  matches ${this.against} on every stored block` : `  FAILED: ${s.differingBlocks} 512-byte sectors differ from ${this.against}; first at sector ${s.firstDifferingBlock} (byte ${s.firstDifferingBlock! * 512})`] : []),
+      ],
     );
     return ok ? 0 : 1;
   }
