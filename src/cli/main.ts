@@ -7,10 +7,12 @@ import { InspectCommand } from './commands/inspect';
 import { RestoreCommand } from './commands/restore';
 import { VerifyCommand } from './commands/verify';
 import { VersionCommand } from './commands/version';
+import { DaemonCommand, ServeCommand, StopCommand } from './commands/serve';
+import { CancelCommand, StatusCommand } from './commands/status';
 
 export function buildCli(): Cli {
   const cli = new Cli({ binaryLabel: 'livesnap', binaryName: 'livesnap', binaryVersion: TOOL_VERSION, enableCapture: false });
-  for (const c of [InspectCommand, BackupCommand, RestoreCommand, VerifyCommand, DemoCommand, VersionCommand]) cli.register(c);
+  for (const c of [InspectCommand, BackupCommand, RestoreCommand, VerifyCommand, ServeCommand, StatusCommand, CancelCommand, StopCommand, DaemonCommand, DemoCommand, VersionCommand]) cli.register(c);
   cli.register(Builtins.HelpCommand);
   cli.register(Builtins.VersionCommand);
   return cli;

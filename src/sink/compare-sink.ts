@@ -6,6 +6,7 @@ import { UserError } from '../util/errors';
 import type { BackupSink, DataBatch, FinishInfo, VolumeInfo } from './sink';
 
 export class CompareSink implements BackupSink {
+  readonly randomAccess = true;
   private dev?: Device;
   private buf?: ArrayBuffer;
   private blockSize = 4096;

@@ -13,6 +13,7 @@ export interface ImageSinkOptions {
 }
 
 export class ImageSink implements BackupSink {
+  readonly randomAccess = true;
   private dev?: Device;
   private volumeSize = 0;
   private readonly workPath: string;

@@ -3,6 +3,7 @@
 import type { BackupSink } from './sink';
 
 export class NullSink implements BackupSink {
+  readonly randomAccess = true;
   readonly description = 'nowhere (/dev/null: read test)';
   async begin(): Promise<void> {}
   async write(): Promise<void> {}

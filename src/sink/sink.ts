@@ -37,11 +37,16 @@ export interface BackupSink {
   /** Human-readable name for messages ("image /backup/vol.img"). */
   readonly description: string;
   /**
+   * True when batches may arrive in any order (an image file or device written by offset); an online
+   * backup then drains its container eagerly. False/absent: ascending order only (a stream).
+   */
+  readonly randomAccess?: boolean;
+  /**
    * Called once before any data. `used` is the final set of blocks that will be written:
    * a sequential format (GNU sparse map) needs it up front.
    */
   begin(volume: VolumeInfo, used: Bitset): Promise<void>;
-  /** Data batches arrive in ascending volume offset order. */
+  /** Data batches arrive in ascending volume offset order (any order if randomAccess). */
   write(batch: DataBatch): Promise<void>;
   /** All data written; make it durable and mark it complete. */
   finish(info: FinishInfo): Promise<void>;

@@ -1,4 +1,8 @@
 import { Command, Option } from 'clipanion';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { defaultControlPath, EXPORT_NAME } from '../../control/protocol';
+import { runOnlineBackupViaDaemon } from '../online-backup';
 import * as t from 'typanion';
 import { runBackup } from '../../jobs/backup';
 import { openSource, refuseTargetOnSource } from '../../jobs/source';
@@ -10,8 +14,16 @@ import { LivesnapCommand } from '../base';
 export class BackupCommand extends LivesnapCommand {
   static override paths = [['backup']];
   static override usage = Command.Usage({
-    description: 'Back up the used blocks of a volume to an image (or archive)',
+    description: 'Back up a volume (offline, frozen, or online while served) to an image or archive',
     details: `
+      <source> is a device or image file, or the name of an export served by "livesnap serve".
+      An export is backed up ONLINE: the snapshot is armed at one instant (optionally inside a
+      FIFREEZE of --freeze <mountpoint>), then every write to a block not yet copied is held while
+      the original block goes into the intermediate container (--container), and the copier
+      drains it; writers are slowed down only when the container is above --high-water.
+      The result is exactly the volume at the instant of arming. Ctrl-C cancels it (the export
+      keeps serving) unless --detach was given.
+
       Copies only the blocks the file system uses (read from its own bitmaps, see "livesnap inspect")
       into a sparse raw image the size of the volume: free blocks become holes.
 
@@ -35,6 +47,8 @@ export class BackupCommand extends LivesnapCommand {
       ['Back up a mounted file system, frozen during the copy', '$0 backup /dev/sdb1 --method freeze --mount /srv/data --to /backup/data.img'],
       ['Stream a tar archive to tape, 256 KiB records', '$0 backup /dev/sdb1 --to /dev/nst0 --record-size 256K'],
       ['Compressed archive on standard output', '$0 backup /dev/sdb1 --to - --compress zstd | ssh vault "cat > sdb1.tar.zst"'],
+      ['Online backup of a served export while it is in use', '$0 backup data --to /backup/data.img --container memory:256M'],
+      ['Online, file system consistent, container on another disk', '$0 backup data --freeze /srv/data --container file:/scratch/cow.bin:4G --to /backup/data.tar'],
       ['Keep going past bad blocks', '$0 backup /dev/sdc --to /backup/sdc.img --on-error ignore'],
     ],
   });
@@ -49,13 +63,45 @@ export class BackupCommand extends LivesnapCommand {
   compress = Option.String('--compress', { description: 'Archive: zstd', validator: t.isEnum(['zstd'] as const) });
   tapeSize = Option.String('--tape-size', { description: 'Archive: split into volumes of this size (e.g. 400G)' });
   nextVolume = Option.String('--next-volume-command', { description: 'Archive: shell command run between volumes ($LIVESNAP_VOLUME = next number); without it, asks on the terminal' });
+  container = Option.String('--container', { description: 'Online: intermediate container: memory:SIZE (default memory:64M), file:PATH[:SIZE], partition:DEVICE' });
+  freeze = Option.String('--freeze', { description: 'Online: mount point to freeze (FIFREEZE) for the instant of arming' });
+  highWater = Option.String('--high-water', { description: 'Online: container fill (percent) above which writers are slowed down (default 80)' });
+  detach = Option.Boolean('--detach', false, { description: 'Online: return once armed; the job goes on in the daemon' });
+  control = Option.String('--control', { description: 'Online: daemon control socket' });
   format = Option.String('--format', { description: 'raw | tar (default: from the target: .img raw; .tar, - and tape devices tar)', validator: t.isEnum(['raw', 'tar'] as const) });
+
+  private online(): Promise<number> {
+    if (this.method !== 'offline' || this.mount) throw new UserError('--method/--mount are for devices; an online backup of an export uses --freeze <mountpoint>');
+    const hw = this.highWater !== undefined ? Number(this.highWater) : undefined;
+    if (hw !== undefined && !(hw > 0 && hw <= 100)) throw new UserError(`--high-water ${this.highWater}: give a percentage between 1 and 100`);
+    return runOnlineBackupViaDaemon(path.resolve(this.control ?? defaultControlPath()), {
+      op: 'backup',
+      export: this.source,
+      to: this.to,
+      format: this.format,
+      force: this.force,
+      container: this.container,
+      freeze: this.freeze,
+      onError: this.onError,
+      highWater: hw !== undefined ? hw / 100 : undefined,
+      recordSize: this.recordSize !== undefined ? parseSize(this.recordSize, '--record-size') : undefined,
+      compress: this.compress,
+      tapeSize: this.tapeSize !== undefined ? parseSize(this.tapeSize, '--tape-size') : undefined,
+      nextVolumeCommand: this.nextVolume,
+      detach: this.detach,
+    }, this.reporter);
+  }
 
   protected override dataOnStdout(): boolean {
     return this.to === '-';
   }
 
   async run(): Promise<number> {
+    if (!fs.existsSync(this.source) && EXPORT_NAME.test(this.source)) return this.online();
+    for (const [flag, v] of [['--container', this.container], ['--freeze', this.freeze], ['--high-water', this.highWater], ['--control', this.control]] as const) {
+      if (v !== undefined) throw new UserError(`${flag} is for online backups of a served export, and ${this.source} is a device or file`, 'serve it with "livesnap serve" and back up the export by name, or drop the option');
+    }
+    if (this.detach) throw new UserError('--detach is for online backups of a served export');
     if (this.method === 'freeze' && !this.mount) throw new UserError('--method freeze needs --mount <mountpoint>', 'name the directory where the source is mounted, e.g. --mount /srv/data');
     if (this.method !== 'freeze' && this.mount) throw new UserError('--mount only goes with --method freeze');
     const source = openSource(this.source, this.method);

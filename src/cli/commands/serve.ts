@@ -1,0 +1,108 @@
+import { Command, Option } from 'clipanion';
+import * as path from 'node:path';
+import { call, isDaemonRunning } from '../../control/client';
+import { Daemon } from '../../control/daemon';
+import { defaultControlPath, type ServeRequest } from '../../control/protocol';
+import { startDaemon } from '../../control/spawn';
+import { formatBytes } from '../../util/size';
+import { LivesnapCommand } from '../base';
+
+export const controlOption = () => Option.String('--control', { description: 'Daemon control socket (default $LIVESNAP_CONTROL or /run/livesnap/control.sock)' });
+
+export class ServeCommand extends LivesnapCommand {
+  static override paths = [['serve']];
+  static override usage = Command.Usage({
+    description: 'Serve a volume over NBD so it can be backed up online',
+    details: `
+      Exports the device over the NBD protocol (newstyle, fixed handshake) on a unix socket
+      (default: /run/livesnap/<name>.sock), or also on TCP with --listen (loopback unless you name
+      another address). Everything that writes the volume must go through this export: attach it
+      with nbd-client (production) or nbdfuse + "losetup --direct-io=on" and mount the file system
+      from there. Then "livesnap backup <name>" takes a point-in-time backup while writers go on.
+
+      The export runs in the livesnap daemon (started on first use, in the background; its log is
+      daemon.log next to the control socket). One daemon serves several devices. --foreground runs
+      the daemon in this process instead (for systemd units and containers).
+    `,
+    examples: [
+      ['Serve a disk as "data"', '$0 serve /dev/sdb --name data'],
+      ['Attach it here and mount it', 'nbdfuse /mnt/nbd/data --unix /run/livesnap/data.sock & losetup --direct-io=on -f --show /mnt/nbd/data  # then mount /dev/loopN'],
+      ['Attach it with the kernel client', 'nbd-client -unix /run/livesnap/data.sock -N data /dev/nbd0'],
+      ['Also on TCP, loopback only', '$0 serve /dev/sdb --name data --listen 127.0.0.1:10809'],
+    ],
+  });
+
+  device = Option.String({ name: 'device' });
+  name = Option.String('--name', { description: 'Export name (default: the device file name)' });
+  socket = Option.String('--socket', { description: 'Unix socket path for the export' });
+  listen = Option.String('--listen', { description: 'Also listen on TCP HOST:PORT' });
+  control = controlOption();
+  foreground = Option.Boolean('--foreground', false, { description: 'Run the daemon in this process (logs on stderr) until stopped' });
+
+  async run(): Promise<number> {
+    const control = path.resolve(this.control ?? defaultControlPath());
+    const req: ServeRequest = {
+      op: 'serve',
+      device: path.resolve(this.device),
+      name: this.name ?? path.basename(this.device).replace(/[^A-Za-z0-9._-]/g, '_'),
+      socket: this.socket ? path.resolve(this.socket) : undefined,
+      listen: this.listen,
+    };
+    if (this.foreground) {
+      const d = new Daemon(control);
+      await d.listen();
+      const res = await d.serve(req).catch(async (e) => { await d.shutdown(); throw e; });
+      this.print(res);
+      const stop = () => void d.shutdown();
+      process.once('SIGINT', stop);
+      process.once('SIGTERM', stop);
+      await d.stopped;
+      return 0;
+    }
+    if (!(await isDaemonRunning(control))) {
+      const log = await startDaemon(control);
+      this.reporter.info(`started the livesnap daemon (control ${control}, log ${log})`);
+    }
+    this.print(await call(control, req));
+    return 0;
+  }
+
+  private print(res: Record<string, unknown>): void {
+    if (this.json) process.stdout.write(JSON.stringify({ event: 'done', ...res }) + '\n');
+    else process.stdout.write(`serving ${res.device} as "${res.name}" (${formatBytes(res.size as number)})\n  unix socket ${res.socket}\n  uri         ${res.uri}\n${res.tcp ? `  tcp         ${res.tcp}\n` : ''}`);
+  }
+}
+
+export class DaemonCommand extends LivesnapCommand {
+  static override paths = [['daemon']];
+  static override usage = Command.Usage({ category: 'Internal', description: 'Run the daemon with no exports (started by "serve")' });
+  control = controlOption();
+
+  async run(): Promise<number> {
+    const d = new Daemon(path.resolve(this.control ?? defaultControlPath()));
+    await d.listen();
+    const stop = () => void d.shutdown();
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
+    await d.stopped;
+    return 0;
+  }
+}
+
+export class StopCommand extends LivesnapCommand {
+  static override paths = [['stop']];
+  static override usage = Command.Usage({
+    description: 'Stop serving one export, or stop the daemon',
+    details: 'In-flight requests finish and are flushed first. A running backup of that export is cancelled.',
+    examples: [['Stop one export', '$0 stop data'], ['Stop the daemon and all its exports', '$0 stop']],
+  });
+  name = Option.String({ name: 'name', required: false });
+  control = controlOption();
+
+  async run(): Promise<number> {
+    const res = await call(path.resolve(this.control ?? defaultControlPath()), { op: 'stop', name: this.name });
+    if (this.json) process.stdout.write(JSON.stringify({ event: 'done', ...res }) + '\n');
+    else process.stdout.write(this.name ? `stopped serving "${this.name}"\n` : `daemon stopping (exports: ${(res.stopped as string[]).join(', ') || 'none'})\n`);
+    return 0;
+  }
+}

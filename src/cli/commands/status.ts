@@ -1,0 +1,57 @@
+import { Command, Option } from 'clipanion';
+import * as path from 'node:path';
+import { call } from '../../control/client';
+import { defaultControlPath } from '../../control/protocol';
+import { formatBytes } from '../../util/size';
+import { LivesnapCommand } from '../base';
+import { controlOption } from './serve';
+
+interface JobInfo { id: string; export: string; to: string; state: string; bytesDone: number; bytesTotal: number; badBlocks: number; containerUsedBytes: number | null; containerCapacityBytes: number | null; writesWaiting: number; worstWriteDelayMs: number; error: string | null }
+interface ExportInfo { name: string; device: string; size: number; socket: string; tcp: string | null; connections: number; requests: number; bytesWritten: number; job: JobInfo | null }
+
+export class StatusCommand extends LivesnapCommand {
+  static override paths = [['status']];
+  static override usage = Command.Usage({
+    description: 'Show the served exports and their backups',
+    details: 'For each export: its device, socket, clients; for each backup job: progress, intermediate container fill, writes waiting now, and the worst write delay so far.',
+    examples: [['Show everything', '$0 status'], ['For scripts', '$0 status --json']],
+  });
+  control = controlOption();
+
+  async run(): Promise<number> {
+    const res = await call(path.resolve(this.control ?? defaultControlPath()), { op: 'status' });
+    if (this.json) { process.stdout.write(JSON.stringify({ event: 'done', ...res }) + '\n'); return 0; }
+    const exports = res.exports as ExportInfo[];
+    const jobs = res.jobs as JobInfo[];
+    const out: string[] = [`daemon pid ${res.pid}, control ${res.control}`];
+    if (!exports.length) out.push('no exports');
+    for (const e of exports) {
+      out.push(`export ${e.name}: ${e.device} (${formatBytes(e.size)}), ${e.socket}${e.tcp ? `, tcp ${e.tcp}` : ''}, ${e.connections} client(s), ${formatBytes(e.bytesWritten)} written`);
+    }
+    for (const j of jobs) {
+      const pct = j.bytesTotal ? ((100 * j.bytesDone) / j.bytesTotal).toFixed(1) : '0.0';
+      const fill = j.containerCapacityBytes ? `container ${formatBytes(j.containerUsedBytes ?? 0)}/${formatBytes(j.containerCapacityBytes)}` : '';
+      out.push(`job ${j.id} -> ${j.to}: ${j.state} ${pct}% ${fill} writes waiting ${j.writesWaiting}, worst write delay ${j.worstWriteDelayMs.toFixed(1)} ms${j.badBlocks ? `, ${j.badBlocks} bad blocks` : ''}${j.error ? ` (${j.error})` : ''}`);
+    }
+    process.stdout.write(out.join('\n') + '\n');
+    return 0;
+  }
+}
+
+export class CancelCommand extends LivesnapCommand {
+  static override paths = [['cancel']];
+  static override usage = Command.Usage({
+    description: 'Cancel a running online backup',
+    details: 'The snapshot is disarmed at once (waiting writes go on), the container released and the partial target removed. The export keeps serving.',
+    examples: [['Cancel by job id or export name', '$0 cancel data-1']],
+  });
+  job = Option.String({ name: 'job' });
+  control = controlOption();
+
+  async run(): Promise<number> {
+    const res = await call(path.resolve(this.control ?? defaultControlPath()), { op: 'cancel', job: this.job });
+    if (this.json) process.stdout.write(JSON.stringify({ event: 'done', ...res }) + '\n');
+    else process.stdout.write(`cancelled ${res.cancelled}\n`);
+    return 0;
+  }
+}

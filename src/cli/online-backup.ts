@@ -1,0 +1,50 @@
+// "livesnap backup <export>": asks the daemon to back up an export it serves and shows the job's
+// events. Ctrl-C (or losing this process) cancels the job unless --detach was given.
+import * as path from 'node:path';
+import { request } from '../control/client';
+import type { BackupRequest } from '../control/protocol';
+import { UserError } from '../util/errors';
+import { formatBytes, formatRate } from '../util/size';
+import type { Reporter } from './reporter';
+
+export async function runOnlineBackupViaDaemon(control: string, req: BackupRequest, r: Reporter): Promise<number> {
+  const to = req.to === '-' || req.to.startsWith('/dev/') ? req.to : path.resolve(req.to);
+  const c = await request(control, { ...req, to, freeze: req.freeze ? path.resolve(req.freeze) : undefined });
+  const onSignal = () => { c.close(); };
+  process.once('SIGINT', onSignal);
+  try {
+    for await (const m of c.replies) {
+      if (m.type === 'event') {
+        if (m.event === 'armed') {
+          r.event('armed', m);
+          r.info(`snapshot armed at ${m.time} (freeze window ${Number(m.freezeMs).toFixed(1)} ms); copying ${req.export} to ${to}`);
+        } else if (m.event === 'progress') {
+          r.progress('backup', m.bytesDone as number, m.bytesTotal as number, `${formatBytes(m.bytesDone as number)}/${formatBytes(m.bytesTotal as number)} waiting:${m.writesWaiting}`);
+        } else {
+          r.event(m.event, m);
+        }
+      } else if (m.type === 'result') {
+        if (m.detached) {
+          r.done({ detached: true, job: m.job }, [`backup running in the daemon as job ${m.job}: see "livesnap status", stop it with "livesnap cancel ${m.job}"`]);
+          return 0;
+        }
+        const s = m as unknown as Record<string, number> & { badBlocks: number[] };
+        r.done({ ...m, type: undefined }, [
+          `online backup complete: ${req.export} -> ${to} (job ${m.job})`,
+          `  snapshot      ${m.snapshotTime}, freeze window ${s.freezeMs.toFixed(1)} ms`,
+          `  file system   ${m.filesystem}, ${s.usedBlocks} of ${s.totalBlocks} blocks used`,
+          `  copied        ${formatBytes(s.bytes)} in ${(s.copyMs / 1000).toFixed(2)} s (${formatRate(s.bytes, s.copyMs)})`,
+          `  writers       worst delay ${s.worstWriteDelayMs.toFixed(1)} ms, ${s.writesDelayed} delayed, ${s.blocksSavedByWriters} originals saved to the container (peak ${formatBytes(s.containerPeakBytes)} of ${formatBytes(s.containerCapacityBytes)})`,
+          `  bad blocks    ${s.badBlocks.length ? s.badBlocks.slice(0, 20).join(', ') : 'none'}`,
+        ]);
+        return 0;
+      } else if (m.type === 'error') {
+        throw new UserError(m.message, m.hint, m.exitCode ?? 1);
+      }
+    }
+    throw new UserError('the daemon closed the connection before the backup finished', 'see "livesnap status" and the daemon log');
+  } finally {
+    process.off('SIGINT', onSignal);
+    c.close();
+  }
+}

@@ -1,0 +1,279 @@
+// The livesnap daemon: serves volumes over NBD (every write to them passes the snapshot gate) and
+// runs online backups of them, driven through an owner-only control socket.
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as path from 'node:path';
+import { Device } from '../device/device';
+import { runOnlineBackup, type OnlineBackupSummary } from '../jobs/online-backup';
+import { DeviceBackend } from '../nbd/device-backend';
+import { createNbdServer, type NbdServer } from '../nbd/server';
+import { openBackupTarget } from '../sink/open-target';
+import type { SnapshotGate } from '../snapshot/cbw';
+import { interceptBackend } from '../snapshot/intercepting-backend';
+import type { SnapshotSession } from '../snapshot/session';
+import { errorText, UserError } from '../util/errors';
+import { type BackupRequest, type ControlReply, type ControlRequest, defaultExportSocket, EXPORT_NAME, type ServeRequest } from './protocol';
+
+interface ServedExport {
+  name: string;
+  devicePath: string;
+  device: Device;
+  gate: SnapshotGate;
+  nbd: NbdServer;
+  socket: string;
+  tcp?: string;
+  job?: Job;
+}
+
+interface Job {
+  id: string;
+  export: string;
+  to: string;
+  started: Date;
+  state: 'running' | 'done' | 'failed' | 'cancelled';
+  abort: AbortController;
+  session?: SnapshotSession;
+  progress: { bytesDone: number; bytesTotal: number; badBlocks: number };
+  summary?: OnlineBackupSummary;
+  error?: string;
+  detached: boolean;
+}
+
+export type DaemonLog = (line: string) => void;
+
+export class Daemon {
+  private readonly exports = new Map<string, ServedExport>();
+  private readonly jobs = new Map<string, Job>();
+  private control?: net.Server;
+  private jobSeq = 0;
+  private stopping = false;
+  readonly stopped: Promise<void>;
+  private resolveStopped!: () => void;
+
+  constructor(readonly controlPath: string, private readonly log: DaemonLog = (l) => process.stderr.write(`${new Date().toISOString()} ${l}\n`)) {
+    this.stopped = new Promise((r) => (this.resolveStopped = r));
+  }
+
+  async listen(): Promise<void> {
+    const dir = path.dirname(this.controlPath);
+    if (!fs.existsSync(dir)) fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    if (fs.existsSync(this.controlPath)) {
+      const alive = await new Promise<boolean>((resolve) => {
+        const s = net.connect(this.controlPath);
+        s.once('connect', () => { s.destroy(); resolve(true); });
+        s.once('error', () => resolve(false));
+      });
+      if (alive) throw new UserError(`a livesnap daemon is already running on ${this.controlPath}`, 'use it ("livesnap serve" adds exports to it), or give another --control');
+      fs.unlinkSync(this.controlPath); // stale: its daemon died (kill -9)
+    }
+    const server = net.createServer((sock) => this.onClient(sock));
+    const old = process.umask(0o177);
+    try {
+      await new Promise<void>((resolve, reject) => { server.once('error', reject); server.listen(this.controlPath, () => resolve()); });
+    } finally {
+      process.umask(old);
+    }
+    fs.chmodSync(this.controlPath, 0o600);
+    this.control = server;
+    this.log(`control socket ${this.controlPath}`);
+  }
+
+  private onClient(sock: net.Socket): void {
+    let buf = '';
+    let handled = false;
+    sock.on('error', () => {});
+    sock.on('data', (chunk) => {
+      if (handled) return;
+      buf += chunk.toString('utf8');
+      if (buf.length > 1 << 16) { sock.destroy(); return; }
+      const nl = buf.indexOf('\n');
+      if (nl < 0) return;
+      handled = true;
+      let req: ControlRequest;
+      try {
+        req = JSON.parse(buf.slice(0, nl)) as ControlRequest;
+      } catch {
+        this.reply(sock, { type: 'error', message: 'malformed control request (not JSON)' });
+        sock.end();
+        return;
+      }
+      const send = (r: ControlReply) => this.reply(sock, r);
+      this.handle(req, send, sock)
+        .then((res) => { if (res) send({ type: 'result', ...res }); })
+        .catch((e: unknown) => send({ type: 'error', message: errorText(e).split('\n  hint: ')[0]!, hint: e instanceof UserError ? e.hint : undefined, exitCode: e instanceof UserError ? e.exitCode : 1 }))
+        .finally(() => sock.end());
+    });
+  }
+
+  private reply(sock: net.Socket, r: ControlReply): void {
+    if (!sock.destroyed && sock.writable) sock.write(JSON.stringify(r) + '\n');
+  }
+
+  private async handle(req: ControlRequest, send: (r: ControlReply) => void, sock: net.Socket): Promise<Record<string, unknown> | undefined> {
+    switch (req.op) {
+      case 'serve': return this.serve(req);
+      case 'stop': return this.stop(req.name);
+      case 'status': return this.status();
+      case 'cancel': return this.cancel(req.job);
+      case 'backup': return this.backup(req, send, sock);
+      default: throw new UserError(`unknown control request "${(req as { op?: string }).op}"`);
+    }
+  }
+
+  async serve(req: ServeRequest): Promise<Record<string, unknown>> {
+    if (!EXPORT_NAME.test(req.name)) throw new UserError(`export name "${req.name}" is not allowed`, 'use letters, digits, ".", "_" and "-" (up to 64), starting with a letter or digit');
+    if (this.exports.has(req.name)) throw new UserError(`an export named "${req.name}" is already served`, 'choose another --name, or "livesnap stop ' + req.name + '" first');
+    for (const e of this.exports.values()) {
+      if (path.resolve(e.devicePath) === path.resolve(req.device)) throw new UserError(`${req.device} is already served as "${e.name}"`);
+    }
+    // Exclusive: nothing may write the device except through the export (it must not be mounted).
+    const device = Device.open(req.device, { write: true, exclusive: true });
+    try {
+      const { backend, gate } = interceptBackend(new DeviceBackend(device, { description: `livesnap export of ${req.device}` }));
+      const nbd = createNbdServer({ exports: { [req.name]: backend }, defaultExport: req.name, log: (level, m) => { if (level !== 'debug') this.log(`[${req.name}] ${m}`); } });
+      const socket = req.socket ?? defaultExportSocket(this.controlPath, req.name);
+      await nbd.listenUnix(socket);
+      let tcp: string | undefined;
+      if (req.listen) {
+        const m = /^(.*):(\d+)$/.exec(req.listen);
+        if (!m) throw new UserError(`--listen ${req.listen}: expected HOST:PORT`, 'e.g. --listen 127.0.0.1:10809');
+        const host = m[1]!.replace(/^\[|\]$/g, '');
+        const port = await nbd.listenTcp(host, Number(m[2]));
+        tcp = `${host}:${port}`;
+      }
+      this.exports.set(req.name, { name: req.name, devicePath: req.device, device, gate, nbd, socket, tcp });
+      this.log(`serving ${req.device} as "${req.name}" on ${socket}${tcp ? ` and tcp ${tcp}` : ''}`);
+      return { name: req.name, device: req.device, size: backend.size, socket, tcp: tcp ?? null, uri: `nbd+unix:///${req.name}?socket=${socket}` };
+    } catch (e) {
+      device.close();
+      throw e;
+    }
+  }
+
+  async stop(name?: string): Promise<Record<string, unknown>> {
+    if (name) {
+      const e = this.exports.get(name);
+      if (!e) throw new UserError(`no export named "${name}"`, 'see "livesnap status"');
+      await this.closeExport(e);
+      return { stopped: [name] };
+    }
+    const names = [...this.exports.keys()];
+    setImmediate(() => void this.shutdown());
+    return { stopped: names, daemon: 'stopping' };
+  }
+
+  private async closeExport(e: ServedExport): Promise<void> {
+    e.job?.abort.abort();
+    this.exports.delete(e.name);
+    await e.nbd.close(); // finishes in-flight requests and flushes
+    await e.device.sync().catch(() => {});
+    e.device.close();
+    this.log(`stopped serving "${e.name}"`);
+  }
+
+  async shutdown(): Promise<void> {
+    if (this.stopping) return this.stopped;
+    this.stopping = true;
+    for (const e of [...this.exports.values()]) await this.closeExport(e).catch((err) => this.log(`stopping ${e.name}: ${errorText(err)}`));
+    await new Promise<void>((r) => (this.control ? this.control.close(() => r()) : r()));
+    try { fs.unlinkSync(this.controlPath); } catch { /* gone */ }
+    this.log('daemon stopped');
+    this.resolveStopped();
+  }
+
+  status(): Record<string, unknown> {
+    const exports = [...this.exports.values()].map((e) => {
+      const c = e.nbd.stats();
+      return {
+        name: e.name,
+        device: e.devicePath,
+        size: e.device.size,
+        socket: e.socket,
+        tcp: e.tcp ?? null,
+        connections: c.connections,
+        requests: c.requests,
+        bytesWritten: c.bytesWritten,
+        bytesRead: c.bytesRead,
+        job: e.job ? this.jobInfo(e.job) : null,
+      };
+    });
+    const jobs = [...this.jobs.values()].map((j) => this.jobInfo(j));
+    return { control: this.controlPath, pid: process.pid, exports, jobs };
+  }
+
+  private jobInfo(j: Job): Record<string, unknown> {
+    const s = j.session?.stats();
+    return {
+      id: j.id,
+      export: j.export,
+      to: j.to,
+      state: j.state,
+      started: j.started.toISOString(),
+      bytesDone: j.progress.bytesDone,
+      bytesTotal: j.progress.bytesTotal,
+      badBlocks: j.progress.badBlocks,
+      containerUsedBytes: s?.containerUsedBytes ?? null,
+      containerCapacityBytes: s?.containerCapacityBytes ?? null,
+      writesWaiting: s?.writesWaiting ?? 0,
+      worstWriteDelayMs: s?.worstWriteDelayMs ?? j.summary?.worstWriteDelayMs ?? 0,
+      error: j.error ?? null,
+    };
+  }
+
+  cancel(idOrExport: string): Record<string, unknown> {
+    const j = this.jobs.get(idOrExport) ?? this.exports.get(idOrExport)?.job;
+    if (!j || j.state !== 'running') throw new UserError(`no running backup "${idOrExport}"`, 'see "livesnap status" for job ids');
+    j.abort.abort();
+    return { cancelled: j.id };
+  }
+
+  private async backup(req: BackupRequest, send: (r: ControlReply) => void, sock: net.Socket): Promise<Record<string, unknown> | undefined> {
+    const e = this.exports.get(req.export);
+    if (!e) throw new UserError(`no export named "${req.export}"`, `serve it first ("livesnap serve <device> --name ${req.export}"), or see "livesnap status"`);
+    if (e.job) throw new UserError(`export "${e.name}" already has a backup running (${e.job.id})`, `wait for it, or "livesnap cancel ${e.job.id}"`);
+    if (req.to === '-') throw new UserError('an online backup cannot write to the CLI\'s standard output', 'write the archive to a file or tape device (the daemon writes it), e.g. --to /backup/vol.tar');
+    const sink = openBackupTarget(req.to, { force: req.force, format: req.format, recordSize: req.recordSize, compress: req.compress, tapeSize: req.tapeSize, nextVolumeCommand: req.nextVolumeCommand });
+    const job: Job = { id: `${e.name}-${++this.jobSeq}`, export: e.name, to: req.to, started: new Date(), state: 'running', abort: new AbortController(), progress: { bytesDone: 0, bytesTotal: 0, badBlocks: 0 }, detached: !!req.detach };
+    e.job = job;
+    this.jobs.set(job.id, job);
+    // Without --detach the job lives as long as the CLI that started it.
+    const onClose = () => { if (!job.detached && job.state === 'running') { this.log(`job ${job.id}: client went away, cancelling`); job.abort.abort(); } };
+    sock.once('close', onClose);
+    this.log(`job ${job.id}: backup of "${e.name}" to ${req.to}`);
+    const run = runOnlineBackup({
+      device: e.device,
+      gate: e.gate,
+      sink,
+      source: e.name,
+      container: req.container,
+      freeze: req.freeze,
+      onError: req.onError,
+      throttle: req.highWater !== undefined ? { highWater: req.highWater } : undefined,
+      signal: job.abort.signal,
+      onSession: (s) => (job.session = s),
+      onEvent: (ev) => {
+        if (ev.event === 'progress') job.progress = { bytesDone: ev.bytesDone, bytesTotal: ev.bytesTotal, badBlocks: ev.badBlocks };
+        if (ev.event === 'done') return;
+        const payload = ev.event === 'progress' ? { bytesDone: ev.bytesDone, bytesTotal: ev.bytesTotal, badBlocks: ev.badBlocks, writesWaiting: ev.stats.writesWaiting, containerUsedBytes: ev.stats.containerUsedBytes } : ev;
+        send({ type: 'event', ...payload, event: ev.event, job: job.id });
+        if (ev.event === 'armed' && job.detached) { send({ type: 'result', detached: true, job: job.id }); sock.end(); }
+      },
+    });
+    try {
+      const summary = await run;
+      job.summary = summary;
+      job.state = 'done';
+      job.progress = { bytesDone: summary.bytes, bytesTotal: summary.bytes, badBlocks: summary.badBlocks.length };
+      this.log(`job ${job.id}: done, ${summary.bytes} bytes, worst write delay ${summary.worstWriteDelayMs.toFixed(1)} ms`);
+      return { ...summary, job: job.id, badBlockCount: summary.badBlocks.length };
+    } catch (err) {
+      job.state = job.abort.signal.aborted ? 'cancelled' : 'failed';
+      job.error = errorText(err);
+      this.log(`job ${job.id}: ${job.state}: ${job.error}`);
+      throw err;
+    } finally {
+      sock.off('close', onClose);
+      if (e.job === job) e.job = undefined;
+    }
+  }
+}

@@ -1,0 +1,43 @@
+// The daemon's control protocol: one JSON object per line over an owner-only unix socket.
+// A client sends one request; the daemon answers with zero or more events and exactly one
+// result or error, then closes. A backup's connection stays open for its events: when the client
+// goes away (Ctrl-C) without --detach, the daemon cancels the job.
+import * as path from 'node:path';
+
+export interface ServeRequest { op: 'serve'; device: string; name: string; socket?: string; listen?: string }
+export interface StopRequest { op: 'stop'; name?: string }
+export interface StatusRequest { op: 'status' }
+export interface CancelRequest { op: 'cancel'; job: string }
+export interface BackupRequest {
+  op: 'backup';
+  export: string;
+  to: string;
+  format?: 'raw' | 'tar';
+  force?: boolean;
+  container?: string;
+  freeze?: string;
+  onError: 'abort' | 'ignore';
+  highWater?: number;
+  recordSize?: number;
+  compress?: 'zstd';
+  tapeSize?: number;
+  nextVolumeCommand?: string;
+  detach?: boolean;
+}
+export type ControlRequest = ServeRequest | StopRequest | StatusRequest | CancelRequest | BackupRequest;
+
+export type ControlReply =
+  | { type: 'event'; event: string; [k: string]: unknown }
+  | { type: 'result'; [k: string]: unknown }
+  | { type: 'error'; message: string; hint?: string; exitCode?: number };
+
+export function defaultControlPath(): string {
+  return process.env.LIVESNAP_CONTROL || '/run/livesnap/control.sock';
+}
+
+/** An export's NBD socket lives next to the control socket unless told otherwise. */
+export function defaultExportSocket(controlPath: string, name: string): string {
+  return path.join(path.dirname(controlPath), `${name}.sock`);
+}
+
+export const EXPORT_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
