@@ -31,7 +31,8 @@ export async function withFrozen<T>(mountPoint: string, work: () => Promise<T>):
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   process.on('SIGHUP', onSignal);
-  let t0 = 0;
+  // The window counts from the FIFREEZE call (it blocks new writers while it syncs) to the end of FITHAW.
+  const t0 = performance.now();
   try {
     try {
       await native().freeze(mountPoint);
@@ -39,12 +40,10 @@ export async function withFrozen<T>(mountPoint: string, work: () => Promise<T>):
       throw new UserError(`cannot freeze ${mountPoint}: ${(e as Error).message}`, 'the file system must support FIFREEZE (ext4, xfs, btrfs) and not be frozen already');
     }
     frozen = true;
-    t0 = performance.now();
     const result = await work();
-    const frozenMs = performance.now() - t0;
     frozen = false;
     await native().thaw(mountPoint);
-    return { result, frozenMs };
+    return { result, frozenMs: performance.now() - t0 };
   } finally {
     thawNow();
     process.off('exit', thawNow);
