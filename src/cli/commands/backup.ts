@@ -2,11 +2,7 @@ import { Command, Option } from 'clipanion';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { defaultControlPath, EXPORT_NAME } from '../../control/protocol';
-import { runOnlineBackupViaDaemon } from '../online-backup';
 import * as t from 'typanion';
-import { runBackup } from '../../jobs/backup';
-import { openSource, refuseTargetOnSource } from '../../jobs/source';
-import { openBackupTarget } from '../../sink/open-target';
 import { UserError } from '../../util/errors';
 import { formatBytes, formatRate, parseSize } from '../../util/size';
 import { LivesnapCommand } from '../base';
@@ -74,6 +70,8 @@ export class BackupCommand extends LivesnapCommand {
     if (this.method !== 'offline' || this.mount) throw new UserError('--method/--mount are for devices; an online backup of an export uses --freeze <mountpoint>');
     const hw = this.highWater !== undefined ? Number(this.highWater) : undefined;
     if (hw !== undefined && !(hw > 0 && hw <= 100)) throw new UserError(`--high-water ${this.highWater}: give a percentage between 1 and 100`);
+    // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded on use (startup time)
+    const { runOnlineBackupViaDaemon } = require('../online-backup') as typeof import('../online-backup');
     return runOnlineBackupViaDaemon(path.resolve(this.control ?? defaultControlPath()), {
       op: 'backup',
       export: this.source,
@@ -104,6 +102,11 @@ export class BackupCommand extends LivesnapCommand {
     if (this.detach) throw new UserError('--detach is for online backups of a served export');
     if (this.method === 'freeze' && !this.mount) throw new UserError('--method freeze needs --mount <mountpoint>', 'name the directory where the source is mounted, e.g. --mount /srv/data');
     if (this.method !== 'freeze' && this.mount) throw new UserError('--mount only goes with --method freeze');
+    /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
+    const { runBackup } = require('../../jobs/backup') as typeof import('../../jobs/backup');
+    const { openSource, refuseTargetOnSource } = require('../../jobs/source') as typeof import('../../jobs/source');
+    const { openBackupTarget } = require('../../sink/open-target') as typeof import('../../sink/open-target');
+    /* eslint-enable @typescript-eslint/no-require-imports */
     const source = openSource(this.source, this.method);
     try {
       refuseTargetOnSource(source, this.to);

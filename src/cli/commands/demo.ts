@@ -1,5 +1,4 @@
 import { Command, Option } from 'clipanion';
-import { runDemo } from '../../demo/demo';
 import { formatBytes, formatRate, parseSize } from '../../util/size';
 import { LivesnapCommand } from '../base';
 
@@ -22,6 +21,9 @@ export class DemoCommand extends LivesnapCommand {
 
   async run(): Promise<number> {
     const r = this.reporter;
+    /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
+    const { runDemo } = require('../../demo/demo') as typeof import('../../demo/demo');
+    /* eslint-enable @typescript-eslint/no-require-imports */
     const res = await runDemo({
       dir: this.dir,
       sizeBytes: parseSize(this.size, '--size'),

@@ -1,6 +1,4 @@
 import { Command, Option } from 'clipanion';
-import { Device } from '../../device/device';
-import { readUsedBlockMap } from '../../fs/detect';
 import { formatBytes } from '../../util/size';
 import { LivesnapCommand } from '../base';
 
@@ -22,6 +20,10 @@ export class InspectCommand extends LivesnapCommand {
   device = Option.String({ name: 'device' });
 
   async run(): Promise<number> {
+    /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
+    const { Device } = require('../../device/device') as typeof import('../../device/device');
+    const { readUsedBlockMap } = require('../../fs/detect') as typeof import('../../fs/detect');
+    /* eslint-enable @typescript-eslint/no-require-imports */
     const dev = Device.open(this.device);
     try {
       const map = await readUsedBlockMap(dev);

@@ -1,7 +1,5 @@
 import { Command, Option } from 'clipanion';
 import * as fs from 'node:fs';
-import { restoreImage } from '../../jobs/restore';
-import { looksLikeArchive, restoreArchive } from '../../jobs/archive-restore';
 import { UserError } from '../../util/errors';
 import { formatBytes, formatRate } from '../../util/size';
 import { LivesnapCommand } from '../base';
@@ -34,6 +32,10 @@ export class RestoreCommand extends LivesnapCommand {
   nextVolume = Option.String('--next-volume-command', { description: 'Archive on several volumes: shell command run before each next one ($LIVESNAP_VOLUME)' });
 
   async run(): Promise<number> {
+    /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
+    const { restoreImage } = require('../../jobs/restore') as typeof import('../../jobs/restore');
+    const { looksLikeArchive, restoreArchive } = require('../../jobs/archive-restore') as typeof import('../../jobs/archive-restore');
+    /* eslint-enable @typescript-eslint/no-require-imports */
     const r = this.reporter;
     if (this.image === '-' || looksLikeArchive(this.image)) {
       if (this.image !== '-') refuseImageOnTarget(this.image, this.to);

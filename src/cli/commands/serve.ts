@@ -1,9 +1,6 @@
 import { Command, Option } from 'clipanion';
 import * as path from 'node:path';
-import { call, isDaemonRunning } from '../../control/client';
-import { Daemon } from '../../control/daemon';
 import { defaultControlPath, type ServeRequest } from '../../control/protocol';
-import { startDaemon } from '../../control/spawn';
 import { formatBytes } from '../../util/size';
 import { LivesnapCommand } from '../base';
 
@@ -40,6 +37,11 @@ export class ServeCommand extends LivesnapCommand {
   foreground = Option.Boolean('--foreground', false, { description: 'Run the daemon in this process (logs on stderr) until stopped' });
 
   async run(): Promise<number> {
+    /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
+    const { call, isDaemonRunning } = require('../../control/client') as typeof import('../../control/client');
+    const { Daemon } = require('../../control/daemon') as typeof import('../../control/daemon');
+    const { startDaemon } = require('../../control/spawn') as typeof import('../../control/spawn');
+    /* eslint-enable @typescript-eslint/no-require-imports */
     const control = path.resolve(this.control ?? defaultControlPath());
     const req: ServeRequest = {
       op: 'serve',
@@ -79,6 +81,9 @@ export class DaemonCommand extends LivesnapCommand {
   control = controlOption();
 
   async run(): Promise<number> {
+    /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
+    const { Daemon } = require('../../control/daemon') as typeof import('../../control/daemon');
+    /* eslint-enable @typescript-eslint/no-require-imports */
     const d = new Daemon(path.resolve(this.control ?? defaultControlPath()));
     await d.listen();
     const stop = () => void d.shutdown();
@@ -100,6 +105,9 @@ export class StopCommand extends LivesnapCommand {
   control = controlOption();
 
   async run(): Promise<number> {
+    /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
+    const { call } = require('../../control/client') as typeof import('../../control/client');
+    /* eslint-enable @typescript-eslint/no-require-imports */
     const res = await call(path.resolve(this.control ?? defaultControlPath()), { op: 'stop', name: this.name });
     if (this.json) process.stdout.write(JSON.stringify({ event: 'done', ...res }) + '\n');
     else process.stdout.write(this.name ? `stopped serving "${this.name}"\n` : `daemon stopping (exports: ${(res.stopped as string[]).join(', ') || 'none'})\n`);

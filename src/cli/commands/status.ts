@@ -1,6 +1,5 @@
 import { Command, Option } from 'clipanion';
 import * as path from 'node:path';
-import { call } from '../../control/client';
 import { defaultControlPath } from '../../control/protocol';
 import { formatBytes } from '../../util/size';
 import { LivesnapCommand } from '../base';
@@ -19,6 +18,9 @@ export class StatusCommand extends LivesnapCommand {
   control = controlOption();
 
   async run(): Promise<number> {
+    /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
+    const { call } = require('../../control/client') as typeof import('../../control/client');
+    /* eslint-enable @typescript-eslint/no-require-imports */
     const res = await call(path.resolve(this.control ?? defaultControlPath()), { op: 'status' });
     if (this.json) { process.stdout.write(JSON.stringify({ event: 'done', ...res }) + '\n'); return 0; }
     const exports = res.exports as ExportInfo[];
@@ -49,6 +51,9 @@ export class CancelCommand extends LivesnapCommand {
   control = controlOption();
 
   async run(): Promise<number> {
+    /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
+    const { call } = require('../../control/client') as typeof import('../../control/client');
+    /* eslint-enable @typescript-eslint/no-require-imports */
     const res = await call(path.resolve(this.control ?? defaultControlPath()), { op: 'cancel', job: this.job });
     if (this.json) process.stdout.write(JSON.stringify({ event: 'done', ...res }) + '\n');
     else process.stdout.write(`cancelled ${res.cancelled}\n`);

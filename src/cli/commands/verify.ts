@@ -1,6 +1,4 @@
 import { Command, Option } from 'clipanion';
-import { verifyImage } from '../../jobs/restore';
-import { looksLikeArchive, verifyArchive } from '../../jobs/archive-restore';
 import { UserError } from '../../util/errors';
 import { formatBytes } from '../../util/size';
 import { LivesnapCommand } from '../base';
@@ -30,6 +28,10 @@ export class VerifyCommand extends LivesnapCommand {
   nextVolume = Option.String('--next-volume-command', { description: 'Archive on several volumes: shell command run before each next one ($LIVESNAP_VOLUME)' });
 
   async run(): Promise<number> {
+    /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
+    const { verifyImage } = require('../../jobs/restore') as typeof import('../../jobs/restore');
+    const { looksLikeArchive } = require('../../jobs/archive-restore') as typeof import('../../jobs/archive-restore');
+    /* eslint-enable @typescript-eslint/no-require-imports */
     if (this.image === '-' || looksLikeArchive(this.image)) return this.verifyArchive();
     if (!this.against) throw new UserError('a raw image carries no checksums: verify needs --against <device>', `e.g. livesnap verify ${this.image} --against /dev/sdb1`);
     const r = this.reporter;
@@ -45,6 +47,9 @@ export class VerifyCommand extends LivesnapCommand {
   }
 
   private async verifyArchive(): Promise<number> {
+    /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
+    const { verifyArchive } = require('../../jobs/archive-restore') as typeof import('../../jobs/archive-restore');
+    /* eslint-enable @typescript-eslint/no-require-imports */
     const r = this.reporter;
     const s = await verifyArchive({
       input: this.image,
