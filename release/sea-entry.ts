@@ -6,11 +6,16 @@
 // noexec, where dlopen fails with "failed to map segment from shared object" (EPERM): then the next
 // directory of the list is tried.
 //
+// Startup (issue 5: `livesnap --help` within 1.5x of `node -e 0`): "--help", "-h", "--version" and no
+// arguments never need the addon, so for them it is not even written out; it is loaded on the first
+// native() call (setAddonLoader). Every other invocation loads it up front as before, so a binary
+// that cannot load its addon says so (exit 70) before it does anything.
+//
 // NODE_OPTIONS is ignored by the runtime itself: the SEA config sets "execArgvExtension": "none".
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { setAddon, type NativeAddon } from '../src/device/native';
+import { native, setAddonLoader, type NativeAddon } from '../src/device/native';
 // Resolved by build.sh to src/cli/main.ts (or to release/dev-main-stub.ts while that is missing).
 import { main } from '@livesnap/cli-main';
 
@@ -75,17 +80,26 @@ function loadAddonFromAsset(): NativeAddon {
   );
 }
 
+/** Help and version flags (clipanion's builtins, also "<command> --help"): nothing there uses the addon. */
+function needsAddon(argv: string[]): boolean {
+  if (argv.length === 0) return false; // prints the help
+  if (argv.length === 1 && (argv[0] === '--version' || argv[0] === '-v')) return false;
+  return !argv.some((a) => a === '--help' || a === '-h');
+}
+
 function start(): void {
-  let addon: NativeAddon;
-  try {
-    addon = loadAddonFromAsset();
-  } catch (e) {
-    process.stderr.write(`${(e as Error).message}\n`);
-    process.exitCode = 70; // EX_SOFTWARE
-    return;
+  const argv = process.argv.slice(2);
+  setAddonLoader(loadAddonFromAsset);
+  if (needsAddon(argv)) {
+    try {
+      native();
+    } catch (e) {
+      process.stderr.write(`${(e as Error).message}\n`);
+      process.exitCode = 70; // EX_SOFTWARE
+      return;
+    }
   }
-  setAddon(addon);
-  main(process.argv.slice(2)).then(
+  main(argv).then(
     (code) => { process.exitCode = code; },
     (e: unknown) => {
       process.stderr.write(`livesnap: error: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);

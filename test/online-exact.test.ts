@@ -72,7 +72,7 @@ testIf(needs)('snapshot exactness under concurrency: 4 NBD connections writing s
 });
 
 testIf(needs)('container full: a 256 KiB container under heavy writes from 6 connections; the backup completes exact, no write fails', async (t) => {
-  const done = await exactness(t, { volumeMiB: 128, container: 'memory:256K', writers: 6, maxBlocks: 64 });
+  const done = await exactness(t, { volumeMiB: 512, container: 'memory:256K', writers: 6, maxBlocks: 64 });
   t.is(done.containerCapacityBytes, 256 * 1024);
   t.true(Number(done.containerPeakBytes) <= 256 * 1024);
   t.is(typeof done.worstWriteDelayMs, 'number');

@@ -76,7 +76,16 @@ export class VolumeSetOutput implements RecordOutput {
     this.inVolume = 0;
   }
 
-  async write(data: Buffer): Promise<void> {
+  // The record writer keeps several writes in flight; volume accounting and switching need them one at a time.
+  private tail: Promise<void> = Promise.resolve();
+
+  write(data: Buffer): Promise<void> {
+    const p = this.tail.then(() => this.writeNow(data));
+    this.tail = p.catch(() => {});
+    return p;
+  }
+
+  private async writeNow(data: Buffer): Promise<void> {
     let o = 0;
     while (o < data.length) {
       if (!this.cur) await this.open();
@@ -93,6 +102,7 @@ export class VolumeSetOutput implements RecordOutput {
   }
 
   async close(): Promise<void> {
+    await this.tail;
     if (!this.cur) await this.open();
     await this.cur!.close();
   }

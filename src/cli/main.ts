@@ -11,7 +11,9 @@ import { DaemonCommand, ServeCommand, StopCommand } from './commands/serve';
 import { CancelCommand, StatusCommand } from './commands/status';
 
 export function buildCli(): Cli {
-  const cli = new Cli({ binaryLabel: 'livesnap', binaryName: 'livesnap', binaryVersion: TOOL_VERSION, enableCapture: false });
+  // No colours unless standard output is a terminal: clipanion's help ("--help", no arguments) otherwise
+  // goes by $TERM alone (Cli.defaultContext.colorDepth), also into a pipe or a file.
+  const cli = new Cli({ binaryLabel: 'livesnap', binaryName: 'livesnap', binaryVersion: TOOL_VERSION, enableCapture: false, enableColors: process.stdout.isTTY ? undefined : false });
   for (const c of [InspectCommand, BackupCommand, RestoreCommand, VerifyCommand, ServeCommand, StatusCommand, CancelCommand, StopCommand, DaemonCommand, DemoCommand, VersionCommand]) cli.register(c);
   cli.register(Builtins.HelpCommand);
   cli.register(Builtins.VersionCommand);

@@ -59,13 +59,19 @@ export interface NativeAddon {
 }
 
 let cached: NativeAddon | undefined;
+let loader: (() => NativeAddon) | undefined;
 
 /**
- * Loads the addon. In the single-binary release the bundle sets LIVESNAP_ADDON_PATH (or calls
- * setAddon) after writing the addon out of the SEA assets; from a checkout it is build/Release.
+ * Loads the addon. In the single-binary release the bundle sets LIVESNAP_ADDON_PATH, or calls
+ * setAddon / setAddonLoader (the addon travels in the SEA assets); from a checkout it is build/Release.
  */
 export function native(): NativeAddon {
   if (cached) return cached;
+  if (loader) {
+    cached = loader();
+    loader = undefined;
+    return cached;
+  }
   const candidates = [
     process.env.LIVESNAP_ADDON_PATH,
     path.resolve(__dirname, '../../build/Release/livesnap_native.node'),
@@ -84,6 +90,15 @@ export function native(): NativeAddon {
 
 export function setAddon(addon: NativeAddon): void {
   cached = addon;
+}
+
+/**
+ * Loads the addon on the first native() call instead (so that "--help" never loads it). If the
+ * loader throws, native() throws that error, and the next call tries the loader again.
+ */
+export function setAddonLoader(load: () => NativeAddon): void {
+  cached = undefined;
+  loader = load;
 }
 
 export function isNativeError(e: unknown): e is NativeError {

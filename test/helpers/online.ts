@@ -411,7 +411,7 @@ export function checkSnapshot(imagePath: string, size: number, records: WriteRec
   const problem = (s: string) => { if (res.problems.length < 20) res.problems.push(s); };
   const CHUNK = 16 << 20;
   const ZERO = Buffer.alloc(bs);
-  let image = Buffer.alloc(0);
+  let image: Buffer = Buffer.alloc(0);
   let chunkStart = 0;
   for (let b = 0; b < res.blocks; b++) {
     if (b * bs >= chunkStart + image.length) {
