@@ -9,6 +9,7 @@ import { runBackup, type BackupSummary } from '../jobs/backup';
 import { restoreImage, verifyImage } from '../jobs/restore';
 import { ImageSink } from '../sink/image-sink';
 import { UserError } from '../util/errors';
+import { checksumTree } from '../util/checksum-tree';
 import { sh, shStatus } from './system';
 
 export interface DemoOptions {
@@ -29,19 +30,6 @@ export interface DemoResult {
   fsck: 'clean';
   files: number;
   filesMatching: number;
-}
-
-function checksumTree(root: string): Map<string, string> {
-  const out = new Map<string, string>();
-  const walk = (d: string) => {
-    for (const e of fs.readdirSync(d, { withFileTypes: true })) {
-      const p = path.join(d, e.name);
-      if (e.isDirectory()) { if (e.name !== 'lost+found') walk(p); }
-      else if (e.isFile()) out.set(path.relative(root, p), crypto.createHash('sha256').update(fs.readFileSync(p)).digest('hex'));
-    }
-  };
-  walk(root);
-  return out;
 }
 
 export async function runDemo(o: DemoOptions): Promise<DemoResult> {

@@ -1,9 +1,9 @@
 // Real volumes for tests: a sparse file, a file system made by the real mkfs, files written through
 // a real mount (so allocation is the kernel's), some deleted so free space is fragmented.
-import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { ExecutionContext } from 'ava';
+import { checksumTree } from '../../src/util/checksum-tree';
 import { loopDevice, mount, rng, run, runStatus, sparseFile } from './system';
 
 export interface TestVolume {
@@ -13,18 +13,7 @@ export interface TestVolume {
   checksums: Map<string, string>;
 }
 
-export function checksumTree(root: string): Map<string, string> {
-  const out = new Map<string, string>();
-  const walk = (d: string) => {
-    for (const e of fs.readdirSync(d, { withFileTypes: true })) {
-      const p = path.join(d, e.name);
-      if (e.isDirectory()) { if (e.name !== 'lost+found') walk(p); }
-      else if (e.isFile()) out.set(path.relative(root, p), crypto.createHash('sha256').update(fs.readFileSync(p)).digest('hex'));
-    }
-  };
-  walk(root);
-  return out;
-}
+export { checksumTree };
 
 export function fillTree(root: string, seed: number, bytes: number): void {
   const r = rng(seed);
