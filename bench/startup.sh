@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Startup time of the single binary: `livesnap --help` vs `node -e 0` on the same (stripped) base Node
-# the binary was built from. Goal (issue 5): within 1.5x.
+# the binary was built from. Goal (issue 5): within 1.5x. Other work on the machine inflates both
+# sides; the medians' ratio is the verdict, the best-of-runs ratio is printed too.
 #
 #   npm run release && bash bench/startup.sh [runs]
 set -euo pipefail
@@ -19,6 +20,8 @@ hyperfine -N --warmup 5 --runs "$runs" --export-json "$json" \
 "$node" -e '
   const r = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")).results;
   const [b, n] = r.map((x) => x.median * 1000);
+  const [bMin, nMin] = r.map((x) => x.min * 1000);
   const ratio = b / n;
-  console.log(`startup: livesnap --help ${b.toFixed(1)} ms, node -e 0 ${n.toFixed(1)} ms (medians), ratio ${ratio.toFixed(2)}x (goal <= 1.5x): ${ratio <= 1.5 ? "OK" : "OVER"}`);
+  console.log(`startup: livesnap --help ${b.toFixed(1)} ms, node -e 0 ${n.toFixed(1)} ms (medians), ratio ${ratio.toFixed(2)}x (goal <= 1.5x): ${ratio <= 1.5 ? "OK" : "OVER"}` +
+    `; best ${bMin.toFixed(1)} ms vs ${nMin.toFixed(1)} ms (${(bMin / nMin).toFixed(2)}x)`);
 ' "$json"

@@ -1,5 +1,6 @@
 // The livesnap command line.
 import { Builtins, Cli } from 'clipanion';
+import { fstatSync, writeSync } from 'node:fs';
 import { TOOL_VERSION } from '../jobs/version';
 import { BackupCommand } from './commands/backup';
 import { DemoCommand } from './commands/demo';
@@ -13,7 +14,7 @@ import { CancelCommand, StatusCommand } from './commands/status';
 export function buildCli(): Cli {
   // No colours unless standard output is a terminal: clipanion's help ("--help", no arguments) otherwise
   // goes by $TERM alone (Cli.defaultContext.colorDepth), also into a pipe or a file.
-  const cli = new Cli({ binaryLabel: 'livesnap', binaryName: 'livesnap', binaryVersion: TOOL_VERSION, enableCapture: false, enableColors: process.stdout.isTTY ? undefined : false });
+  const cli = new Cli({ binaryLabel: 'livesnap', binaryName: 'livesnap', binaryVersion: TOOL_VERSION, enableCapture: false, enableColors: stdoutIsTTY() ? undefined : false });
   for (const c of [InspectCommand, BackupCommand, RestoreCommand, VerifyCommand, ServeCommand, StatusCommand, CancelCommand, StopCommand, DaemonCommand, DemoCommand, VersionCommand]) cli.register(c);
   cli.register(Builtins.HelpCommand);
   cli.register(Builtins.VersionCommand);
@@ -22,6 +23,39 @@ export function buildCli(): Cli {
 
 export async function main(argv: string[]): Promise<number> {
   const cli = buildCli();
-  const ctx = { ...Cli.defaultContext, colorDepth: process.stdout.isTTY ? Cli.defaultContext.colorDepth : 1 };
+  // "livesnap", "livesnap --help", "livesnap -h": the very text clipanion's help command prints
+  // (Builtins.HelpCommand writes cli.usage() to stdout and exits 0), without first compiling the
+  // argument parser of every command (a few ms of the startup-time budget, issue 5).
+  if (argv.length === 0 || (argv.length === 1 && (argv[0] === '--help' || argv[0] === '-h'))) {
+    writeStdout(cli.usage());
+    return 0;
+  }
+  // (clipanion adds the rest of Cli.defaultContext itself; not spreading it here keeps its stdin unread.)
+  const ctx = { colorDepth: stdoutIsTTY() ? Cli.defaultContext.colorDepth : 1 };
   return cli.run(argv.length ? argv : ['--help'], ctx);
+}
+
+/**
+ * process.stdout.isTTY, without creating process.stdout (its stream machinery is ~3 ms of startup)
+ * when the answer is plain: a terminal is a character device, and none of Linux's memory devices
+ * (major 1: /dev/null, /dev/zero, ...) is one. Anything else asks process.stdout.
+ */
+function stdoutIsTTY(): boolean {
+  try {
+    const st = fstatSync(1);
+    if (!st.isCharacterDevice()) return false;
+    if (st.rdev < 2 ** 32 && ((st.rdev >>> 8) & 0xfff) === 1) return false;
+  } catch { /* no fd 1: let process.stdout say */ }
+  return !!process.stdout.isTTY;
+}
+
+/** Writes to fd 1 directly (see stdoutIsTTY); on any error (EAGAIN, EPIPE, ...) the rest goes through process.stdout as usual. */
+function writeStdout(text: string): void {
+  const buf = Buffer.from(text);
+  let done = 0;
+  try {
+    while (done < buf.length) done += writeSync(1, buf, done);
+  } catch {
+    process.stdout.write(buf.subarray(done));
+  }
 }
