@@ -4,9 +4,25 @@ import { lastJson, livesnap } from './helpers/cli';
 import { testIf } from './helpers/skip';
 import { scratchDir } from './helpers/system';
 
-testIf({ root: true, commands: ['mkfs.ext4', 'e2fsck', 'losetup'] })('demo: backs up, restores, verifies and checks the built-in volume', async (t) => {
+testIf({ root: true, commands: ['mkfs.ext4', 'e2fsck', 'losetup', 'nbdfuse', 'fusermount3'] })('demo: serves the volume, backs it up online under a writer, restores, verifies and checks it', async (t) => {
   const dir = path.join(scratchDir(t), 'demo');
   const r = livesnap(['demo', '--dir', dir, '--size', '128M', '--data', '40M', '--json']);
+  t.is(r.status, 0, r.stderr + r.stdout);
+  const done = lastJson(r.stdout);
+  t.is(done.mode, 'online');
+  t.is(done.fsck, 'clean');
+  t.true((done.files as number) > 10);
+  t.is(done.filesMatching, done.files);
+  t.true((done.writerOps as number) > 0, 'the writer kept writing during the backup');
+  t.is((done.verify as { differingBlocks: number }).differingBlocks, 0);
+  t.is((done.backup as { method: string }).method, 'online');
+  // Nothing is left mounted or attached.
+  t.notRegex(require('node:fs').readFileSync('/proc/self/mountinfo', 'utf8'), new RegExp(dir.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')));
+});
+
+testIf({ root: true, commands: ['mkfs.ext4', 'e2fsck', 'losetup'] })('demo --offline: backs up with the freeze method, restores, verifies and checks', async (t) => {
+  const dir = path.join(scratchDir(t), 'demo');
+  const r = livesnap(['demo', '--offline', '--dir', dir, '--size', '128M', '--data', '40M', '--json']);
   t.is(r.status, 0, r.stderr + r.stdout);
   const done = lastJson(r.stdout);
   t.is(done.event, 'done');
