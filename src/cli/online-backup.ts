@@ -1,7 +1,8 @@
 // "livesnap backup <export>": asks the daemon to back up an export it serves and shows the job's
 // events. Ctrl-C (or losing this process) cancels the job unless --detach was given.
+import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { request } from '../control/client';
+import { connectControl, request } from '../control/client';
 import type { BackupRequest } from '../control/protocol';
 import { UserError } from '../util/errors';
 import { formatBytes, formatRate } from '../util/size';
@@ -12,10 +13,14 @@ export async function runOnlineBackupViaDaemon(control: string, req: BackupReque
   const c = await request(control, { ...req, to, freeze: req.freeze ? path.resolve(req.freeze) : undefined });
   const onSignal = () => { c.close(); };
   process.once('SIGINT', onSignal);
+  let dataDone: Promise<void> = Promise.resolve();
   try {
     for await (const m of c.replies) {
       if (m.type === 'event') {
-        if (m.event === 'armed') {
+        if (m.event === 'data-channel') {
+          dataDone = copyDataChannel(control, String(m.token), req.recordSize ?? 10240);
+          dataDone.catch(() => c.close());
+        } else if (m.event === 'armed') {
           r.event('armed', m);
           r.info(`snapshot armed at ${m.time} (freeze window ${Number(m.freezeMs).toFixed(1)} ms); copying ${req.export} to ${to}`);
         } else if (m.event === 'progress') {
@@ -28,6 +33,7 @@ export async function runOnlineBackupViaDaemon(control: string, req: BackupReque
           r.done({ detached: true, job: m.job }, [`backup running in the daemon as job ${m.job}: see "livesnap status", stop it with "livesnap cancel ${m.job}"`]);
           return 0;
         }
+        await dataDone;
         const s = m as unknown as Record<string, number> & { badBlocks: number[] };
         r.done({ ...m, type: undefined }, [
           `online backup complete: ${req.export} -> ${to} (job ${m.job})`,
@@ -39,6 +45,7 @@ export async function runOnlineBackupViaDaemon(control: string, req: BackupReque
         ]);
         return 0;
       } else if (m.type === 'error') {
+        await dataDone.catch(() => {});
         throw new UserError(m.message, m.hint, m.exitCode ?? 1);
       }
     }
@@ -47,4 +54,34 @@ export async function runOnlineBackupViaDaemon(control: string, req: BackupReque
     process.off('SIGINT', onSignal);
     c.close();
   }
+}
+
+/**
+ * The archive of a "--to -" online backup arrives on a second control connection; it is copied to
+ * standard output in whole records (the socket's chunking would otherwise reach a tape or pipe).
+ */
+async function copyDataChannel(control: string, token: string, recordSize: number): Promise<void> {
+  const sock = await connectControl(control);
+  sock.write(JSON.stringify({ op: 'data', token }) + '\n');
+  let pending: Buffer = Buffer.alloc(0);
+  const writeAll = (b: Buffer) => {
+    let off = 0;
+    while (off < b.length) {
+      try {
+        off += fs.writeSync(1, b, off, b.length - off);
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code === 'EAGAIN') continue;
+        throw e;
+      }
+    }
+  };
+  for await (const chunk of sock) {
+    pending = pending.length ? Buffer.concat([pending, chunk as Buffer]) : (chunk as Buffer);
+    const whole = pending.length - (pending.length % recordSize);
+    if (whole > 0) {
+      for (let o = 0; o < whole; o += recordSize) writeAll(pending.subarray(o, o + recordSize));
+      pending = pending.subarray(whole);
+    }
+  }
+  if (pending.length) writeAll(pending);
 }

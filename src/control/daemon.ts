@@ -46,6 +46,8 @@ export class Daemon {
   private readonly jobs = new Map<string, Job>();
   private control?: net.Server;
   private jobSeq = 0;
+  /** Backups to '-' waiting for their data connection, by token. */
+  private readonly dataWaiters = new Map<string, (sock: net.Socket) => void>();
   private stopping = false;
   readonly stopped: Promise<void>;
   private resolveStopped!: () => void;
@@ -97,6 +99,14 @@ export class Daemon {
         sock.end();
         return;
       }
+      if (req.op === 'data') {
+        // Not a request with an answer: this socket becomes the archive stream of a backup to '-'.
+        const w = this.dataWaiters.get(req.token);
+        if (!w) { this.reply(sock, { type: 'error', message: 'unknown data token' }); sock.end(); return; }
+        this.dataWaiters.delete(req.token);
+        w(sock);
+        return;
+      }
       const send = (r: ControlReply) => this.reply(sock, r);
       this.handle(req, send, sock)
         .then((res) => { if (res) send({ type: 'result', ...res }); })
@@ -116,6 +126,7 @@ export class Daemon {
       case 'status': return this.status();
       case 'cancel': return this.cancel(req.job);
       case 'backup': return this.backup(req, send, sock);
+      case 'data': return undefined;
       default: throw new UserError(`unknown control request "${(req as { op?: string }).op}"`);
     }
   }
@@ -220,6 +231,28 @@ export class Daemon {
     };
   }
 
+  /**
+   * "--to -": the archive goes to the CLI's standard output. The CLI opens a second connection
+   * ({op:'data', token}) and the daemon writes the record stream into it; the CLI copies it to fd 1.
+   */
+  private async stdoutSink(req: BackupRequest, send: (r: ControlReply) => void) {
+    if (req.format === 'raw') throw new UserError('a raw image cannot be written to standard output (it is sparse and written by offset)', 'use the tar format for a stream');
+    if (req.detach) throw new UserError('--detach cannot go with --to -: the archive flows through the CLI', 'write to a file or tape device instead');
+    if (req.tapeSize !== undefined) throw new UserError('--tape-size needs a file or tape device as --to, not standard output');
+    const { createArchiveSink, checkRecordSize, requireZstd } = await import('../archive');
+    if (req.recordSize !== undefined) checkRecordSize(req.recordSize);
+    if (req.compress === 'zstd') requireZstd();
+    const token = `${process.pid}-${Date.now()}-${Math.random().toString(36).slice(2)}`;
+    const data = new Promise<net.Socket>((resolve, reject) => {
+      const timer = setTimeout(() => { this.dataWaiters.delete(token); reject(new UserError('the CLI did not open the data connection for --to -')); }, 10_000);
+      this.dataWaiters.set(token, (sock) => { clearTimeout(timer); resolve(sock); });
+    });
+    send({ type: 'event', event: 'data-channel', token });
+    const sock = await data;
+    sock.on('error', () => {});
+    return createArchiveSink({ out: sock, recordSize: req.recordSize, compress: req.compress });
+  }
+
   cancel(idOrExport: string): Record<string, unknown> {
     const j = this.jobs.get(idOrExport) ?? this.exports.get(idOrExport)?.job;
     if (!j || j.state !== 'running') throw new UserError(`no running backup "${idOrExport}"`, 'see "livesnap status" for job ids');
@@ -231,8 +264,7 @@ export class Daemon {
     const e = this.exports.get(req.export);
     if (!e) throw new UserError(`no export named "${req.export}"`, `serve it first ("livesnap serve <device> --name ${req.export}"), or see "livesnap status"`);
     if (e.job) throw new UserError(`export "${e.name}" already has a backup running (${e.job.id})`, `wait for it, or "livesnap cancel ${e.job.id}"`);
-    if (req.to === '-') throw new UserError('an online backup cannot write to the CLI\'s standard output', 'write the archive to a file or tape device (the daemon writes it), e.g. --to /backup/vol.tar');
-    const sink = openBackupTarget(req.to, { force: req.force, format: req.format, recordSize: req.recordSize, compress: req.compress, tapeSize: req.tapeSize, nextVolumeCommand: req.nextVolumeCommand });
+    const sink = req.to === '-' ? await this.stdoutSink(req, send) : openBackupTarget(req.to, { force: req.force, format: req.format, recordSize: req.recordSize, compress: req.compress, tapeSize: req.tapeSize, nextVolumeCommand: req.nextVolumeCommand });
     const job: Job = { id: `${e.name}-${++this.jobSeq}`, export: e.name, to: req.to, started: new Date(), state: 'running', abort: new AbortController(), progress: { bytesDone: 0, bytesTotal: 0, badBlocks: 0 }, detached: !!req.detach };
     e.job = job;
     this.jobs.set(job.id, job);

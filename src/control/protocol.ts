@@ -8,6 +8,8 @@ export interface ServeRequest { op: 'serve'; device: string; name: string; socke
 export interface StopRequest { op: 'stop'; name?: string }
 export interface StatusRequest { op: 'status' }
 export interface CancelRequest { op: 'cancel'; job: string }
+/** The second connection of a backup to '-': the daemon writes the archive stream into it. */
+export interface DataRequest { op: 'data'; token: string }
 export interface BackupRequest {
   op: 'backup';
   export: string;
@@ -24,7 +26,7 @@ export interface BackupRequest {
   nextVolumeCommand?: string;
   detach?: boolean;
 }
-export type ControlRequest = ServeRequest | StopRequest | StatusRequest | CancelRequest | BackupRequest;
+export type ControlRequest = ServeRequest | StopRequest | StatusRequest | CancelRequest | BackupRequest | DataRequest;
 
 export type ControlReply =
   | { type: 'event'; event: string; [k: string]: unknown }
