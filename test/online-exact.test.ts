@@ -80,7 +80,7 @@ testIf(needs)('container full: a 256 KiB container under heavy writes from 6 con
 });
 
 testIf({ ...needs, commands: ['qemu-io', 'losetup'] })('online --to /dev/other restores on the fly while the source stays live; the device holds the instant', async (t) => {
-  await exactness(t, { volumeMiB: 128, container: 'memory:2M', writers: 3, maxBlocks: 16, toDevice: true });
+  await exactness(t, { volumeMiB: 512, container: 'memory:2M', writers: 3, maxBlocks: 16, toDevice: true });
 });
 
 testIf(needs)('kill -9 of the daemon mid-backup: every acknowledged write is on the backing device', async (t) => {

@@ -11,7 +11,9 @@ import type { Reporter } from './reporter';
 export async function runOnlineBackupViaDaemon(control: string, req: BackupRequest, r: Reporter): Promise<number> {
   const to = req.to === '-' || req.to.startsWith('/dev/') ? req.to : path.resolve(req.to);
   const c = await request(control, { ...req, to, freeze: req.freeze ? path.resolve(req.freeze) : undefined });
-  const onSignal = () => { c.close(); };
+  // Closing the connection is how the daemon learns to cancel (the job lives only as long as this CLI).
+  let interrupted = false;
+  const onSignal = () => { interrupted = true; c.close(); };
   process.once('SIGINT', onSignal);
   let dataDone: Promise<void> = Promise.resolve();
   try {
@@ -50,6 +52,9 @@ export async function runOnlineBackupViaDaemon(control: string, req: BackupReque
       }
     }
     throw new UserError('the daemon closed the connection before the backup finished', 'see "livesnap status" and the daemon log');
+  } catch (e) {
+    if (interrupted) throw new UserError('the backup was cancelled (interrupted)', 'the export kept serving; no write was lost', 130);
+    throw e;
   } finally {
     process.off('SIGINT', onSignal);
     c.close();
