@@ -22,6 +22,9 @@ export function buildCli(): Cli {
 }
 
 export async function main(argv: string[]): Promise<number> {
+  // libuv's pool (4 threads by default) runs every native batch: the copier's large reads must not
+  // queue client writes behind them. Read by libuv when the pool first starts, i.e. after this line.
+  process.env.UV_THREADPOOL_SIZE ??= '16';
   const cli = buildCli();
   // "livesnap", "livesnap --help", "livesnap -h": the very text clipanion's help command prints
   // (Builtins.HelpCommand writes cli.usage() to stdout and exits 0), without first compiling the

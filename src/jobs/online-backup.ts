@@ -164,8 +164,11 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
       sink,
       randomAccess,
       onError,
+      // Writers share the device queue with the copier: while any wrote in the last 50 ms the copier
+      // keeps one 256 KiB read in flight; otherwise it reads at full speed.
       batchBytes: opts.batchBytes,
       depth: opts.depth,
+      writersActive: () => performance.now() - opts.gate.lastChangeAt < 50,
       failed: () => session.failure,
       onProgress: (p) => {
         const now = performance.now();

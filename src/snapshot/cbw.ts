@@ -173,8 +173,12 @@ export class SnapshotGate implements WriteInterceptor {
   private drainTarget = 0;
   private drainResolve: (() => void) | undefined;
 
+  /** performance.now() of the latest write-like request: the copier yields the device while writers are active. */
+  lastChangeAt = -Infinity;
+
   beforeChange(offset: number, length: number, _kind: ChangeKind): void | Promise<void> {
     this.entered++;
+    this.lastChangeAt = performance.now();
     const c = this.cbw;
     if (c === undefined) return undefined;
     return c.beforeWrite(offset, length);

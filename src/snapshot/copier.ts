@@ -42,6 +42,11 @@ export interface CopierOptions {
   batchBytes?: number;
   /** Batches in flight (default 4). */
   depth?: number;
+  /**
+   * True while writers are active: the copier then keeps one small batch in flight so a client's
+   * 4K write (and its copy-before-write read) does not queue behind megabytes of backup reads.
+   */
+  writersActive?: () => boolean;
   /** A fatal error from elsewhere (container failure, bad original with policy abort, cancel). */
   failed(): Error | undefined;
   onProgress?(p: CopierProgress): void;
@@ -111,6 +116,7 @@ export class Copier {
   }
 
   async run(): Promise<CopierResult> {
+    const BUSY_BATCH_BYTES = 256 << 10;
     const { map } = this.o;
     const batchBytes = Math.max(this.bs, Math.floor((this.o.batchBytes ?? 4 << 20) / this.bs) * this.bs);
     const depth = this.o.depth ?? 4;
@@ -136,8 +142,10 @@ export class Copier {
     try {
       for (;;) {
         this.check();
+        const busy = this.o.writersActive?.() ?? false;
+        if (busy && inflight.length >= 1) { await deliver(await inflight.shift()!); continue; }
         const buffer = await pool.acquire();
-        const b = newBatch(buffer, capBlocks);
+        const b = newBatch(buffer, busy ? Math.min(capBlocks, Math.max(1, BUSY_BATCH_BYTES / this.bs)) : capBlocks);
         const blockedOn = this.fill(b);
         if (b.nSink === 0) {
           pool.release(buffer);
