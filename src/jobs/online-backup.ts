@@ -165,7 +165,8 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
       randomAccess,
       onError,
       // Writers share the device queue with the copier: while any wrote in the last 50 ms the copier
-      // keeps one 256 KiB read in flight; otherwise it reads at full speed.
+      // keeps two 256 KiB batches in flight (LIVESNAP_BUSY_BATCH / LIVESNAP_BUSY_DEPTH tune it: smaller
+      // favours writers, larger the backup's own speed); otherwise it reads at full speed.
       batchBytes: opts.batchBytes,
       depth: opts.depth,
       writersActive: () => performance.now() - opts.gate.lastChangeAt < 50,

@@ -116,7 +116,8 @@ export class Copier {
   }
 
   async run(): Promise<CopierResult> {
-    const BUSY_BATCH_BYTES = 256 << 10;
+    const BUSY_BATCH_BYTES = Number(process.env.LIVESNAP_BUSY_BATCH ?? 256 << 10);
+    const BUSY_DEPTH = Number(process.env.LIVESNAP_BUSY_DEPTH ?? 2);
     const { map } = this.o;
     const batchBytes = Math.max(this.bs, Math.floor((this.o.batchBytes ?? 4 << 20) / this.bs) * this.bs);
     const depth = this.o.depth ?? 4;
@@ -143,7 +144,7 @@ export class Copier {
       for (;;) {
         this.check();
         const busy = this.o.writersActive?.() ?? false;
-        if (busy && inflight.length >= 1) { await deliver(await inflight.shift()!); continue; }
+        if (busy && inflight.length >= BUSY_DEPTH) { await deliver(await inflight.shift()!); continue; }
         const buffer = await pool.acquire();
         const b = newBatch(buffer, busy ? Math.min(capBlocks, Math.max(1, BUSY_BATCH_BYTES / this.bs)) : capBlocks);
         const blockedOn = this.fill(b);
