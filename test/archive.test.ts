@@ -427,7 +427,9 @@ test('bad input: truncated archive, missing member, wrong record size, archive o
   // Records of the wrong size: the final record is short (re-blocked or cut in the padding).
   const short = bytes.subarray(0, bytes.length - 1000);
   e = await readError(variant(dir, 'short.tar', short));
-  t.regex(e.message, new RegExp(`^archive ends at archive offset ${short.length}, inside a record: it was written in 10240-byte records, so it must end at ${bytes.length} \\(records of the wrong size, or truncated\\)$`));
+  // Where the record padding is shorter than the cut, the cut reaches the end-of-archive blocks and
+  // that is what is reported (the padding length depends on the seed's data size).
+  t.regex(e.message, new RegExp(`^archive ends at archive offset ${short.length}, inside a record: it was written in 10240-byte records, so it must end at ${bytes.length} \\(records of the wrong size, or truncated\\)$|^archive truncated at archive offset ${short.length}: the end-of-archive blocks`));
 
   // An archive of another tool.
   const other = path.join(dir, 'other');
