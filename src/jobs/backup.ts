@@ -20,10 +20,10 @@ export interface BackupOptions {
   onProgress?: (done: number, total: number, badBlocks: number) => void;
 }
 
-export interface BackupSummary {
+/** What every backup reports, whatever its method. */
+export interface CopySummary {
   source: string;
   target: string;
-  method: 'offline' | 'freeze';
   filesystem: string;
   blockSize: number;
   totalBlocks: number;
@@ -34,8 +34,12 @@ export interface BackupSummary {
   badBlocks: number[];
   durationMs: number;
   copyMs: number;
-  freezeMs?: number;
   notes: string[];
+}
+
+export interface BackupSummary extends CopySummary {
+  method: 'offline' | 'freeze';
+  freezeMs?: number;
 }
 
 export async function runBackup(opts: BackupOptions): Promise<BackupSummary> {

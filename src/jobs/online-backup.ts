@@ -14,6 +14,7 @@ import { type ContainerSpec, openContainer, parseContainer } from '../snapshot/p
 import { SnapshotSession, type SnapshotStats } from '../snapshot/session';
 import type { ThrottlePolicy } from '../snapshot/throttle';
 import { UserError } from '../util/errors';
+import type { CopySummary } from './backup';
 import { withFrozen } from './freeze';
 import { TOOL_VERSION } from './version';
 
@@ -52,20 +53,8 @@ export interface OnlineBackupOptions {
   depth?: number;
 }
 
-export interface OnlineBackupSummary {
-  source: string;
-  target: string;
+export interface OnlineBackupSummary extends CopySummary {
   method: 'online';
-  filesystem: string;
-  blockSize: number;
-  totalBlocks: number;
-  usedBlocks: number;
-  size: number;
-  bytes: number;
-  blocks: number;
-  badBlocks: number[];
-  durationMs: number;
-  copyMs: number;
   freezeMs: number;
   prepareMs: number;
   snapshotTime: string;
@@ -77,7 +66,6 @@ export interface OnlineBackupSummary {
   container: string;
   containerCapacityBytes: number;
   containerPeakBytes: number;
-  notes: string[];
 }
 
 export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<OnlineBackupSummary> {

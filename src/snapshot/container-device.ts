@@ -16,7 +16,10 @@ export abstract class DeviceContainer implements Container {
   }
 
   /** Byte offset of slot `slot` on `target`. */
-  protected abstract slotOffset(slot: number): number;
+  /** Byte offset of a slot on the container's device: slots packed from offset 0 unless overridden. */
+  protected slotOffset(slot: number): number {
+    return slot * this.blockSize;
+  }
 
   async save(dev: Device, blocks: ArrayLike<number>, lengths: ArrayLike<number>, slots: ArrayLike<number>, count: number): Promise<Int32Array> {
     if (this.closed) throw new Error(`the container ${this.description} was released`);

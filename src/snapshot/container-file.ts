@@ -17,10 +17,6 @@ export class FileContainer extends DeviceContainer {
     return `file ${this.path} (${this.capacity * this.blockSize} bytes)`;
   }
 
-  protected slotOffset(slot: number): number {
-    return slot * this.blockSize;
-  }
-
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;

@@ -19,7 +19,7 @@ export class InsideContainer extends DeviceContainer {
     return `file ${this.path} inside the protected file system (${this.capacity * this.blockSize} bytes)`;
   }
 
-  protected slotOffset(slot: number): number {
+  protected override slotOffset(slot: number): number {
     return this.slotOffsets[slot]!;
   }
 

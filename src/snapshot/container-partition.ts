@@ -33,10 +33,6 @@ export class PartitionContainer extends DeviceContainer {
     return `partition ${this.path} (${this.capacity * this.blockSize} bytes)`;
   }
 
-  protected slotOffset(slot: number): number {
-    return slot * this.blockSize;
-  }
-
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;

@@ -11,25 +11,13 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
 import * as zlib from 'node:zlib';
-import test, { type ExecutionContext } from 'ava';
-import { requirements } from './skip';
+import type { ExecutionContext } from 'ava';
 import { BIN } from './cli';
 import { runStatus } from './system';
 
 const exec = promisify(execFile);
 
-/** testIf, but the tests of a file run one after the other (they load the 2 CPUs and time things). */
-export function serialIf(needs: { root?: boolean; commands?: string[] }) {
-  const why = requirements(needs);
-  return (title: string, fn: (t: ExecutionContext) => Promise<void> | void) => {
-    if (why) {
-      console.log(`# SKIP ${title}: ${why}`);
-      test.skip(`${title} (skipped: ${why})`, () => {});
-    } else {
-      test.serial(title, fn);
-    }
-  };
-}
+export { serialIf } from './skip';
 
 export const now = (): number => performance.now();
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));

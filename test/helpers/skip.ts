@@ -9,14 +9,21 @@ export function requirements(needs: { root?: boolean; commands?: string[] }): st
   return undefined;
 }
 
-export function testIf(needs: { root?: boolean; commands?: string[] }) {
+export function testIf(needs: { root?: boolean; commands?: string[] }, opts: { serial?: boolean } = {}) {
   const why = requirements(needs);
   return (title: string, fn: (t: ExecutionContext) => Promise<void> | void) => {
     if (why) {
       console.log(`# SKIP ${title}: ${why}`);
       test.skip(`${title} (skipped: ${why})`, () => {});
+    } else if (opts.serial) {
+      test.serial(title, fn);
     } else {
       test(title, fn);
     }
   };
+}
+
+/** testIf, but the tests of a file run one after the other (they share state or time things). */
+export function serialIf(needs: { root?: boolean; commands?: string[] }) {
+  return testIf(needs, { serial: true });
 }
