@@ -77,7 +77,7 @@ export class DemoCommand extends LivesnapCommand {
       [
         'demo complete (online):',
         `  volume        ${res.volume} (${b.filesystem}, ${formatBytes(b.size)}), served over NBD, mounted via nbdfuse + loop`,
-        `  backup        ${formatBytes(b.bytes)} in ${(b.copyMs / 1000).toFixed(2)} s (${formatRate(b.bytes, b.copyMs)}) while a writer ran (${res.writerOps} file operations)`,
+        `  backup        ${formatBytes(b.bytes)} in ${(b.copyMs / 1000).toFixed(2)} s (${formatRate(b.bytes, b.copyMs)}) while a writer ran (${res.writerOpsDuringBackup} file operations during the backup, ${res.writerOps} in all)`,
         `  instant       freeze window ${b.freezeMs.toFixed(1)} ms; worst write delay ${b.worstWriteDelayMs.toFixed(1)} ms; ${b.blocksSavedByWriters} originals saved to the container`,
         `  restore       ${(res.restoreMs / 1000).toFixed(2)} s`,
         `  verify        all used blocks identical (${formatBytes(res.verify.comparedBytes)} compared)`,
