@@ -25,7 +25,8 @@ rootTest('backup of an unmounted ext4 volume: sparse image, fsck clean, every fi
   // Sparse: allocated space is about the used blocks, far below the volume size.
   const allocated = fs.statSync(img).blocks * 512;
   t.true(allocated < (96 << 20) * 0.75, `image allocates ${allocated} bytes`);
-  t.true(allocated >= (done.usedBlocks as number) * (done.blockSize as number) * 0.9);
+  // (Used blocks that hold only zeros, e.g. unused inode tables, stay holes too: no lower bound here;
+  // the content is proven below by e2fsck, the checksums and verify.)
 
   t.is(runStatus('e2fsck', ['-fn', img]).status, 0);
   t.deepEqual(checksumsOfImage(t, img, path.join(dir, 'check')), vol.checksums);
@@ -211,13 +212,15 @@ rootTest('an unknown file system is copied whole, and said so', async (t) => {
   const dir = scratchDir(t);
   const file = path.join(dir, 'raw.img');
   const data = Buffer.alloc(8 << 20);
-  for (let i = 0; i < data.length; i += 512) data.writeUInt32LE(i, i);
+  for (let i = 0; i < data.length; i += 512) data.writeUInt32LE(i + 1, i);
+  data.fill(0, 1 << 20, 7 << 20); // 6 MiB never written: stays a hole in the image
   fs.writeFileSync(file, data);
   const img = path.join(dir, 'copy.img');
   const r = livesnap(['backup', file, '--to', img, '--json']);
   t.is(r.status, 0, r.stderr);
   t.is(lastJson(r.stdout).filesystem, 'unknown');
   t.true(fs.readFileSync(img).equals(data));
+  t.true(fs.statSync(img).blocks * 512 <= (2 << 20) + 65536, `zeros stay holes (${fs.statSync(img).blocks * 512} bytes allocated)`);
 });
 
 void fillTree; void checksumTree;

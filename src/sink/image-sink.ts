@@ -52,11 +52,15 @@ export class ImageSink implements BackupSink {
 
   async write(batch: DataBatch): Promise<void> {
     const dev = this.dev!;
-    const res = await dev.writeBatch(batch.buffer, batch.segments);
+    // In a new sparse file an all-zero block is already there as a hole: leave it one (a volume with
+    // no known file system is copied whole, and its never-written areas read as zeros).
+    const segments = this.isDevice ? batch.segments : withoutZeroRuns(batch.buffer, batch.segments);
+    if (segments.length === 0) return;
+    const res = await dev.writeBatch(batch.buffer, segments);
     for (let i = 0; i < res.length; i++) {
-      const want = batch.segments[i * 3 + 1]!;
+      const want = segments[i * 3 + 1]!;
       if (res[i] === want) continue;
-      const off = batch.segments[i * 3]!;
+      const off = segments[i * 3]!;
       const errno = res[i]! < 0 ? -res[i]! : 28;
       if (errno === 28 /* ENOSPC */ || (res[i]! >= 0 && res[i]! < want)) {
         throw new UserError(`no space left on the file system holding ${this.target} (at byte ${off} of ${this.volumeSize})`, 'free space there or choose another target; the partial image was removed');
@@ -88,6 +92,26 @@ export class ImageSink implements BackupSink {
     this.dev = undefined;
     if (!this.isDevice) fs.rmSync(this.workPath, { force: true });
   }
+}
+
+const ZERO_GRAIN = 64 << 10;
+const ZEROS = Buffer.alloc(ZERO_GRAIN);
+
+/** The segments with their all-zero 64 KiB-aligned pieces cut out (so the file keeps those holes). */
+export function withoutZeroRuns(buffer: ArrayBuffer, segments: Float64Array): Float64Array {
+  const out: number[] = [];
+  for (let i = 0; i < segments.length; i += 3) {
+    const off = segments[i]!, len = segments[i + 1]!, at = segments[i + 2]!;
+    let runStart = -1;
+    for (let p = 0; p < len; p += ZERO_GRAIN) {
+      const n = Math.min(ZERO_GRAIN, len - p);
+      const zero = Buffer.from(buffer, at + p, n).equals(n === ZERO_GRAIN ? ZEROS : ZEROS.subarray(0, n));
+      if (!zero && runStart < 0) runStart = p;
+      if (zero && runStart >= 0) { out.push(off + runStart, p - runStart, at + runStart); runStart = -1; }
+    }
+    if (runStart >= 0) out.push(off + runStart, len - runStart, at + runStart);
+  }
+  return Float64Array.from(out);
 }
 
 function syncDir(file: string): void {
