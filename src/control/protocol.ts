@@ -43,3 +43,8 @@ export function defaultExportSocket(controlPath: string, name: string): string {
 }
 
 export const EXPORT_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+
+/** The control socket a command talks to: --control, else $LIVESNAP_CONTROL, else the default. */
+export function resolveControlPath(option: string | undefined): string {
+  return path.resolve(option ?? defaultControlPath());
+}

@@ -1,7 +1,7 @@
 import { Command, Option } from 'clipanion';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { defaultControlPath, EXPORT_NAME } from '../../control/protocol';
+import { resolveControlPath, EXPORT_NAME } from '../../control/protocol';
 import * as t from 'typanion';
 import { UserError } from '../../util/errors';
 import { formatBytes, formatRate, parseSize } from '../../util/size';
@@ -72,7 +72,7 @@ export class BackupCommand extends LivesnapCommand {
     if (hw !== undefined && !(hw > 0 && hw <= 100)) throw new UserError(`--high-water ${this.highWater}: give a percentage between 1 and 100`);
     // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded on use (startup time)
     const { runOnlineBackupViaDaemon } = require('../online-backup') as typeof import('../online-backup');
-    return runOnlineBackupViaDaemon(path.resolve(this.control ?? defaultControlPath()), {
+    return runOnlineBackupViaDaemon(resolveControlPath(this.control), {
       op: 'backup',
       export: this.source,
       to: this.to,

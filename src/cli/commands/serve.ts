@@ -1,6 +1,6 @@
 import { Command, Option } from 'clipanion';
 import * as path from 'node:path';
-import { defaultControlPath, type ServeRequest } from '../../control/protocol';
+import { resolveControlPath, type ServeRequest } from '../../control/protocol';
 import { formatBytes } from '../../util/size';
 import { LivesnapCommand } from '../base';
 
@@ -42,7 +42,7 @@ export class ServeCommand extends LivesnapCommand {
     const { Daemon } = require('../../control/daemon') as typeof import('../../control/daemon');
     const { startDaemon } = require('../../control/spawn') as typeof import('../../control/spawn');
     /* eslint-enable @typescript-eslint/no-require-imports */
-    const control = path.resolve(this.control ?? defaultControlPath());
+    const control = resolveControlPath(this.control);
     const req: ServeRequest = {
       op: 'serve',
       device: path.resolve(this.device),
@@ -84,7 +84,7 @@ export class DaemonCommand extends LivesnapCommand {
     /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
     const { Daemon } = require('../../control/daemon') as typeof import('../../control/daemon');
     /* eslint-enable @typescript-eslint/no-require-imports */
-    const d = new Daemon(path.resolve(this.control ?? defaultControlPath()));
+    const d = new Daemon(resolveControlPath(this.control));
     await d.listen();
     const stop = () => void d.shutdown();
     process.once('SIGINT', stop);
@@ -108,7 +108,7 @@ export class StopCommand extends LivesnapCommand {
     /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
     const { call } = require('../../control/client') as typeof import('../../control/client');
     /* eslint-enable @typescript-eslint/no-require-imports */
-    const res = await call(path.resolve(this.control ?? defaultControlPath()), { op: 'stop', name: this.name });
+    const res = await call(resolveControlPath(this.control), { op: 'stop', name: this.name });
     if (this.json) process.stdout.write(JSON.stringify({ event: 'done', ...res }) + '\n');
     else process.stdout.write(this.name ? `stopped serving "${this.name}"\n` : `daemon stopping (exports: ${(res.stopped as string[]).join(', ') || 'none'})\n`);
     return 0;

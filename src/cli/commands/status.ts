@@ -1,6 +1,6 @@
 import { Command, Option } from 'clipanion';
 import * as path from 'node:path';
-import { defaultControlPath } from '../../control/protocol';
+import { resolveControlPath } from '../../control/protocol';
 import { formatBytes } from '../../util/size';
 import { LivesnapCommand } from '../base';
 import { controlOption } from './serve';
@@ -21,7 +21,7 @@ export class StatusCommand extends LivesnapCommand {
     /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
     const { call } = require('../../control/client') as typeof import('../../control/client');
     /* eslint-enable @typescript-eslint/no-require-imports */
-    const res = await call(path.resolve(this.control ?? defaultControlPath()), { op: 'status' });
+    const res = await call(resolveControlPath(this.control), { op: 'status' });
     if (this.json) { process.stdout.write(JSON.stringify({ event: 'done', ...res }) + '\n'); return 0; }
     const exports = res.exports as ExportInfo[];
     const jobs = res.jobs as JobInfo[];
@@ -54,7 +54,7 @@ export class CancelCommand extends LivesnapCommand {
     /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
     const { call } = require('../../control/client') as typeof import('../../control/client');
     /* eslint-enable @typescript-eslint/no-require-imports */
-    const res = await call(path.resolve(this.control ?? defaultControlPath()), { op: 'cancel', job: this.job });
+    const res = await call(resolveControlPath(this.control), { op: 'cancel', job: this.job });
     if (this.json) process.stdout.write(JSON.stringify({ event: 'done', ...res }) + '\n');
     else process.stdout.write(`cancelled ${res.cancelled}\n`);
     return 0;
