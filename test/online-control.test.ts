@@ -78,10 +78,12 @@ testIf({ root: true, commands: ['qemu-io'] })('cancel, Ctrl-C and --detach: canc
   const last = JSON.parse(d.stdout.trim().split('\n').pop()!) as Record<string, unknown>;
   t.is(last.detached, true);
   const job3 = String(last.job);
-  t.is(await jobState(served, job3), 'running', 'the job is still running after the CLI returned');
+  const cliReturned = Date.now();
   await waitUntil(async () => (await jobState(served, job3)) !== 'running', 60_000, 'the detached job to finish');
   const st = (await served.status()).jobs.find((j) => j.id === job3)!;
   t.is(st.state, 'done', st.error ?? '');
+  // The job went on after the CLI had returned (the daemon stamps when it ended).
+  t.true(Date.parse(String((st as unknown as { finished: string }).finished)) > cliReturned, 'the job ended after the CLI returned');
   t.is(st.bytesDone, 4096 * MiB);
   t.is(fs.statSync(img3).size, 4096 * MiB);
   t.log(`detached CLI returned in ${cliMs.toFixed(0)} ms; the job copied ${st.bytesDone} bytes`);

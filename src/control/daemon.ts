@@ -36,6 +36,7 @@ interface Job {
   progress: { bytesDone: number; bytesTotal: number; badBlocks: number };
   summary?: OnlineBackupSummary;
   error?: string;
+  finished?: Date;
   detached: boolean;
 }
 
@@ -220,6 +221,7 @@ export class Daemon {
       to: j.to,
       state: j.state,
       started: j.started.toISOString(),
+      finished: j.finished?.toISOString() ?? null,
       bytesDone: j.progress.bytesDone,
       bytesTotal: j.progress.bytesTotal,
       badBlocks: j.progress.badBlocks,
@@ -304,6 +306,7 @@ export class Daemon {
       this.log(`job ${job.id}: ${job.state}: ${job.error}`);
       throw err;
     } finally {
+      job.finished = new Date();
       sock.off('close', onClose);
       if (e.job === job) e.job = undefined;
     }
