@@ -2,6 +2,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { lastJson, livesnap } from './helpers/cli';
+import test from 'ava';
 import { testIf } from './helpers/skip';
 import { loopDevice, mount, run, runStatus, scratchDir, seedFromEnv, sparseFile } from './helpers/system';
 import { checksumsOfImage, fillTree, checksumTree, makeVolume } from './helpers/volumes';
@@ -224,3 +225,17 @@ rootTest('an unknown file system is copied whole, and said so', async (t) => {
 });
 
 void fillTree; void checksumTree;
+
+test('--max-rate paces the copy', async (t) => {
+  const dir = scratchDir(t);
+  const file = path.join(dir, 'raw.img');
+  const data = Buffer.alloc(24 << 20, 0x5a);
+  fs.writeFileSync(file, data);
+  const t0 = Date.now();
+  const r = livesnap(['backup', file, '--to', path.join(dir, 'c.img'), '--max-rate', '16M']);
+  const ms = Date.now() - t0;
+  t.is(r.status, 0, r.stderr);
+  // 24 MiB at 16 MiB/s cannot take less than 1.5 s (a lower bound only: a slow machine passes).
+  t.true(ms >= 1400, `took ${ms} ms`);
+  t.true(fs.readFileSync(path.join(dir, 'c.img')).equals(data));
+});

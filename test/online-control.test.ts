@@ -25,7 +25,8 @@ async function jobState(served: Served, id: string): Promise<string | undefined>
   return (await served.status()).jobs.find((j) => j.id === id)?.state;
 }
 
-// A 4 GiB sparse raw volume: no file system, so every block is copied — a few seconds of copying.
+// A 4 GiB sparse raw volume: no file system, so every block is copied; --max-rate 1G makes each
+// backup last at least 4 s, so cancel, Ctrl-C and --detach always find it running.
 testIf({ root: true, commands: ['qemu-io'] })('cancel, Ctrl-C and --detach: cancelled jobs exit 130 and leave no partial image; the export keeps serving', async (t) => {
   const dir = scratchDir(t, 'online-cancel-');
   const vol = sparseFile(path.join(dir, 'vol.raw'), 4096 * MiB);
@@ -33,7 +34,7 @@ testIf({ root: true, commands: ['qemu-io'] })('cancel, Ctrl-C and --detach: canc
 
   // 1. livesnap cancel
   const img1 = path.join(dir, 'one.img');
-  const b1 = startBackup(t, [served.name, '--to', img1, '--control', served.control]);
+  const b1 = startBackup(t, [served.name, '--to', img1, '--control', served.control, '--max-rate', '1G']);
   const armed1 = await b1.armed;
   const job1 = String(armed1.event.job);
   const c = await cli(['cancel', served.name, '--control', served.control]);
@@ -51,7 +52,7 @@ testIf({ root: true, commands: ['qemu-io'] })('cancel, Ctrl-C and --detach: canc
 
   // 2. Ctrl-C (SIGINT) of the CLI without --detach cancels the job in the daemon.
   const img2 = path.join(dir, 'two.img');
-  const b2 = startBackup(t, [served.name, '--to', img2, '--control', served.control]);
+  const b2 = startBackup(t, [served.name, '--to', img2, '--control', served.control, '--max-rate', '1G']);
   const job2 = String((await b2.armed).event.job);
   b2.proc.kill('SIGINT');
   const r2 = await b2.exit;
@@ -72,7 +73,7 @@ testIf({ root: true, commands: ['qemu-io'] })('cancel, Ctrl-C and --detach: canc
   // 3. --detach: the CLI returns once armed; the job finishes in the daemon.
   const img3 = path.join(dir, 'three.img');
   const t0 = performance.now();
-  const d = await cli(['backup', served.name, '--to', img3, '--detach', '--json', '--control', served.control]);
+  const d = await cli(['backup', served.name, '--to', img3, '--detach', '--json', '--control', served.control, '--max-rate', '1G']);
   const cliMs = performance.now() - t0;
   t.is(d.status, 0, d.stderr);
   const last = JSON.parse(d.stdout.trim().split('\n').pop()!) as Record<string, unknown>;

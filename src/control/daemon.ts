@@ -284,6 +284,7 @@ export class Daemon {
       onError: req.onError,
       throttle: req.highWater !== undefined ? { highWater: req.highWater } : undefined,
       signal: job.abort.signal,
+      maxRate: req.maxRate,
       onSession: (s) => (job.session = s),
       onEvent: (ev) => {
         if (ev.event === 'progress') job.progress = { bytesDone: ev.bytesDone, bytesTotal: ev.bytesTotal, badBlocks: ev.badBlocks };

@@ -25,6 +25,7 @@ export interface BackupRequest {
   tapeSize?: number;
   nextVolumeCommand?: string;
   detach?: boolean;
+  maxRate?: number;
 }
 export type ControlRequest = ServeRequest | StopRequest | StatusRequest | CancelRequest | BackupRequest | DataRequest;
 

@@ -3,6 +3,7 @@
 // Unreadable blocks are found by re-reading a failed segment block by block, then handled by the
 // error policy (seed 001, FIG. 15): abort, or mark the block invalid, write zeros and go on.
 import { BufferPool } from '../device/buffer-pool';
+import { RateLimit } from './rate-limit';
 import type { Device } from '../device/device';
 import type { BackupSink } from '../sink/sink';
 import type { Bitset } from '../util/bitset';
@@ -27,6 +28,8 @@ export interface CopyOptions {
   batchBytes?: number;
   /** Batches in flight (default 4). */
   depth?: number;
+  /** Bytes per second at most (--max-rate); unlimited when absent. */
+  maxRate?: number;
   /** Free gaps up to this many bytes between used runs are read through (default 128 KiB). */
   maxGapBytes?: number;
   onProgress?: (p: CopyProgress) => void;
@@ -177,6 +180,7 @@ export async function copyBlocks(opts: CopyOptions): Promise<CopyResult> {
     }
   };
 
+  const rate = new RateLimit(opts.maxRate);
   const inflight: Array<Promise<Batch>> = [];
   // A rejected read not yet awaited must not become an unhandled rejection while we wait on others.
   const track = (p: Promise<Batch>) => { p.catch(() => {}); inflight.push(p); };
@@ -186,6 +190,7 @@ export async function copyBlocks(opts: CopyOptions): Promise<CopyResult> {
     blocksDone = Math.round(bytesDone / blockSize);
     pool.release(b.buffer);
     opts.onProgress?.({ bytesDone, bytesTotal, badBlocks: badBlocks.length });
+    await rate.pace(bytesDone);
   };
 
   try {

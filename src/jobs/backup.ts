@@ -16,6 +16,8 @@ export interface BackupOptions {
   mount?: string;
   onError: ErrorPolicy;
   signal?: AbortSignal;
+  /** Bytes per second at most (--max-rate). */
+  maxRate?: number;
   onMap?: (map: UsedBlockMap) => void;
   onProgress?: (done: number, total: number, badBlocks: number) => void;
 }
@@ -70,6 +72,7 @@ export async function runBackup(opts: BackupOptions): Promise<BackupSummary> {
       sink,
       onError: opts.onError,
       signal: opts.signal,
+      maxRate: opts.maxRate,
       onProgress: (p) => opts.onProgress?.(p.bytesDone, p.bytesTotal, p.badBlocks),
     });
     await sink.finish({ badBlocks: result.badBlocks });

@@ -51,6 +51,8 @@ export interface OnlineBackupOptions {
   progressIntervalMs?: number;
   batchBytes?: number;
   depth?: number;
+  /** Bytes per second at most (--max-rate). */
+  maxRate?: number;
 }
 
 export interface OnlineBackupSummary extends CopySummary {
@@ -157,6 +159,7 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
       // favours writers, larger the backup's own speed); otherwise it reads at full speed.
       batchBytes: opts.batchBytes,
       depth: opts.depth,
+      maxRate: opts.maxRate,
       writersActive: () => performance.now() - opts.gate.lastChangeAt < 50,
       failed: () => session.failure,
       onProgress: (p) => {

@@ -10,6 +10,7 @@
 //     container when the walk reaches it, and a block being saved is waited for.
 // A block claimed for reading is locked until its read lands, so a write never overtakes it; a block
 // is read only when pending and not locked, so the copier never reads a block a writer is saving.
+import { RateLimit } from '../copy/rate-limit';
 import { BufferPool } from '../device/buffer-pool';
 import type { Device } from '../device/device';
 import { type ErrorPolicy, UnreadableBlockError } from '../copy/block-copier';
@@ -26,6 +27,8 @@ export interface CopierProgress {
 }
 
 export interface CopierOptions {
+  /** Bytes per second at most (--max-rate); unlimited when absent. */
+  maxRate?: number;
   map: CopyMap;
   device: Device;
   container: Container;
@@ -125,6 +128,7 @@ export class Copier {
     const capBlocks = batchBytes / this.bs;
     const inflight: Array<Promise<Batch>> = [];
     const track = (p: Promise<Batch>) => { p.catch(() => {}); inflight.push(p); };
+    const rate = new RateLimit(this.o.maxRate);
     const deliver = async (b: Batch) => {
       try {
         if (b.nSink > 0) {
@@ -139,6 +143,7 @@ export class Copier {
       } finally {
         pool.release(b.buffer);
       }
+      await rate.pace(this.bytesDone);
     };
     try {
       for (;;) {

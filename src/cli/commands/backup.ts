@@ -54,6 +54,7 @@ export class BackupCommand extends LivesnapCommand {
   method = Option.String('--method', 'offline', { description: 'offline | freeze', validator: t.isEnum(['offline', 'freeze'] as const) });
   mount = Option.String('--mount', { description: 'Mount point of the source (with --method freeze)' });
   onError = Option.String('--on-error', 'abort', { description: 'abort | ignore: what to do with unreadable blocks', validator: t.isEnum(['abort', 'ignore'] as const) });
+  maxRate = Option.String('--max-rate', { description: 'Read at most this much per second (e.g. 200M), to leave the disk to production I/O' });
   force = Option.Boolean('--force', false, { description: 'Overwrite an existing target file' });
   recordSize = Option.String('--record-size', { description: 'Archive: bytes per write to the target (default 10240, up to 1M; tape drives like 256K)' });
   compress = Option.String('--compress', { description: 'Archive: zstd', validator: t.isEnum(['zstd'] as const) });
@@ -87,6 +88,7 @@ export class BackupCommand extends LivesnapCommand {
       tapeSize: this.tapeSize !== undefined ? parseSize(this.tapeSize, '--tape-size') : undefined,
       nextVolumeCommand: this.nextVolume,
       detach: this.detach,
+      maxRate: this.maxRate !== undefined ? parseSize(this.maxRate, '--max-rate') : undefined,
     }, this.reporter);
   }
 
@@ -126,6 +128,7 @@ export class BackupCommand extends LivesnapCommand {
         method: this.method,
         mount: this.mount,
         onError: this.onError,
+        maxRate: this.maxRate !== undefined ? parseSize(this.maxRate, '--max-rate') : undefined,
         onMap: (m) => {
           r.event('map', { filesystem: m.filesystem, blockSize: m.blockSize, totalBlocks: m.totalBlocks, usedBlocks: m.usedBlocks, notes: m.notes });
           for (const n of m.notes) r.info(`note: ${n}`);
