@@ -1,7 +1,6 @@
 // Fuzzing the ext2/3/4 reader: random byte flips in the superblock, the group descriptors and
 // (for a crash image) the journal. read() must either return a well-formed map or throw
 // CorruptFileSystemError: never another exception, never a read outside the device, never a hang.
-import test from 'ava';
 import type { ExecutionContext } from 'ava';
 import * as fs from 'node:fs';
 import * as path from 'node:path';

@@ -1,34 +1,20 @@
 // A crash-consistent image (taken while mounted, journal not replayed): the on-disk bitmaps are
 // stale, the journal holds newer committed copies. Our map from the unreplayed image must contain
 // every block the file system uses after e2fsck has replayed the journal.
-import test from 'ava';
 import type { ExecutionContext } from 'ava';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Device } from '../src/device/device';
 import { extReader } from '../src/fs/ext4';
 import type { UsedBlockMap } from '../src/fs/used-map';
-import { Bitset } from '../src/util/bitset';
 import { crc32c } from '../src/fs/ext4-layout';
+import { dumpe2fs } from './helpers/dumpe2fs';
 import { testIf } from './helpers/skip';
 import { loopDevice, mount, rng, run, runStatus, scratchDir, seedFromEnv, sparseFile } from './helpers/system';
 
 const MiB = 1 << 20;
 const needs = testIf({ root: true, commands: ['mkfs.ext4', 'dumpe2fs', 'e2fsck', 'losetup', 'mount'] });
 
-function dumpe2fs(file: string): { blockCount: number; free: Bitset; features: string[] } {
-  const out = runStatus('dumpe2fs', [file]).stdout;
-  const blockCount = Number(/^Block count:\s+(\d+)/m.exec(out)![1]);
-  const features = (/^Filesystem features:\s+(.*)$/m.exec(out)?.[1] ?? '').trim().split(/\s+/);
-  const free = new Bitset(blockCount);
-  for (const m of out.matchAll(/^\s+Free blocks: ?(.*)$/gm)) {
-    for (const part of m[1]!.split(',').map((s) => s.trim()).filter(Boolean)) {
-      const [a, b] = part.split('-').map(Number);
-      free.setRange(a!, (b ?? a!) + 1);
-    }
-  }
-  return { blockCount, free, features };
-}
 
 async function readMap(file: string): Promise<UsedBlockMap> {
   const dev = Device.open(file);

@@ -1,50 +1,19 @@
 // The ext2/3/4 used-block map against e2fsprogs' own view: for many generated file systems (block
 // sizes, features, sizes), after writing and deleting files so free space is fragmented, our map's
 // free blocks must be exactly the union of dumpe2fs "Free blocks:" ranges. Plus the corrupt cases.
-import test from 'ava';
 import type { ExecutionContext } from 'ava';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Device } from '../src/device/device';
 import { extReader } from '../src/fs/ext4';
 import { CorruptFileSystemError, type UsedBlockMap } from '../src/fs/used-map';
-import { Bitset } from '../src/util/bitset';
+import { dumpe2fs, type DumpInfo } from './helpers/dumpe2fs';
 import { testIf } from './helpers/skip';
 import { loopDevice, mount, rng, run, runStatus, scratchDir, seedFromEnv, sparseFile } from './helpers/system';
 
 const MiB = 1 << 20;
 const needs = testIf({ root: true, commands: ['mkfs.ext4', 'dumpe2fs', 'losetup', 'mount'] });
 const needsTools = testIf({ commands: ['mkfs.ext4', 'dumpe2fs'] });
-
-export interface DumpInfo {
-  blockSize: number;
-  blockCount: number;
-  firstBlock: number;
-  free: Bitset;
-  features: string[];
-}
-
-/** dumpe2fs's view: geometry and the union of every group's "Free blocks:" ranges. */
-export function dumpe2fs(file: string): DumpInfo {
-  const out = run('dumpe2fs', [file]);
-  const num = (re: RegExp) => {
-    const m = re.exec(out);
-    if (!m) throw new Error(`dumpe2fs output lacks ${re}`);
-    return Number(m[1]);
-  };
-  const blockSize = num(/^Block size:\s+(\d+)/m);
-  const blockCount = num(/^Block count:\s+(\d+)/m);
-  const firstBlock = num(/^First block:\s+(\d+)/m);
-  const features = (/^Filesystem features:\s+(.*)$/m.exec(out)?.[1] ?? '').trim().split(/\s+/);
-  const free = new Bitset(blockCount);
-  for (const m of out.matchAll(/^\s+Free blocks: ?(.*)$/gm)) {
-    for (const part of m[1]!.split(',').map((s) => s.trim()).filter(Boolean)) {
-      const [a, b] = part.split('-').map(Number);
-      free.setRange(a!, (b ?? a!) + 1);
-    }
-  }
-  return { blockSize, blockCount, firstBlock, free, features };
-}
 
 /** Asserts our map agrees with dumpe2fs block for block, and the tail/boot rules. */
 function compare(t: ExecutionContext, map: UsedBlockMap, info: DumpInfo, deviceSize: number): void {

@@ -51,8 +51,6 @@ async function archiveToSink(o: ArchiveJobOptions, sink: BackupSink | undefined)
       onManifest: (m) => { total = m.storedBytes; o.onManifest?.(m); },
       onSparseMap: async (map) => {
         if (!sink) return;
-        const m = (await Promise.resolve()) ?? undefined;
-        void m;
         const blockSize = 512;
         const used = new Bitset(Math.ceil(map.realSize / blockSize));
         for (let i = 0; i < map.count; i++) used.setRange(Math.floor(map.regions[2 * i]! / blockSize), Math.ceil((map.regions[2 * i]! + map.regions[2 * i + 1]!) / blockSize));

@@ -2,6 +2,7 @@
 // at the blocks' own offsets. A file target is written as "<target>.partial" and renamed only when
 // complete, so an interrupted backup never leaves something that looks like a finished image.
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { Device } from '../device/device';
 import { isNativeError } from '../device/native';
 import { UserError } from '../util/errors';
@@ -19,7 +20,7 @@ export class ImageSink implements BackupSink {
   private readonly workPath: string;
   private readonly isDevice: boolean;
 
-  constructor(readonly target: string, private readonly opts: ImageSinkOptions = {}) {
+  constructor(readonly target: string, opts: ImageSinkOptions = {}) {
     let st: fs.Stats | undefined;
     try { st = fs.statSync(target); } catch { st = undefined; }
     if (st?.isDirectory()) throw new UserError(`target ${target} is a directory`, 'name a file, e.g. ' + target.replace(/\/$/, '') + '/volume.img');
@@ -115,7 +116,7 @@ export function withoutZeroRuns(buffer: ArrayBuffer, segments: Float64Array): Fl
 }
 
 function syncDir(file: string): void {
-  const dir = require('node:path').dirname(file) as string;
+  const dir = path.dirname(file);
   try {
     const fd = fs.openSync(dir, 'r');
     try { fs.fsyncSync(fd); } finally { fs.closeSync(fd); }

@@ -1,6 +1,5 @@
 import { Command, Option } from 'clipanion';
 import * as fs from 'node:fs';
-import * as path from 'node:path';
 import { resolveControlPath, EXPORT_NAME } from '../../control/protocol';
 import * as t from 'typanion';
 import { UserError } from '../../util/errors';

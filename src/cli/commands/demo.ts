@@ -49,11 +49,7 @@ export class DemoCommand extends LivesnapCommand {
         'demo complete:',
         `  volume        ${res.volume} (${b.filesystem}, ${formatBytes(b.size)}, ${b.usedBlocks}/${b.totalBlocks} blocks used)`,
         `  backup        ${formatBytes(b.bytes)} copied in ${(b.copyMs / 1000).toFixed(2)} s (${formatRate(b.bytes, b.copyMs)}), frozen ${b.freezeMs?.toFixed(0)} ms`,
-        `  restore       ${(res.restoreMs / 1000).toFixed(2)} s`,
-        `  verify        all used blocks identical (${formatBytes(res.verify.comparedBytes)} compared)`,
-        `  e2fsck -fn    clean`,
-        `  files         ${res.filesMatching}/${res.files} checksums match`,
-        `  left in       ${res.dir}`,
+        ...checkedLines(res),
       ],
     );
     return 0;
@@ -79,13 +75,20 @@ export class DemoCommand extends LivesnapCommand {
         `  volume        ${res.volume} (${b.filesystem}, ${formatBytes(b.size)}), served over NBD, mounted via nbdfuse + loop`,
         `  backup        ${formatBytes(b.bytes)} in ${(b.copyMs / 1000).toFixed(2)} s (${formatRate(b.bytes, b.copyMs)}) while a writer ran (${res.writerOpsDuringBackup} file operations during the backup, ${res.writerOps} in all)`,
         `  instant       freeze window ${b.freezeMs.toFixed(1)} ms; worst write delay ${b.worstWriteDelayMs.toFixed(1)} ms; ${b.blocksSavedByWriters} originals saved to the container`,
-        `  restore       ${(res.restoreMs / 1000).toFixed(2)} s`,
-        `  verify        all used blocks identical (${formatBytes(res.verify.comparedBytes)} compared)`,
-        `  e2fsck -fn    clean`,
-        `  files         ${res.filesMatching}/${res.files} checksums match`,
-        `  left in       ${res.dir}`,
+        ...checkedLines(res),
       ],
     );
     return 0;
   }
+}
+
+/** The closing lines both demos share: how the backup was checked. */
+function checkedLines(res: { restoreMs: number; verify: { comparedBytes: number }; filesMatching: number; files: number; dir: string }): string[] {
+  return [
+    `  restore       ${(res.restoreMs / 1000).toFixed(2)} s`,
+    `  verify        all used blocks identical (${formatBytes(res.verify.comparedBytes)} compared)`,
+    `  e2fsck -fn    clean`,
+    `  files         ${res.filesMatching}/${res.files} checksums match`,
+    `  left in       ${res.dir}`,
+  ];
 }

@@ -1,5 +1,4 @@
 import { Command, Option } from 'clipanion';
-import * as path from 'node:path';
 import { resolveControlPath } from '../../control/protocol';
 import { formatBytes } from '../../util/size';
 import { LivesnapCommand } from '../base';
