@@ -84,9 +84,12 @@ export async function copyBlocks(opts: CopyOptions): Promise<CopyResult> {
   let pending: [number, number] | undefined; // byte range not yet placed in a batch
 
   /** Fills one batch buffer with the next runs; undefined when the map is exhausted. */
+  // Segment tables live with their buffer and are reused with it: no allocation per batch.
+  const tables = new Map<ArrayBuffer, { segs: Float64Array; reads: Float64Array }>();
   const nextBatch = (buffer: ArrayBuffer): Batch | undefined => {
-    const segs = new Float64Array(maxSegments * 3);
-    const reads = new Float64Array(maxSegments * 3);
+    let tab = tables.get(buffer);
+    if (!tab) tables.set(buffer, (tab = { segs: new Float64Array(maxSegments * 3), reads: new Float64Array(maxSegments * 3) }));
+    const { segs, reads } = tab;
     let used = 0; // buffer bytes consumed (read spans, gaps included)
     let n = 0;
     let nr = 0;

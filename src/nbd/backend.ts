@@ -75,18 +75,26 @@ export interface WriteInterceptor {
 
 /** Wraps a backend so every mutating call passes through `interceptor` first; reads pass straight. */
 export function withWriteInterceptor(inner: NbdBackend, interceptor: WriteInterceptor): NbdBackend {
-  const guard = async (offset: number, length: number, kind: ChangeKind, op: () => Promise<void>): Promise<void> => {
+  // No async wrapper: with nothing armed beforeChange returns undefined and the write starts in the
+  // same turn, with no promise of its own beyond the backend's.
+  const guard = (offset: number, length: number, kind: ChangeKind, op: () => Promise<void>): Promise<void> => {
     const pending = interceptor.beforeChange(offset, length, kind);
-    if (pending) await pending;
-    let error: unknown;
-    try {
-      await op();
-    } catch (e) {
-      error = e;
-      throw e;
-    } finally {
-      interceptor.afterChange?.(offset, length, kind, error);
-    }
+    const run = (): Promise<void> => {
+      const after = interceptor.afterChange;
+      let p: Promise<void>;
+      try {
+        p = op();
+      } catch (e) {
+        after?.call(interceptor, offset, length, kind, e);
+        return Promise.reject(e);
+      }
+      if (!after) return p;
+      return p.then(
+        () => after.call(interceptor, offset, length, kind, undefined),
+        (e: unknown) => { after.call(interceptor, offset, length, kind, e); throw e; },
+      );
+    };
+    return pending ? pending.then(run) : run();
   };
   const wrapped: NbdBackend = {
     get size() { return inner.size; },
