@@ -274,7 +274,10 @@ export class Copier {
     const slot = this.o.map.unsave(blk)!;
     if (!this.o.used.get(blk)) {
       // Saved before the used map was known, and free at the instant: not part of the backup.
+      // A writer may be waiting for a free slot: wake it (the batch may end up empty, and then no
+      // delivery would ever notify).
       this.o.slots.give(slot);
+      this.o.map.changed.notify();
       return;
     }
     const len = this.blockLength(blk);
