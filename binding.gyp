@@ -7,6 +7,7 @@
         "native/device.cc",
         "native/io_batch.cc",
         "native/uring_engine.cc",
+        "native/io_ring.cc",
         "native/fsctl.cc",
         "native/hash.cc"
       ],

@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // Serves one file or device over NBD with livesnap's server (for bench/nbd-datapath).
-// usage: node bench/nbd-serve.js FILE SOCKET [NAME]
+// usage: node bench/nbd-serve.js FILE SOCKET [NAME] [none|writeback]
+// (the cache mode, as `livesnap serve --cache`: O_DIRECT, or through the page cache)
 'use strict';
 const path = require('node:path');
 const dist = path.resolve(__dirname, '../dist/src');
@@ -9,9 +10,9 @@ const { DeviceBackend } = require(path.join(dist, 'nbd/device-backend.js'));
 const { createNbdServer } = require(path.join(dist, 'nbd/server.js'));
 
 async function main() {
-  const [file, socket, name = 'disk'] = process.argv.slice(2);
+  const [file, socket, name = 'disk', cache = 'none'] = process.argv.slice(2);
   if (!file || !socket) { console.error('usage: nbd-serve.js FILE SOCKET [NAME]'); process.exit(2); }
-  const dev = Device.open(file, { write: true });
+  const dev = Device.open(file, { write: true, direct: cache !== 'writeback' });
   const server = createNbdServer({ log: (lvl, msg) => { if (lvl !== 'debug' && process.env.NBD_SERVE_VERBOSE) console.error(msg); } });
   const backend = new DeviceBackend(dev);
   server.addExport(name, backend);

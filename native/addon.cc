@@ -20,6 +20,7 @@ Napi::Value Thaw(const Napi::CallbackInfo&);
 Napi::Value ThawSync(const Napi::CallbackInfo&);
 Napi::Value Fiemap(const Napi::CallbackInfo&);
 Napi::Value Xxh128(const Napi::CallbackInfo&);
+Napi::Value DefineIoRing(Napi::Env);
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("open", Napi::Function::New(env, Open));
@@ -38,6 +39,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("thawSync", Napi::Function::New(env, ThawSync));
   exports.Set("fiemap", Napi::Function::New(env, Fiemap));
   exports.Set("xxh128", Napi::Function::New(env, Xxh128));
+  // Undefined where the addon was built without liburing: callers use the batch API instead.
+  exports.Set("IoRing", DefineIoRing(env));
   return exports;
 }
 }  // namespace livesnap

@@ -12,12 +12,17 @@ import type { SnapshotGate } from '../snapshot/cbw';
 import { interceptBackend } from '../snapshot/intercepting-backend';
 import type { SnapshotSession } from '../snapshot/session';
 import { errorText, UserError } from '../util/errors';
-import { type BackupRequest, type ControlReply, type ControlRequest, defaultExportSocket, EXPORT_NAME, type ServeRequest } from './protocol';
+import { type BackupRequest, CACHE_MODES, type CacheMode, type ControlReply, type ControlRequest, defaultExportSocket, EXPORT_NAME, type ServeRequest } from './protocol';
 
 interface ServedExport {
   name: string;
   devicePath: string;
+  /** The export's handle on the device (buffered with cache=writeback). */
   device: Device;
+  /** What backups read and write the device through: always O_DIRECT (the same handle with cache=none). */
+  directDevice: Device;
+  cache: CacheMode;
+  backend: DeviceBackend;
   gate: SnapshotGate;
   nbd: NbdServer;
   socket: string;
@@ -139,9 +144,14 @@ export class Daemon {
       if (path.resolve(e.devicePath) === path.resolve(req.device)) throw new UserError(`${req.device} is already served as "${e.name}"`);
     }
     // Exclusive: nothing may write the device except through the export (it must not be mounted).
-    const device = Device.open(req.device, { write: true, exclusive: true });
+    const cache = req.cache ?? 'none';
+    if (!CACHE_MODES.includes(cache)) throw new UserError(`--cache ${cache}: not a cache mode`, `use one of: ${CACHE_MODES.join(', ')}`);
+    const device = Device.open(req.device, { write: true, exclusive: true, direct: cache === 'none' });
+    let directDevice = device;
     try {
-      const { backend, gate } = interceptBackend(new DeviceBackend(device, { description: `livesnap export of ${req.device}` }));
+      if (cache === 'writeback') directDevice = Device.open(req.device, { write: true, direct: true });
+      const deviceBackend = new DeviceBackend(device, { description: `livesnap export of ${req.device}` });
+      const { backend, gate } = interceptBackend(deviceBackend);
       const nbd = createNbdServer({ exports: { [req.name]: backend }, defaultExport: req.name, log: (level, m) => { if (level !== 'debug') this.log(`[${req.name}] ${m}`); } });
       const socket = req.socket ?? defaultExportSocket(this.controlPath, req.name);
       await nbd.listenUnix(socket);
@@ -153,10 +163,11 @@ export class Daemon {
         const port = await nbd.listenTcp(host, Number(m[2]));
         tcp = `${host}:${port}`;
       }
-      this.exports.set(req.name, { name: req.name, devicePath: req.device, device, gate, nbd, socket, tcp });
-      this.log(`serving ${req.device} as "${req.name}" on ${socket}${tcp ? ` and tcp ${tcp}` : ''}`);
-      return { name: req.name, device: req.device, size: backend.size, socket, tcp: tcp ?? null, uri: `nbd+unix:///${req.name}?socket=${socket}` };
+      this.exports.set(req.name, { name: req.name, devicePath: req.device, device, directDevice, cache, backend: deviceBackend, gate, nbd, socket, tcp });
+      this.log(`serving ${req.device} as "${req.name}" on ${socket}${tcp ? ` and tcp ${tcp}` : ''} (cache ${cache})`);
+      return { name: req.name, device: req.device, size: backend.size, socket, tcp: tcp ?? null, cache, uri: `nbd+unix:///${req.name}?socket=${socket}` };
     } catch (e) {
+      if (directDevice !== device) directDevice.close();
       device.close();
       throw e;
     }
@@ -179,6 +190,8 @@ export class Daemon {
     this.exports.delete(e.name);
     await e.nbd.close(); // finishes in-flight requests and flushes
     await e.device.sync().catch(() => {});
+    e.backend.dispose();
+    if (e.directDevice !== e.device) e.directDevice.close();
     e.device.close();
     this.log(`stopped serving "${e.name}"`);
   }
@@ -200,6 +213,7 @@ export class Daemon {
         name: e.name,
         device: e.devicePath,
         size: e.device.size,
+        cache: e.cache,
         socket: e.socket,
         tcp: e.tcp ?? null,
         connections: c.connections,
@@ -275,7 +289,7 @@ export class Daemon {
     sock.once('close', onClose);
     this.log(`job ${job.id}: backup of "${e.name}" to ${req.to}`);
     const run = runOnlineBackup({
-      device: e.device,
+      device: e.directDevice,
       gate: e.gate,
       sink,
       source: e.name,

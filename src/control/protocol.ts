@@ -4,7 +4,15 @@
 // goes away (Ctrl-C) without --detach, the daemon cancels the job.
 import * as path from 'node:path';
 
-export interface ServeRequest { op: 'serve'; device: string; name: string; socket?: string; listen?: string }
+/**
+ * How the export writes the backing device. 'none': O_DIRECT, an acknowledged write is on the device
+ * (in its volatile cache until FLUSH). 'writeback': through the kernel's page cache, as nbdkit's
+ * file plugin and QEMU's default do; acknowledged writes survive a crash of livesnap (the kernel
+ * holds them) and FLUSH makes them durable; the backup still reads the device with O_DIRECT.
+ */
+export type CacheMode = 'none' | 'writeback';
+export const CACHE_MODES: readonly CacheMode[] = ['none', 'writeback'];
+export interface ServeRequest { op: 'serve'; device: string; name: string; socket?: string; listen?: string; cache?: CacheMode }
 export interface StopRequest { op: 'stop'; name?: string }
 export interface StatusRequest { op: 'status' }
 export interface CancelRequest { op: 'cancel'; job: string }

@@ -9,6 +9,10 @@ import { NbdError } from './backend';
 import { Handshake, type ExportDirectory } from './handshake';
 import * as P from './protocol';
 import { RequestParser, simpleReply, type NbdRequest, type RequestSink } from './transmission';
+import { withReadBuffer } from './socket-reader';
+
+/** Bytes one read of a connection may bring in (the reusable receive buffer, per connection). */
+const READ_BUFFER_BYTES = 512 * 1024;
 
 export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
 export type NbdLog = (level: LogLevel, message: string) => void;
@@ -78,22 +82,24 @@ class Connection implements RequestSink {
   private readonly drained: Array<() => void> = [];
   private readonly uncork = () => { this.corked = false; this.socket.uncork(); };
 
-  constructor(readonly socket: net.Socket, private readonly srv: NbdServer, readonly peer: string) {
+  /** userBuffer: the socket's reads arrive through onData() directly (see socket-reader.ts). */
+  constructor(readonly socket: net.Socket, private readonly srv: NbdServer, readonly peer: string, userBuffer: boolean) {
     this.hs = new Handshake(srv.directory);
     socket.setTimeout(srv.handshakeTimeoutMs);
     socket.on('timeout', () => { if (this.state === 'hs') this.abort('negotiation timed out'); });
-    socket.on('data', (c: Buffer) => this.onData(c));
+    if (!userBuffer) socket.on('data', (c: Buffer) => this.onData(c));
     socket.on('error', (e) => { if (this.state !== 'dead') this.srv.log('debug', `nbd: connection ${this.id} (${peer}): ${e.message}`); });
     socket.on('close', () => this.onClose());
     socket.on('drain', () => this.maybeResume());
     socket.write(Handshake.greeting());
   }
 
-  private onData(chunk: Buffer): void {
+  /** Received bytes; `chunk` may be a reused buffer, valid only during the call. */
+  onData(chunk: Buffer): void {
     if (this.state === 'tx') { this.parser!.push(chunk); return; }
     if (this.state !== 'hs') return;
     const hs = this.hs!;
-    const r = hs.feed(chunk);
+    const r = hs.feed(Buffer.from(chunk)); // the handshake keeps partial input
     for (const b of hs.out.splice(0)) this.socket.write(b);
     if (r.kind === 'pending') return;
     this.hs = undefined;
@@ -278,7 +284,10 @@ class Connection implements RequestSink {
       this.state = 'closing';
     }
     this.parser?.kill();
-    this.socket.pause();
+    // Keep reading (the bytes are dropped): a paused socket with a reusable read buffer stops
+    // reading the handle, and would never see the client's end of the connection.
+    if (this.socketPaused) { this.socketPaused = false; }
+    this.socket.resume();
     return new Promise<void>((resolve) => {
       const finish = () => {
         if (this.state !== 'dead') this.socket.end();
@@ -416,13 +425,15 @@ export class NbdServer {
   private accept(socket: net.Socket, peer: string): void {
     if (this.closing) { socket.destroy(); return; }
     this.connectionsTotal++;
-    if (socket.remoteFamily) socket.setNoDelay(true);
-    const c = new Connection(socket, this, peer);
+    let c: Connection | undefined;
+    const r = withReadBuffer(socket, READ_BUFFER_BYTES, (chunk) => c!.onData(chunk));
+    if (r.socket.remoteFamily) r.socket.setNoDelay(true);
+    c = new Connection(r.socket, this, peer, r.userBuffer);
     this.conns.add(c);
   }
 
   private newServer(describe: (s: net.Socket) => string): net.Server {
-    const server = net.createServer({ pauseOnConnect: false }, (s) => this.accept(s, describe(s)));
+    const server = net.createServer({ pauseOnConnect: true }, (s) => this.accept(s, describe(s)));
     server.on('error', (e) => this.log('error', `nbd: listener: ${e.message}`));
     return server;
   }

@@ -1,5 +1,6 @@
 // Transmission phase: a pure, incremental request parser (bytes in, requests out) and the simple
-// reply encoder. The parser copies a WRITE payload straight from the received chunks into the
+// reply encoder. It never keeps a pushed chunk past push() unless it copies it (chunks may be a
+// reused receive buffer). The parser copies a WRITE payload straight from the received chunks into the
 // buffer the sink hands it (an aligned pool slot on the device backend), so the payload is copied
 // once; headers are read in place from the chunk unless they straddle two chunks.
 import * as P from './protocol';
@@ -62,7 +63,7 @@ export class RequestParser {
       return;
     }
     if (this.paused) {
-      this.pending = chunk;
+      this.pending = Buffer.from(chunk); // chunks may be a reused receive buffer: keep a copy
       this.pendingPos = 0;
       return;
     }
@@ -91,7 +92,7 @@ export class RequestParser {
     const n = b.length;
     while (pos < n) {
       if (this.paused || this.st === St.Dead) {
-        if (this.st !== St.Dead) { this.pending = b; this.pendingPos = pos; }
+        if (this.st !== St.Dead) { this.pending = Buffer.from(b.subarray(pos)); this.pendingPos = 0; }
         return;
       }
       if (this.st === St.Header) {

@@ -1,6 +1,7 @@
 import { Command, Option } from 'clipanion';
 import * as path from 'node:path';
-import { resolveControlPath, type ServeRequest } from '../../control/protocol';
+import { type CacheMode, resolveControlPath, type ServeRequest } from '../../control/protocol';
+import { UserError } from '../../util/errors';
 import { formatBytes } from '../../util/size';
 import { LivesnapCommand } from '../base';
 
@@ -17,6 +18,13 @@ export class ServeCommand extends LivesnapCommand {
       with nbd-client (production) or nbdfuse + "losetup --direct-io=on" and mount the file system
       from there. Then "livesnap backup <name>" takes a point-in-time backup while writers go on.
 
+      --cache none (the default) writes the device with O_DIRECT: an acknowledged write is on the
+      device. --cache writeback goes through the kernel's page cache, as nbdkit's file plugin and
+      QEMU do by default: several times faster for small writes (the kernel merges them), an
+      acknowledged write still survives livesnap being killed, and NBD FLUSH (which every file
+      system sends at a commit) makes it durable; the cost is memory for dirty pages and a longer
+      --freeze window when many are dirty. Backups read the device with O_DIRECT in both modes.
+
       The export runs in the livesnap daemon (started on first use, in the background; its log is
       daemon.log next to the control socket). One daemon serves several devices. --foreground runs
       the daemon in this process instead (for systemd units and containers).
@@ -26,6 +34,7 @@ export class ServeCommand extends LivesnapCommand {
       ['Attach it here and mount it', 'nbdfuse /mnt/nbd/data --unix /run/livesnap/data.sock & losetup --direct-io=on -f --show /mnt/nbd/data  # then mount /dev/loopN'],
       ['Attach it with the kernel client', 'nbd-client -unix /run/livesnap/data.sock -N data /dev/nbd0'],
       ['Also on TCP, loopback only', '$0 serve /dev/sdb --name data --listen 127.0.0.1:10809'],
+      ['Through the page cache (faster small writes)', '$0 serve /dev/sdb --name data --cache writeback'],
     ],
   });
 
@@ -33,6 +42,7 @@ export class ServeCommand extends LivesnapCommand {
   name = Option.String('--name', { description: 'Export name (default: the device file name)' });
   socket = Option.String('--socket', { description: 'Unix socket path for the export' });
   listen = Option.String('--listen', { description: 'Also listen on TCP HOST:PORT' });
+  cache = Option.String('--cache', { description: 'none (O_DIRECT, default) or writeback (page cache, flushed on NBD FLUSH)' });
   control = controlOption();
   foreground = Option.Boolean('--foreground', false, { description: 'Run the daemon in this process (logs on stderr) until stopped' });
 
@@ -43,7 +53,11 @@ export class ServeCommand extends LivesnapCommand {
     const { startDaemon } = require('../../control/spawn') as typeof import('../../control/spawn');
     /* eslint-enable @typescript-eslint/no-require-imports */
     const control = resolveControlPath(this.control);
+    if (this.cache !== undefined && this.cache !== 'none' && this.cache !== 'writeback') {
+      throw new UserError(`--cache ${this.cache}: not a cache mode`, 'use --cache none (O_DIRECT, the default) or --cache writeback');
+    }
     const req: ServeRequest = {
+      cache: this.cache as CacheMode | undefined,
       op: 'serve',
       device: path.resolve(this.device),
       name: this.name ?? path.basename(this.device).replace(/[^A-Za-z0-9._-]/g, '_'),
@@ -71,7 +85,7 @@ export class ServeCommand extends LivesnapCommand {
 
   private print(res: Record<string, unknown>): void {
     if (this.json) process.stdout.write(JSON.stringify({ event: 'done', ...res }) + '\n');
-    else process.stdout.write(`serving ${res.device} as "${res.name}" (${formatBytes(res.size as number)})\n  unix socket ${res.socket}\n  uri         ${res.uri}\n${res.tcp ? `  tcp         ${res.tcp}\n` : ''}`);
+    else process.stdout.write(`serving ${res.device} as "${res.name}" (${formatBytes(res.size as number)})\n  unix socket ${res.socket}\n  uri         ${res.uri}\n  cache       ${res.cache}\n${res.tcp ? `  tcp         ${res.tcp}\n` : ''}`);
   }
 }
 

@@ -1,0 +1,151 @@
+// The process's one I/O ring (native/io_ring.cc): positioned reads, writes and fdatasyncs that
+// complete one by one on the JavaScript thread, with no trip through libuv's thread pool. Ops issued
+// in the same turn of the event loop go to the kernel in one io_uring_submit; ops beyond the ring's
+// depth wait here, in order, for a free slot. Used where latency per request matters (the NBD data
+// path, copy-before-write); bulk copies keep the batch API.
+import { native } from './native';
+
+/** Called once with bytes transferred (short only at end of file) or -errno. */
+export type IoDone = (result: number) => void;
+
+export interface NativeIoRing {
+  readonly tags: Int32Array;
+  readonly results: Int32Array;
+  readonly inflight: number;
+  readonly capacity: number;
+  register(buffer: ArrayBuffer): number;
+  unregister(index: number): void;
+  submit(ops: Float64Array, first: number, count: number): number;
+  close(): void;
+}
+
+type NativeIoRingClass = new (depth: number, onComplete: (count: number) => void) => NativeIoRing;
+
+const REC = 7;
+const KIND_READ = 0;
+const KIND_WRITE = 1;
+const KIND_SYNC = 2;
+
+export class IoRing {
+  private readonly ring: NativeIoRing;
+  /** Callback by tag; tags are recycled through `freeTags`. */
+  private readonly done: Array<IoDone | undefined> = [];
+  private readonly freeTags: number[] = [];
+  /** Ops not yet accepted by the ring, as 7-number records, from `stagedFirst`. */
+  private staged = new Float64Array(REC * 256);
+  private stagedFirst = 0;
+  private stagedEnd = 0;
+  private scheduled = false;
+  private readonly flushStaged = () => { this.scheduled = false; this.pump(); };
+  readonly counters = { submitted: 0, completed: 0, waitedForSlot: 0 };
+
+  constructor(Ring: NativeIoRingClass, depth: number) {
+    this.ring = new Ring(depth, (n) => this.complete(n));
+  }
+
+  /** Lets the ring use `buffer`; returns the index ops name it by. The ring keeps it alive. */
+  register(buffer: ArrayBuffer): number { return this.ring.register(buffer); }
+  /** Releases a registered buffer; throws while an op still uses it. */
+  unregister(index: number): void { this.ring.unregister(index); }
+
+  read(fd: number, buf: number, offset: number, length: number, bufOffset: number, cb: IoDone): void {
+    this.stage(fd, KIND_READ, buf, offset, length, bufOffset, cb);
+  }
+
+  write(fd: number, buf: number, offset: number, length: number, bufOffset: number, cb: IoDone): void {
+    this.stage(fd, KIND_WRITE, buf, offset, length, bufOffset, cb);
+  }
+
+  /** fdatasync(fd) in the ring: 0 or -errno. */
+  datasync(fd: number, cb: IoDone): void {
+    this.stage(fd, KIND_SYNC, 0, 0, 0, 0, cb);
+  }
+
+  get inflight(): number { return this.ring.inflight; }
+  get waiting(): number { return (this.stagedEnd - this.stagedFirst) / REC; }
+
+  private stage(fd: number, kind: number, buf: number, offset: number, length: number, bufOffset: number, cb: IoDone): void {
+    const tag = this.freeTags.length ? this.freeTags.pop()! : this.done.length;
+    this.done[tag] = cb;
+    if (this.stagedEnd + REC > this.staged.length) this.compact();
+    const s = this.staged;
+    const i = this.stagedEnd;
+    s[i] = fd; s[i + 1] = kind; s[i + 2] = buf; s[i + 3] = offset; s[i + 4] = length; s[i + 5] = bufOffset; s[i + 6] = tag;
+    this.stagedEnd = i + REC;
+    if (!this.scheduled) { this.scheduled = true; process.nextTick(this.flushStaged); }
+  }
+
+  private compact(): void {
+    const live = this.stagedEnd - this.stagedFirst;
+    const need = live + REC;
+    const next = need > this.staged.length / 2 ? new Float64Array(Math.max(this.staged.length * 2, need)) : this.staged;
+    if (next === this.staged) this.staged.copyWithin(0, this.stagedFirst, this.stagedEnd);
+    else next.set(this.staged.subarray(this.stagedFirst, this.stagedEnd));
+    this.staged = next;
+    this.stagedFirst = 0;
+    this.stagedEnd = live;
+  }
+
+  private pump(): void {
+    for (;;) {
+      const waiting = (this.stagedEnd - this.stagedFirst) / REC;
+      if (!waiting) break;
+      const room = this.ring.capacity - this.ring.inflight;
+      if (room <= 0) { this.counters.waitedForSlot++; break; }
+      const before = this.stagedEnd;
+      const n = this.submitStaged(Math.min(room, waiting));
+      this.stagedFirst += n * REC;
+      this.counters.submitted += n;
+      if (n === 0 && this.stagedEnd === before) break; // no progress: the ring refused (full)
+    }
+    if (this.stagedFirst === this.stagedEnd) this.stagedFirst = this.stagedEnd = 0;
+  }
+
+  private submitStaged(count: number): number {
+    const r = this.ring.submit(this.staged, this.stagedFirst / REC, count);
+    if (r >= 0) return r;
+    // A malformed record is a caller's bug: fail that op alone (EINVAL), keep the queue going.
+    const accepted = -r - 1;
+    const bad = this.stagedFirst + accepted * REC;
+    const tag = this.staged[bad + 6]!;
+    this.staged.copyWithin(bad, bad + REC, this.stagedEnd);
+    this.stagedEnd -= REC;
+    // Later: the callback may stage more ops, which must not move the queue under pump().
+    queueMicrotask(() => this.finish(tag, -22));
+    return accepted;
+  }
+
+  private complete(n: number): void {
+    const tags = this.ring.tags;
+    const results = this.ring.results;
+    this.counters.completed += n;
+    for (let i = 0; i < n; i++) this.finish(tags[i]!, results[i]!);
+    this.pump();
+  }
+
+  private finish(tag: number, result: number): void {
+    const cb = this.done[tag]!;
+    this.done[tag] = undefined;
+    this.freeTags.push(tag);
+    cb(result);
+  }
+}
+
+let shared: IoRing | null | undefined;
+
+/**
+ * The shared ring, or undefined where there is none (addon without liburing, io_uring refused by
+ * the kernel or a sandbox, or LIVESNAP_IO_ENGINE=threadpool): callers then use the batch API.
+ */
+export function ioRing(): IoRing | undefined {
+  if (shared !== undefined) return shared ?? undefined;
+  shared = null;
+  const Ring = (native() as unknown as { IoRing?: NativeIoRingClass }).IoRing;
+  if (!Ring || process.env.LIVESNAP_IO_ENGINE === 'threadpool') return undefined;
+  try {
+    shared = new IoRing(Ring, 256);
+  } catch {
+    shared = null;
+  }
+  return shared ?? undefined;
+}
