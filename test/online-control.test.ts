@@ -121,6 +121,11 @@ testIf({ root: true, commands: ['qemu-io', 'mkfs.ext4'] })('errors: unknown expo
   t.not(sm.status, 0);
   t.regex(sm.stderr, /in use|mounted/);
   t.false((await served.status()).exports.some((e) => e.name === 'mounted'));
+  // A cache mode that does not exist: refused by the CLI, nothing served.
+  const bc = await cli(['serve', other, '--name', 'badcache', '--cache', 'unsafe', '--control', served.control]);
+  t.is(bc.status, 1);
+  t.regex(bc.stderr, /--cache unsafe: not a cache mode[\s\S]*--cache writeback/);
+  t.false((await served.status()).exports.some((e) => e.name === 'badcache'));
 
   // A target with no space: the job fails cleanly, the partial image is gone, the export serves on.
   const small = loopDevice(t, sparseFile(path.join(dir, 'small.raw'), 16 * MiB));

@@ -19,6 +19,8 @@ interface ExactnessCase {
   maxBlocks: number;
   /** Write to a loop device instead of an image file (restore on the fly, claim 43). */
   toDevice?: boolean;
+  /** serve --cache (default none: O_DIRECT). */
+  cache?: 'none' | 'writeback';
 }
 
 async function exactness(t: ExecutionContext, c: ExactnessCase): Promise<Record<string, unknown>> {
@@ -27,7 +29,8 @@ async function exactness(t: ExecutionContext, c: ExactnessCase): Promise<Record<
   const dir = scratchDir(t, 'online-exact-');
   const size = c.volumeMiB * MiB;
   const vol = sparseFile(path.join(dir, 'vol.raw'), size);
-  const served = await serveDevice(t, dir, vol, 'exact');
+  const served = await serveDevice(t, dir, vol, 'exact', c.cache ? ['--cache', c.cache] : []);
+  if (c.cache) t.is((await served.status()).exports[0]?.cache, c.cache);
   const target = c.toDevice ? loopDevice(t, sparseFile(path.join(dir, 'target.raw'), size)) : path.join(dir, 'backup.img');
   const writers = new SelfDescribingWriters(t, path.join(dir, 'src'), served.uri, size, r, { writers: c.writers, maxBlocks: c.maxBlocks });
   try {
@@ -71,6 +74,10 @@ testIf(needs)('snapshot exactness under concurrency: 4 NBD connections writing s
   await exactness(t, { volumeMiB: 1024, container: 'memory:4M', writers: 4, maxBlocks: 16 });
 });
 
+testIf(needs)('snapshot exactness with serve --cache writeback: writes through the page cache, the backup reads with O_DIRECT, still the instant', async (t) => {
+  await exactness(t, { volumeMiB: 1024, container: 'memory:4M', writers: 4, maxBlocks: 16, cache: 'writeback' });
+});
+
 testIf(needs)('container full: a 256 KiB container under heavy writes from 6 connections; the backup completes exact, no write fails', async (t) => {
   const done = await exactness(t, { volumeMiB: 512, container: 'memory:256K', writers: 6, maxBlocks: 64 });
   t.is(done.containerCapacityBytes, 256 * 1024);
@@ -83,13 +90,13 @@ testIf({ ...needs, commands: ['qemu-io', 'losetup'] })('online --to /dev/other r
   await exactness(t, { volumeMiB: 512, container: 'memory:2M', writers: 3, maxBlocks: 16, toDevice: true });
 });
 
-testIf(needs)('kill -9 of the daemon mid-backup: every acknowledged write is on the backing device', async (t) => {
+for (const cache of ['none', 'writeback'] as const) testIf(needs)(`kill -9 of the daemon mid-backup (cache ${cache}): every acknowledged write is on the backing device`, async (t) => {
   const seed = seedFromEnv(t);
   const r = rng(seed);
   const dir = scratchDir(t, 'online-kill-');
   const size = 4096 * MiB; // sparse; long enough to copy that the kill lands mid-backup
   const vol = sparseFile(path.join(dir, 'vol.raw'), size);
-  const served = await serveDevice(t, dir, vol, 'victim');
+  const served = await serveDevice(t, dir, vol, 'victim', ['--cache', cache]);
   const writers = new SelfDescribingWriters(t, path.join(dir, 'src'), served.uri, size, r, { writers: 3, maxBlocks: 32 });
   writers.start();
   await writers.acked(300);
