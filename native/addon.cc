@@ -17,6 +17,7 @@ Napi::Value WriteBatch(const Napi::CallbackInfo&);
 Napi::Value IoEngine(const Napi::CallbackInfo&);
 Napi::Value Freeze(const Napi::CallbackInfo&);
 Napi::Value Thaw(const Napi::CallbackInfo&);
+Napi::Value SyncFs(const Napi::CallbackInfo&);
 Napi::Value ThawSync(const Napi::CallbackInfo&);
 Napi::Value Fiemap(const Napi::CallbackInfo&);
 Napi::Value Xxh128(const Napi::CallbackInfo&);
@@ -36,6 +37,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("ioEngine", Napi::Function::New(env, IoEngine));
   exports.Set("freeze", Napi::Function::New(env, Freeze));
   exports.Set("thaw", Napi::Function::New(env, Thaw));
+  exports.Set("syncfs", Napi::Function::New(env, SyncFs));
   exports.Set("thawSync", Napi::Function::New(env, ThawSync));
   exports.Set("fiemap", Napi::Function::New(env, Fiemap));
   exports.Set("xxh128", Napi::Function::New(env, Xxh128));

@@ -25,6 +25,20 @@ Napi::Value Freeze(const Napi::CallbackInfo& info) {
   return CallWorker::Start(env, "ioctl(FIFREEZE)", mnt, [mnt] { return FreezeOp(mnt, FIFREEZE); });
 }
 
+// syncfs(mountPoint): writes back that one file system's dirty data (writers keep going).
+Napi::Value SyncFs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsString()) { Napi::TypeError::New(env, "usage: syncfs(mountPoint)").ThrowAsJavaScriptException(); return env.Null(); }
+  std::string mnt = info[0].As<Napi::String>();
+  return CallWorker::Start(env, "syncfs", mnt, [mnt] {
+    int fd = open(mnt.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return errno;
+    int r = syncfs(fd) == 0 ? 0 : errno;
+    close(fd);
+    return r;
+  });
+}
+
 Napi::Value Thaw(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 1 || !info[0].IsString()) { Napi::TypeError::New(env, "usage: thaw(mountPoint)").ThrowAsJavaScriptException(); return env.Null(); }

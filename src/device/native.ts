@@ -51,6 +51,8 @@ export interface NativeAddon {
   ioEngine(): 'io_uring' | 'threadpool';
   freeze(mountPoint: string): Promise<void>;
   thaw(mountPoint: string): Promise<void>;
+  /** syncfs(2) on the file system mounted there: its dirty data written back, writers not stopped. */
+  syncfs(mountPoint: string): Promise<void>;
   thawSync(mountPoint: string): void;
   /** [logical, physical, length, flags] quadruplets, FIEMAP_FLAG_SYNC unless sync is false. */
   fiemap(path: string, sync?: boolean): Float64Array;

@@ -14,8 +14,27 @@ export function checkFreezeMount(mountPoint: string, source: Device): void {
   if (m.readOnly) return;
 }
 
-/** Runs `work` with the file system frozen; returns its result and how long it was frozen. */
-export async function withFrozen<T>(mountPoint: string, work: () => Promise<T>): Promise<{ result: T; frozenMs: number }> {
+/**
+ * FIFREEZE writes back every dirty page while writers are already stopped, so a busy file system
+ * would be frozen for as long as that takes. syncfs first, with writers still going, leaves FIFREEZE
+ * only what was dirtied meanwhile: rounds until one is quick (or three), then freeze.
+ * (bench/freeze-window, a writer rewriting 1 MiB files: ~85-110 ms frozen without it.)
+ */
+async function presync(mountPoint: string): Promise<number> {
+  const t0 = performance.now();
+  for (let round = 0; round < 3; round++) {
+    const t = performance.now();
+    try { await native().syncfs(mountPoint); } catch { return performance.now() - t0; /* FIFREEZE will say what is wrong */ }
+    if (performance.now() - t < 15) break;
+  }
+  return performance.now() - t0;
+}
+
+/**
+ * Runs `work` with the file system frozen; returns its result, how long it was frozen, and how long
+ * the write-back before the freeze took (writers were not stopped then).
+ */
+export async function withFrozen<T>(mountPoint: string, work: () => Promise<T>): Promise<{ result: T; frozenMs: number; presyncMs: number }> {
   let frozen = false;
   const thawNow = () => {
     if (!frozen) return;
@@ -31,6 +50,7 @@ export async function withFrozen<T>(mountPoint: string, work: () => Promise<T>):
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   process.on('SIGHUP', onSignal);
+  const presyncMs = await presync(mountPoint);
   // The window counts from the FIFREEZE call (it blocks new writers while it syncs) to the end of FITHAW.
   const t0 = performance.now();
   try {
@@ -43,7 +63,7 @@ export async function withFrozen<T>(mountPoint: string, work: () => Promise<T>):
     const result = await work();
     frozen = false;
     await native().thaw(mountPoint);
-    return { result, frozenMs: performance.now() - t0 };
+    return { result, frozenMs: performance.now() - t0, presyncMs };
   } finally {
     thawNow();
     process.off('exit', thawNow);

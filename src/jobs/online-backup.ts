@@ -19,7 +19,7 @@ import { withFrozen } from './freeze';
 import { TOOL_VERSION } from './version';
 
 export type OnlineBackupEvent =
-  | { event: 'armed'; time: string; freezeMs: number; prepareMs: number; drainMs: number; container: string }
+  | { event: 'armed'; time: string; freezeMs: number; presyncMs: number; prepareMs: number; drainMs: number; container: string }
   | { event: 'map'; filesystem: string; usedBlocks: number; totalBlocks: number; blockSize: number; notes: string[] }
   | { event: 'progress'; bytesDone: number; bytesTotal: number; badBlocks: number; stats: SnapshotStats }
   | { event: 'done'; summary: OnlineBackupSummary };
@@ -98,11 +98,13 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
     // 1. The instant. With --freeze the window is freeze + attach + thaw: O(1) whatever the size.
     let drained: Promise<void>;
     let freezeMs: number;
+    let presyncMs = 0;
     if (opts.freeze) {
       // Wrapped so the drain of in-flight writes is awaited after the thaw, not inside the window.
       const r = await withFrozen(opts.freeze, async () => ({ drained: session.arm() }));
       drained = r.result.drained;
       freezeMs = r.frozenMs;
+      presyncMs = r.presyncMs;
     } else {
       const t = performance.now();
       drained = session.arm();
@@ -112,7 +114,7 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
     const td = performance.now();
     await drained;
     const drainMs = performance.now() - td;
-    opts.onEvent?.({ event: 'armed', time: session.armedAt!.toISOString(), freezeMs, prepareMs: session.prepareMs, drainMs, container: container.description });
+    opts.onEvent?.({ event: 'armed', time: session.armedAt!.toISOString(), freezeMs, presyncMs, prepareMs: session.prepareMs, drainMs, container: container.description });
     failIfFailed(session);
 
     // 2. What the instant holds: the used map read through the snapshot view.
