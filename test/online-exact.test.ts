@@ -21,6 +21,8 @@ interface ExactnessCase {
   toDevice?: boolean;
   /** serve --cache (default none: O_DIRECT). */
   cache?: 'none' | 'writeback';
+  /** The daemon's I/O without the io_uring ring: libuv's pool and batches (LIVESNAP_IO_ENGINE=threadpool). */
+  threadpool?: boolean;
 }
 
 async function exactness(t: ExecutionContext, c: ExactnessCase): Promise<Record<string, unknown>> {
@@ -29,8 +31,9 @@ async function exactness(t: ExecutionContext, c: ExactnessCase): Promise<Record<
   const dir = scratchDir(t, 'online-exact-');
   const size = c.volumeMiB * MiB;
   const vol = sparseFile(path.join(dir, 'vol.raw'), size);
-  const served = await serveDevice(t, dir, vol, 'exact', c.cache ? ['--cache', c.cache] : []);
+  const served = await serveDevice(t, dir, vol, 'exact', c.cache ? ['--cache', c.cache] : [], c.threadpool ? { LIVESNAP_IO_ENGINE: 'threadpool' } : undefined);
   if (c.cache) t.is((await served.status()).exports[0]?.cache, c.cache);
+  t.is((await served.status()).io, c.threadpool ? 'threadpool' : 'io_uring ring');
   const target = c.toDevice ? loopDevice(t, sparseFile(path.join(dir, 'target.raw'), size)) : path.join(dir, 'backup.img');
   const writers = new SelfDescribingWriters(t, path.join(dir, 'src'), served.uri, size, r, { writers: c.writers, maxBlocks: c.maxBlocks });
   try {
@@ -76,6 +79,10 @@ testIf(needs)('snapshot exactness under concurrency: 4 NBD connections writing s
 
 testIf(needs)('snapshot exactness with serve --cache writeback: writes through the page cache, the backup reads with O_DIRECT, still the instant', async (t) => {
   await exactness(t, { volumeMiB: 1024, container: 'memory:4M', writers: 4, maxBlocks: 16, cache: 'writeback' });
+});
+
+testIf(needs)('snapshot exactness with the thread-pool I/O engine (no io_uring ring): the fallback path serves and backs up the instant', async (t) => {
+  await exactness(t, { volumeMiB: 512, container: 'memory:2M', writers: 3, maxBlocks: 16, threadpool: true });
 });
 
 testIf(needs)('container full: a 256 KiB container under heavy writes from 6 connections; the backup completes exact, no write fails', async (t) => {

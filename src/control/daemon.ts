@@ -4,6 +4,8 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { Device } from '../device/device';
+import { ioRing } from '../device/io-ring';
+import { native } from '../device/native';
 import { runOnlineBackup, type OnlineBackupSummary } from '../jobs/online-backup';
 import { DeviceBackend } from '../nbd/device-backend';
 import { createNbdServer, type NbdServer } from '../nbd/server';
@@ -224,7 +226,9 @@ export class Daemon {
       };
     });
     const jobs = [...this.jobs.values()].map((j) => this.jobInfo(j));
-    return { control: this.controlPath, pid: process.pid, exports, jobs };
+    // How the exports do their I/O: 'io_uring ring' (per-request completions) or the batch engine.
+    const io = ioRing() ? 'io_uring ring' : native().ioEngine();
+    return { control: this.controlPath, pid: process.pid, io, exports, jobs };
   }
 
   private jobInfo(j: Job): Record<string, unknown> {

@@ -1,6 +1,7 @@
-// An NbdBackend over a Device opened with O_DIRECT. Memory comes from a few large aligned arenas
-// (never one allocation per request); requests queued in the same tick are sent to the addon as one
-// readBatch / writeBatch per arena. Unaligned writes are read-modify-write on the aligned span,
+// An NbdBackend over a Device (O_DIRECT, or the page cache with serve --cache writeback). Memory
+// comes from a few large aligned arenas (never one allocation per request), registered with the
+// process's I/O ring, where each request completes on its own; without a ring, requests queued in the
+// same tick go to the addon as one readBatch / writeBatch per arena. Unaligned writes are read-modify-write on the aligned span,
 // serialised against every other write touching the same aligned blocks.
 import * as fs from 'node:fs';
 import type { Device } from '../device/device';
@@ -153,8 +154,6 @@ export interface DeviceBackendOptions {
   description?: string;
   /** Largest read/write accepted (default 32 MiB). */
   maxBlockSize?: number;
-  /** false: never use the shared I/O ring (batch API only; for comparisons). */
-  useRing?: boolean;
   /** Aligned memory per arena (default 32 MiB) and in all (default 256 MiB). */
   arenaBytes?: number;
   maxMemoryBytes?: number;
@@ -191,7 +190,7 @@ export class DeviceBackend implements NbdBackend {
     this.description = opts.description;
     this.maxBlockSize = opts.maxBlockSize ?? 32 * 1024 * 1024;
     const arena = opts.arenaBytes ?? 32 * 1024 * 1024;
-    this.ring = opts.useRing === false ? undefined : ioRing();
+    this.ring = ioRing();
     this.mem = new SlabMemory(Math.max(arena, this.maxBlockSize + PAGE), Math.max(opts.maxMemoryBytes ?? 256 * 1024 * 1024, arena), this.ring);
   }
 
@@ -241,6 +240,7 @@ export class DeviceBackend implements NbdBackend {
       const done = (n: number) => {
         if (n === len) return resolve();
         if (n >= 0 && !write) {
+          // Short read at the end of a file: the rest reads as zeroes.
           arena.buf.fill(0, bufOff + n, bufOff + len);
           return resolve();
         }
@@ -255,18 +255,7 @@ export class DeviceBackend implements NbdBackend {
         else this.ring.read(this.device.fd, arena.ringIndex, devOff, len, bufOff, done);
         return;
       }
-      this.enqueue({
-        write, arena, devOff, len, bufOff, reject,
-        resolve: (n) => {
-          if (n === len) return resolve();
-          if (n >= 0 && !write) {
-            // Short read at the end of a file: the rest reads as zeroes.
-            arena.buf.fill(0, bufOff + n, bufOff + len);
-            return resolve();
-          }
-          reject(ioError(write, devOff, len, n));
-        },
-      });
+      this.enqueue({ write, arena, devOff, len, bufOff, reject, resolve: done });
     });
   }
 

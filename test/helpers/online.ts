@@ -63,13 +63,13 @@ export interface Served {
 }
 
 export interface JobStatus { id: string; export: string; to: string; state: string; bytesDone: number; bytesTotal: number; worstWriteDelayMs: number; error: string | null; writesWaiting: number }
-export interface StatusReply { pid: number; exports: Array<{ name: string; cache?: string; job: JobStatus | null }>; jobs: JobStatus[] }
+export interface StatusReply { pid: number; io?: string; exports: Array<{ name: string; cache?: string; job: JobStatus | null }>; jobs: JobStatus[] }
 
 /**
  * Serves `device` as `name` from a daemon of its own (control socket under `dir`). At teardown:
  * `livesnap stop --control`, then SIGKILL of the pid if it is still there after 5 s.
  */
-export async function serveDevice(t: ExecutionContext, dir: string, device: string, name: string, serveArgs: string[] = []): Promise<Served> {
+export async function serveDevice(t: ExecutionContext, dir: string, device: string, name: string, serveArgs: string[] = [], env?: NodeJS.ProcessEnv): Promise<Served> {
   const runDir = path.join(dir, 'run');
   fs.mkdirSync(runDir, { recursive: true, mode: 0o700 });
   const control = path.join(runDir, 'control.sock');
@@ -80,7 +80,7 @@ export async function serveDevice(t: ExecutionContext, dir: string, device: stri
     if (r.status !== 0) throw new Error(`livesnap status failed (${r.status}): ${r.stderr}`);
     return lastJsonOf(r.stdout) as unknown as StatusReply;
   };
-  const r = await cli(['serve', device, '--name', name, '--control', control, '--json', ...serveArgs]);
+  const r = await cli(['serve', device, '--name', name, '--control', control, '--json', ...serveArgs], env);
   let pid = 0;
   t.teardown(async () => {
     if (!pid) {

@@ -24,7 +24,7 @@ export class StatusCommand extends LivesnapCommand {
     if (this.json) { process.stdout.write(JSON.stringify({ event: 'done', ...res }) + '\n'); return 0; }
     const exports = res.exports as ExportInfo[];
     const jobs = res.jobs as JobInfo[];
-    const out: string[] = [`daemon pid ${res.pid}, control ${res.control}`];
+    const out: string[] = [`daemon pid ${res.pid}, control ${res.control}, I/O ${res.io ?? "?"}`];
     if (!exports.length) out.push('no exports');
     for (const e of exports) {
       out.push(`export ${e.name}: ${e.device} (${formatBytes(e.size)}, cache ${e.cache ?? 'none'}), ${e.socket}${e.tcp ? `, tcp ${e.tcp}` : ''}, ${e.connections} client(s), ${formatBytes(e.bytesWritten)} written`);
