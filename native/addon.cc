@@ -18,6 +18,7 @@ Napi::Value IoEngine(const Napi::CallbackInfo&);
 Napi::Value Freeze(const Napi::CallbackInfo&);
 Napi::Value Thaw(const Napi::CallbackInfo&);
 Napi::Value SyncFs(const Napi::CallbackInfo&);
+Napi::Value SetSendBuffer(const Napi::CallbackInfo&);
 Napi::Value ThawSync(const Napi::CallbackInfo&);
 Napi::Value Fiemap(const Napi::CallbackInfo&);
 Napi::Value Xxh128(const Napi::CallbackInfo&);
@@ -38,6 +39,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("freeze", Napi::Function::New(env, Freeze));
   exports.Set("thaw", Napi::Function::New(env, Thaw));
   exports.Set("syncfs", Napi::Function::New(env, SyncFs));
+  exports.Set("setSendBuffer", Napi::Function::New(env, SetSendBuffer));
   exports.Set("thawSync", Napi::Function::New(env, ThawSync));
   exports.Set("fiemap", Napi::Function::New(env, Fiemap));
   exports.Set("xxh128", Napi::Function::New(env, Xxh128));

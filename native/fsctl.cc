@@ -4,6 +4,7 @@
 #include <linux/fiemap.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <unistd.h>
 #include <vector>
 
@@ -23,6 +24,20 @@ Napi::Value Freeze(const Napi::CallbackInfo& info) {
   if (info.Length() < 1 || !info[0].IsString()) { Napi::TypeError::New(env, "usage: freeze(mountPoint)").ThrowAsJavaScriptException(); return env.Null(); }
   std::string mnt = info[0].As<Napi::String>();
   return CallWorker::Start(env, "ioctl(FIFREEZE)", mnt, [mnt] { return FreezeOp(mnt, FIFREEZE); });
+}
+
+// setSendBuffer(socketFd, bytes) -> the size the kernel granted (SO_SNDBUF, capped by wmem_max).
+Napi::Value SetSendBuffer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int64_t fd = -1, bytes = 0;
+  if (info.Length() < 2 || !GetOffset(info[0], &fd) || !GetOffset(info[1], &bytes) || bytes > (1 << 30)) {
+    Napi::TypeError::New(env, "usage: setSendBuffer(fd, bytes)").ThrowAsJavaScriptException(); return env.Null();
+  }
+  int v = (int)bytes;
+  if (setsockopt((int)fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof v) != 0) { ErrnoError(env, errno, "setsockopt(SO_SNDBUF)").ThrowAsJavaScriptException(); return env.Null(); }
+  socklen_t l = sizeof v;
+  if (getsockopt((int)fd, SOL_SOCKET, SO_SNDBUF, &v, &l) != 0) v = 0;
+  return Napi::Number::New(env, v);
 }
 
 // syncfs(mountPoint): writes back that one file system's dirty data (writers keep going).

@@ -53,6 +53,8 @@ export interface NativeAddon {
   thaw(mountPoint: string): Promise<void>;
   /** syncfs(2) on the file system mounted there: its dirty data written back, writers not stopped. */
   syncfs(mountPoint: string): Promise<void>;
+  /** SO_SNDBUF on a socket; returns the size the kernel granted. */
+  setSendBuffer(fd: number, bytes: number): number;
   thawSync(mountPoint: string): void;
   /** [logical, physical, length, flags] quadruplets, FIEMAP_FLAG_SYNC unless sync is false. */
   fiemap(path: string, sync?: boolean): Float64Array;

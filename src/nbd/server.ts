@@ -4,15 +4,18 @@
 // It validates every request and calls the export's NbdBackend; it knows nothing else.
 import * as fs from 'node:fs';
 import * as net from 'node:net';
+import { native } from '../device/native';
 import type { NbdBackend, NbdBuffer } from './backend';
 import { NbdError } from './backend';
 import { Handshake, type ExportDirectory } from './handshake';
 import * as P from './protocol';
 import { RequestParser, simpleReply, type NbdRequest, type RequestSink } from './transmission';
-import { withReadBuffer } from './socket-reader';
+import { enlargeSendBuffer, withReadBuffer } from './socket-reader';
 
 /** Bytes one read of a connection may bring in (the reusable receive buffer, per connection). */
 const READ_BUFFER_BYTES = 512 * 1024;
+/** Send buffer asked for per connection (READ replies of up to the max block size). */
+const SEND_BUFFER_BYTES = 4 * 1024 * 1024;
 
 export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
 export type NbdLog = (level: LogLevel, message: string) => void;
@@ -428,6 +431,7 @@ export class NbdServer {
     let c: Connection | undefined;
     const r = withReadBuffer(socket, READ_BUFFER_BYTES, (chunk) => c!.onData(chunk));
     if (r.socket.remoteFamily) r.socket.setNoDelay(true);
+    if (process.env.LIVESNAP_NBD_SEND_BUFFER !== '0') enlargeSendBuffer(r.socket, SEND_BUFFER_BYTES, (fd, n) => native().setSendBuffer(fd, n));
     c = new Connection(r.socket, this, peer, r.userBuffer);
     this.conns.add(c);
   }
