@@ -43,10 +43,56 @@ export class IoRing {
     this.ring = new Ring(depth, (n) => this.complete(n));
   }
 
+  private readonly indexes = new WeakMap<ArrayBuffer, number>();
+  private readonly buffers = new Map<number, ArrayBuffer>();
+
   /** Lets the ring use `buffer`; returns the index ops name it by. The ring keeps it alive. */
-  register(buffer: ArrayBuffer): number { return this.ring.register(buffer); }
+  register(buffer: ArrayBuffer): number {
+    const known = this.indexes.get(buffer);
+    if (known !== undefined) return known;
+    const i = this.ring.register(buffer);
+    this.indexes.set(buffer, i);
+    this.buffers.set(i, buffer);
+    return i;
+  }
+
   /** Releases a registered buffer; throws while an op still uses it. */
-  unregister(index: number): void { this.ring.unregister(index); }
+  unregister(index: number): void {
+    this.ring.unregister(index);
+    const b = this.buffers.get(index);
+    if (b) this.indexes.delete(b);
+    this.buffers.delete(index);
+  }
+
+  /** Unregisters once no op uses the buffer any more (ops finish in bounded time). */
+  async unregisterWhenIdle(index: number): Promise<void> {
+    for (;;) {
+      try { this.unregister(index); return; } catch (e) {
+        if (!/in flight/.test((e as Error).message)) throw e;
+        await new Promise((r) => setTimeout(r, 1));
+      }
+    }
+  }
+
+  /** The index of a registered buffer, or undefined. */
+  indexOf(buffer: ArrayBuffer): number | undefined { return this.indexes.get(buffer); }
+
+  /**
+   * A whole batch of [offset, length, bufOffset] triplets on registered memory, one promise for all:
+   * the same contract as the addon's readBatch/writeBatch, without the thread-pool hop.
+   */
+  batch(fd: number, write: boolean, buf: number, segments: Float64Array): Promise<Int32Array> {
+    const n = segments.length / 3;
+    const out = new Int32Array(n);
+    if (n === 0) return Promise.resolve(out);
+    return new Promise((resolve) => {
+      let left = n;
+      for (let i = 0; i < n; i++) {
+        const cb = (r: number) => { out[i] = r; if (--left === 0) resolve(out); };
+        this.stage(fd, write ? KIND_WRITE : KIND_READ, buf, segments[i * 3]!, segments[i * 3 + 1]!, segments[i * 3 + 2]!, cb);
+      }
+    });
+  }
 
   read(fd: number, buf: number, offset: number, length: number, bufOffset: number, cb: IoDone): void {
     this.stage(fd, KIND_READ, buf, offset, length, bufOffset, cb);

@@ -1,6 +1,7 @@
 // The default container: one aligned allocation in this process. A save reads the original straight
 // into its slot (no staging copy); a load copies the slot into the copier's batch buffer.
 import type { Device } from '../device/device';
+import { ioRing } from '../device/io-ring';
 import { native } from '../device/native';
 import { type Container, roundUp512 } from './container';
 
@@ -13,7 +14,12 @@ export class MemoryContainer implements Container {
     this.capacity = Math.floor(bytes / blockSize);
     if (this.capacity < 1) throw new RangeError(`a container of ${bytes} bytes holds no ${blockSize}-byte block`);
     this.mem = native().allocAligned(this.capacity * blockSize, 4096);
+    // Saves (copy-before-write reads, one block or a few, with a writer waiting) go through the
+    // I/O ring: Device.readBatch uses it for registered memory.
+    this.ringIndex = ioRing()?.register(this.mem);
   }
+
+  private readonly ringIndex: number | undefined;
 
   get description(): string {
     return `memory (${this.capacity * this.blockSize} bytes)`;
@@ -53,5 +59,6 @@ export class MemoryContainer implements Container {
 
   async close(): Promise<void> {
     this.mem = undefined;
+    if (this.ringIndex !== undefined) await ioRing()!.unregisterWhenIdle(this.ringIndex).catch(() => {});
   }
 }
