@@ -22,6 +22,7 @@ namespace {
 struct Op {
   int fd = -1;
   uint8_t kind = 0;  // 0 read, 1 write, 2 fdatasync
+  bool urgent = false;
   uint8_t* base = nullptr;
   int64_t offset = 0, length = 0, done = 0;
   int32_t tag = 0;
@@ -145,8 +146,10 @@ class IoRing : public Napi::ObjectWrap<IoRing> {
 
   // submit(ops: Float64Array, first, count) -> how many were accepted (the rest: no free slot), or
   // -(accepted + 1) when record first+accepted is malformed (bad fd, kind, buffer range or tag).
-  // Each op is 7 numbers: [fd, kind (0 read, 1 write, 2 fdatasync), buffer index, offset, length,
-  // buffer offset, tag]; fdatasync ignores the buffer, offset and length.
+  // Each op is 7 numbers: [fd, kind (0 read, 1 write, 2 fdatasync; + 4 = urgent), buffer index,
+  // offset, length, buffer offset, tag]; fdatasync ignores the buffer, offset and length. An urgent
+  // op is issued in the real-time I/O priority class, which the block layer's schedulers
+  // (mq-deadline, bfq) serve before best-effort I/O such as a backup's bulk reads.
   Napi::Value Submit(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     if (closed_) return Closed(env);
@@ -165,7 +168,9 @@ class IoRing : public Napi::ObjectWrap<IoRing> {
     for (int64_t i = first; i < first + count; i++) {
       if (freeHead_ < 0) break;
       const double* r = rec + i * 7;
-      double fd = r[0], kind = r[1], bi = r[2], off = r[3], len = r[4], bo = r[5], tag = r[6];
+      double fd = r[0], kindFlags = r[1], bi = r[2], off = r[3], len = r[4], bo = r[5], tag = r[6];
+      bool urgent = kindFlags >= 4;
+      double kind = urgent ? kindFlags - 4 : kindFlags;
       bool ok = fd >= 0 && fd < 1 << 30 && (kind == 0 || kind == 1 || kind == 2) && tag >= -2147483648.0 && tag <= 2147483647.0;
       uint8_t* base = nullptr;
       int32_t buf = -1;
@@ -184,7 +189,7 @@ class IoRing : public Napi::ObjectWrap<IoRing> {
       Op& op = ops_[slot];
       freeHead_ = op.nextFree;
       op.fd = (int)fd; op.kind = (uint8_t)kind; op.base = base; op.offset = (int64_t)off; op.length = (int64_t)len;
-      op.done = 0; op.tag = (int32_t)tag; op.buf = buf;
+      op.done = 0; op.tag = (int32_t)tag; op.buf = buf; op.urgent = urgent;
       if (buf >= 0) bufs_[buf].inflight++;
       Queue(slot);
       accepted++;
@@ -219,6 +224,7 @@ class IoRing : public Napi::ObjectWrap<IoRing> {
     } else {
       io_uring_prep_read(sqe, op.fd, op.base + op.done, (unsigned)(op.length - op.done), (uint64_t)(op.offset + op.done));
     }
+    if (op.urgent && urgentPrio_) sqe->ioprio = urgentPrio_;
     io_uring_sqe_set_data64(sqe, (uint64_t)slot);
     // While anything is in flight the ring keeps the process alive (uv_ref is a flag, not a count).
     if (inflight_ == 0) uv_ref(reinterpret_cast<uv_handle_t*>(poll_));
@@ -259,6 +265,10 @@ class IoRing : public Napi::ObjectWrap<IoRing> {
         inflight_--;
         bool again = false;
         if (res == -EINTR || res == -EAGAIN) {
+          again = true;
+        } else if (res == -EPERM && op.urgent && urgentPrio_) {
+          // The real-time class needs CAP_SYS_ADMIN or CAP_SYS_NICE: without it, plain priority.
+          urgentPrio_ = 0;
           again = true;
         } else if (res > 0 && op.kind != 2) {
           op.done += res;
@@ -327,6 +337,8 @@ class IoRing : public Napi::ObjectWrap<IoRing> {
   int32_t freeHead_ = -1;
   int64_t inflight_ = 0;
   unsigned queuedSinceFlush_ = 0;
+  // IOPRIO_PRIO_VALUE(IOPRIO_CLASS_RT, 4): the middle of the real-time class; 0 once refused.
+  uint16_t urgentPrio_ = (1 << 13) | 4;
   std::vector<Registered> bufs_;
   Napi::FunctionReference onComplete_;
   Napi::AsyncContext* ctx_ = nullptr;

@@ -13,11 +13,11 @@ type RingClass = new (depth: number, cb: (n: number) => void) => NativeIoRing;
 const RingClass = (native() as unknown as { IoRing?: RingClass }).IoRing;
 const ringTest = RingClass && native().ioEngine() === 'io_uring' ? test : test.skip;
 
-function op(ring: IoRing, kind: 'read' | 'write', fd: number, buf: number, off: number, len: number, at: number): Promise<number> {
-  return new Promise((resolve) => ring[kind](fd, buf, off, len, at, resolve));
+function op(ring: IoRing, kind: 'read' | 'write', fd: number, buf: number, off: number, len: number, at: number, urgent = false): Promise<number> {
+  return new Promise((resolve) => ring[kind](fd, buf, off, len, at, resolve, urgent));
 }
 
-ringTest('1000 random 4 KiB writes then reads through a depth-8 ring land byte-exact (O_DIRECT file)', async (t) => {
+ringTest('1000 random 4 KiB writes then reads through a depth-8 ring land byte-exact (O_DIRECT file; every other op urgent, real-time I/O class)', async (t) => {
   const seed = seedFromEnv(t);
   const r = rng(seed);
   const file = sparseFile(path.join(scratchDir(t), 'dev.img'), 64 << 20);
@@ -33,10 +33,10 @@ ringTest('1000 random 4 KiB writes then reads through a depth-8 ring land byte-e
   const blocks: number[] = [];
   const used = new Set<number>();
   while (blocks.length < n) { const b = Math.floor(r() * 16384); if (!used.has(b)) { used.add(b); blocks.push(b); } }
-  const w = await Promise.all(blocks.map((b, i) => op(ring, 'write', dev.fd, s, b * 4096, 4096, i * 4096)));
+  const w = await Promise.all(blocks.map((b, i) => op(ring, 'write', dev.fd, s, b * 4096, 4096, i * 4096, i % 2 === 0)));
   t.true(w.every((x) => x === 4096), `write results: ${[...new Set(w)].join(',')}`);
   t.is(await new Promise<number>((res) => ring.datasync(dev.fd, res)), 0);
-  const rd = await Promise.all(blocks.map((b, i) => op(ring, 'read', dev.fd, d, b * 4096, 4096, i * 4096)));
+  const rd = await Promise.all(blocks.map((b, i) => op(ring, 'read', dev.fd, d, b * 4096, 4096, i * 4096, i % 2 === 1)));
   t.true(rd.every((x) => x === 4096));
   t.true(Buffer.from(dst).equals(Buffer.from(src)));
   // The same bytes as another reader sees them (the page cache).

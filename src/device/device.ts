@@ -95,12 +95,14 @@ export class Device implements BlockReader {
 
   /**
    * Memory registered with the I/O ring (the memory container, the NBD arenas) goes through the
-   * ring: a copy-before-write read of one block then costs no thread-pool round trip.
+   * ring, as urgent I/O: that memory serves requests someone waits on (a copy-before-write read of
+   * one block, with a writer held), and then costs no thread-pool round trip and does not queue
+   * behind the backup's bulk reads.
    */
   readBatch(buffer: ArrayBuffer, segments: Float64Array): Promise<Int32Array> {
     const ring = ioRing();
     const idx = ring?.indexOf(buffer);
-    if (idx !== undefined) return ring!.batch(this.fd, false, idx, segments);
+    if (idx !== undefined) return ring!.batch(this.fd, false, idx, segments, true);
     return native().readBatch(this.fd, buffer, segments);
   }
 

@@ -25,6 +25,7 @@ const REC = 7;
 const KIND_READ = 0;
 const KIND_WRITE = 1;
 const KIND_SYNC = 2;
+const URGENT = 4;
 
 export class IoRing {
   private readonly ring: NativeIoRing;
@@ -81,7 +82,7 @@ export class IoRing {
    * A whole batch of [offset, length, bufOffset] triplets on registered memory, one promise for all:
    * the same contract as the addon's readBatch/writeBatch, without the thread-pool hop.
    */
-  batch(fd: number, write: boolean, buf: number, segments: Float64Array): Promise<Int32Array> {
+  batch(fd: number, write: boolean, buf: number, segments: Float64Array, urgent = false): Promise<Int32Array> {
     const n = segments.length / 3;
     const out = new Int32Array(n);
     if (n === 0) return Promise.resolve(out);
@@ -89,17 +90,23 @@ export class IoRing {
       let left = n;
       for (let i = 0; i < n; i++) {
         const cb = (r: number) => { out[i] = r; if (--left === 0) resolve(out); };
-        this.stage(fd, write ? KIND_WRITE : KIND_READ, buf, segments[i * 3]!, segments[i * 3 + 1]!, segments[i * 3 + 2]!, cb);
+        this.stage(fd, (write ? KIND_WRITE : KIND_READ) + (urgent ? URGENT : 0), buf, segments[i * 3]!, segments[i * 3 + 1]!, segments[i * 3 + 2]!, cb);
       }
     });
   }
 
-  read(fd: number, buf: number, offset: number, length: number, bufOffset: number, cb: IoDone): void {
-    this.stage(fd, KIND_READ, buf, offset, length, bufOffset, cb);
+  /**
+   * urgent: a client (or a writer waiting on copy-before-write) waits for this op: issued in the
+   * real-time I/O class, served before the backup's bulk reads (best effort) by the block layer.
+   * Copy-before-write reads are urgent; clients' own I/O only with LIVESNAP_CLIENT_IO_PRIORITY=
+   * realtime (see device-backend.ts: it can starve the backup).
+   */
+  read(fd: number, buf: number, offset: number, length: number, bufOffset: number, cb: IoDone, urgent = false): void {
+    this.stage(fd, KIND_READ + (urgent ? URGENT : 0), buf, offset, length, bufOffset, cb);
   }
 
-  write(fd: number, buf: number, offset: number, length: number, bufOffset: number, cb: IoDone): void {
-    this.stage(fd, KIND_WRITE, buf, offset, length, bufOffset, cb);
+  write(fd: number, buf: number, offset: number, length: number, bufOffset: number, cb: IoDone, urgent = false): void {
+    this.stage(fd, KIND_WRITE + (urgent ? URGENT : 0), buf, offset, length, bufOffset, cb);
   }
 
   /** fdatasync(fd) in the ring: 0 or -errno. */
