@@ -92,6 +92,9 @@ testIf({ root: true, commands: ['nbdfuse', 'fusermount3', 'losetup', 'mkfs.ext4'
     t.is(res.status, 0, `${res.stderr}\n${served.logTail()}`);
     const done = res.lines[res.lines.length - 1]!;
     t.is(done.filesystem, 'ext4');
+    // --freeze writes back with syncfs first (writers still going), then freezes: both are reported.
+    t.is(typeof armed.event.presyncMs, 'number');
+    t.true(Number(armed.event.presyncMs) >= 0 && Number(armed.event.freezeMs) > 0);
     const lateFsynced = [...fsynced.keys()].filter((n) => n.startsWith('late-')).length;
     t.log(`freeze window ${Number(armed.event.freezeMs).toFixed(2)} ms; backup ${Number(done.durationMs).toFixed(0)} ms, ${done.usedBlocks} used blocks of ${done.totalBlocks}; ` +
       `writer fsync'd ${fsynced.size} files (${lateFsynced} after arming); worst write delay ${Number(done.worstWriteDelayMs).toFixed(1)} ms`);

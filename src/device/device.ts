@@ -94,15 +94,14 @@ export class Device implements BlockReader {
   }
 
   /**
-   * Memory registered with the I/O ring (the memory container, the NBD arenas) goes through the
-   * ring, as urgent I/O: that memory serves requests someone waits on (a copy-before-write read of
-   * one block, with a writer held), and then costs no thread-pool round trip and does not queue
-   * behind the backup's bulk reads.
+   * Memory registered with the I/O ring (the memory container) goes through the ring: no
+   * thread-pool round trip. urgent (ring only): the real-time I/O class, ahead of best-effort bulk
+   * reads — for reads someone is waiting on, such as a copy-before-write save with a writer held.
    */
-  readBatch(buffer: ArrayBuffer, segments: Float64Array): Promise<Int32Array> {
+  readBatch(buffer: ArrayBuffer, segments: Float64Array, opts: { urgent?: boolean } = {}): Promise<Int32Array> {
     const ring = ioRing();
     const idx = ring?.indexOf(buffer);
-    if (idx !== undefined) return ring!.batch(this.fd, false, idx, segments, true);
+    if (idx !== undefined) return ring!.batch(this.fd, false, idx, segments, !!opts.urgent);
     return native().readBatch(this.fd, buffer, segments);
   }
 

@@ -3,23 +3,10 @@
 // in the same turn of the event loop go to the kernel in one io_uring_submit; ops beyond the ring's
 // depth wait here, in order, for a free slot. Used where latency per request matters (the NBD data
 // path, copy-before-write); bulk copies keep the batch API.
-import { native } from './native';
+import { native, type NativeIoRing, type NativeIoRingClass } from './native';
 
 /** Called once with bytes transferred (short only at end of file) or -errno. */
 export type IoDone = (result: number) => void;
-
-export interface NativeIoRing {
-  readonly tags: Int32Array;
-  readonly results: Int32Array;
-  readonly inflight: number;
-  readonly capacity: number;
-  register(buffer: ArrayBuffer): number;
-  unregister(index: number): void;
-  submit(ops: Float64Array, first: number, count: number): number;
-  close(): void;
-}
-
-type NativeIoRingClass = new (depth: number, onComplete: (count: number) => void) => NativeIoRing;
 
 const REC = 7;
 const KIND_READ = 0;
@@ -39,13 +26,13 @@ export class IoRing {
   private scheduled = false;
   private readonly flushStaged = () => { this.scheduled = false; this.pump(); };
   readonly counters = { submitted: 0, completed: 0, waitedForSlot: 0 };
+  /** Registered memory by buffer and by index (so Device.readBatch can find it). */
+  private readonly indexes = new WeakMap<ArrayBuffer, number>();
+  private readonly buffers = new Map<number, ArrayBuffer>();
 
   constructor(Ring: NativeIoRingClass, depth: number) {
     this.ring = new Ring(depth, (n) => this.complete(n));
   }
-
-  private readonly indexes = new WeakMap<ArrayBuffer, number>();
-  private readonly buffers = new Map<number, ArrayBuffer>();
 
   /** Lets the ring use `buffer`; returns the index ops name it by. The ring keeps it alive. */
   register(buffer: ArrayBuffer): number {
@@ -115,7 +102,6 @@ export class IoRing {
   }
 
   get inflight(): number { return this.ring.inflight; }
-  get waiting(): number { return (this.stagedEnd - this.stagedFirst) / REC; }
 
   private stage(fd: number, kind: number, buf: number, offset: number, length: number, bufOffset: number, cb: IoDone): void {
     const tag = this.freeTags.length ? this.freeTags.pop()! : this.done.length;
@@ -193,7 +179,7 @@ let shared: IoRing | null | undefined;
 export function ioRing(): IoRing | undefined {
   if (shared !== undefined) return shared ?? undefined;
   shared = null;
-  const Ring = (native() as unknown as { IoRing?: NativeIoRingClass }).IoRing;
+  const Ring = native().IoRing;
   if (!Ring || process.env.LIVESNAP_IO_ENGINE === 'threadpool') return undefined;
   try {
     shared = new IoRing(Ring, 256);

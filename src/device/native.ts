@@ -29,7 +29,27 @@ export interface NativeError extends Error {
   path?: string;
 }
 
+/**
+ * The addon's IoRing (native/io_ring.cc): one io_uring owned by the JavaScript thread. Completions
+ * land in `tags` / `results` and onComplete(count) is called from the event loop. Ops are 7-number
+ * records [fd, kind (0 read, 1 write, 2 fdatasync; +4 urgent), buffer index, offset, length,
+ * buffer offset, tag]; submit returns how many it accepted, or -(accepted + 1) at a malformed one.
+ */
+export interface NativeIoRing {
+  readonly tags: Int32Array;
+  readonly results: Int32Array;
+  readonly inflight: number;
+  readonly capacity: number;
+  register(buffer: ArrayBuffer): number;
+  unregister(index: number): void;
+  submit(ops: Float64Array, first: number, count: number): number;
+  close(): void;
+}
+export type NativeIoRingClass = new (depth: number, onComplete: (count: number) => void) => NativeIoRing;
+
 export interface NativeAddon {
+  /** Undefined where the addon was built without liburing. */
+  IoRing?: NativeIoRingClass;
   open(path: string, flags?: OpenFlags): number;
   close(fd: number): void;
   stat(fd: number): NativeStat;

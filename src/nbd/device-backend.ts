@@ -16,7 +16,8 @@ const PAGE = 4096;
  * With cache=writeback a small write is a copy into the page cache: done in place it costs a few
  * microseconds, while io_uring hands it to a kernel worker thread (ext4 and xfs cannot do buffered
  * writes without blocking), a wake-up each way: 4 KiB writes at QD16 ran ~45K/s that way and
- * ~65-75K/s in place (bench/nbd-datapath). The price: while the kernel throttles a writer for too
+ * ~65-75K/s in place (measured by hand with bench/nbd-serve.js and fio's nbd engine, the jobs of
+ * bench/nbd-datapath). The price: while the kernel throttles a writer for too
  * many dirty pages, the whole event loop waits (as every writer of that device would anyway).
  */
 const PAGE_CACHE_SYNC_WRITE = 64 * 1024;

@@ -4,7 +4,6 @@
 // It validates every request and calls the export's NbdBackend; it knows nothing else.
 import * as fs from 'node:fs';
 import * as net from 'node:net';
-import { native } from '../device/native';
 import type { NbdBackend, NbdBuffer } from './backend';
 import { NbdError } from './backend';
 import { Handshake, type ExportDirectory } from './handshake';
@@ -289,7 +288,7 @@ class Connection implements RequestSink {
     this.parser?.kill();
     // Keep reading (the bytes are dropped): a paused socket with a reusable read buffer stops
     // reading the handle, and would never see the client's end of the connection.
-    if (this.socketPaused) { this.socketPaused = false; }
+    this.socketPaused = false;
     this.socket.resume();
     return new Promise<void>((resolve) => {
       const finish = () => {
@@ -431,7 +430,7 @@ export class NbdServer {
     let c: Connection | undefined;
     const r = withReadBuffer(socket, READ_BUFFER_BYTES, (chunk) => c!.onData(chunk));
     if (r.socket.remoteFamily) r.socket.setNoDelay(true);
-    if (process.env.LIVESNAP_NBD_SEND_BUFFER !== '0') enlargeSendBuffer(r.socket, SEND_BUFFER_BYTES, (fd, n) => native().setSendBuffer(fd, n));
+    enlargeSendBuffer(r.socket, SEND_BUFFER_BYTES);
     c = new Connection(r.socket, this, peer, r.userBuffer);
     this.conns.add(c);
   }

@@ -1,6 +1,7 @@
 // How a connection uses its socket. Reads: into one reusable buffer instead of a fresh 64 KiB allocation per
 // read (Node's `onread` socket option). On the NBD data path this is the difference between ~50K and
-// ~70K 4 KiB writes a second, and 1.5 vs 2.8 GB/s of 1 MiB writes (bench/nbd-datapath): the
+// ~70K 4 KiB writes a second, and 1.5 vs 2.8 GB/s of 1 MiB writes (bench/nbd-datapath, with and
+// without LIVESNAP_NBD_READ_BUFFER=0): the
 // payload still gets copied once (from this buffer into aligned device memory), but nothing is
 // allocated, and the garbage collector has nothing to do, per read.
 //
@@ -9,6 +10,7 @@
 // undocumented field (`_handle`, stable since Node 12); where it is missing the plain socket and
 // its 'data' events are used. The chunk passed to onChunk is only valid during the call.
 import * as net from 'node:net';
+import { native } from '../device/native';
 
 interface HandleCarrier { _handle?: object | null }
 
@@ -21,6 +23,7 @@ export interface ReusableReadSocket {
 export function withReadBuffer(accepted: net.Socket, size: number, onChunk: (chunk: Buffer) => void): ReusableReadSocket {
   const old = accepted as net.Socket & HandleCarrier;
   const handle = old._handle;
+  // LIVESNAP_NBD_READ_BUFFER=0: plain 'data' events (to compare, or if a Node release breaks this).
   if (!handle || process.env.LIVESNAP_NBD_READ_BUFFER === '0') {
     accepted.resume();
     return { socket: accepted, userBuffer: false };
@@ -46,11 +49,12 @@ export function withReadBuffer(accepted: net.Socket, size: number, onChunk: (chu
 /**
  * Asks for a send buffer of `bytes` (SO_SNDBUF; the kernel caps it at net.core.wmem_max). With the
  * default ~208 KiB a 1 MiB READ reply leaves in five writes, each waiting for the socket to drain;
- * with 4 MiB, 1 MiB reads went from ~2.0 to ~3.0 GB/s here (bench/nbd-datapath). Best effort:
- * without a file descriptor (or the addon) the default stays.
+ * with 4 MiB, 1 MiB reads went from ~2.0 to ~3.0 GB/s here (compare `bench/nbd-datapath` with and
+ * without LIVESNAP_NBD_SEND_BUFFER=0). Best effort: without a file descriptor the default stays.
  */
-export function enlargeSendBuffer(socket: net.Socket, bytes: number, setSendBuffer: (fd: number, bytes: number) => number): void {
+export function enlargeSendBuffer(socket: net.Socket, bytes: number): void {
+  if (process.env.LIVESNAP_NBD_SEND_BUFFER === '0') return;
   const fd = (socket as net.Socket & { _handle?: { fd?: number } | null })._handle?.fd;
   if (typeof fd !== 'number' || fd < 0) return;
-  try { setSendBuffer(fd, bytes); } catch { /* keep the default */ }
+  try { native().setSendBuffer(fd, bytes); } catch { /* keep the default */ }
 }

@@ -35,7 +35,8 @@ export class MemoryContainer implements Container {
       segs[i * 3 + 1] = roundUp512(lengths[i]!);
       segs[i * 3 + 2] = slots[i]! * bs;
     }
-    const res = await dev.readBatch(mem, segs);
+    // A writer is held until this read lands: urgent.
+    const res = await dev.readBatch(mem, segs, { urgent: true });
     const out = new Int32Array(count);
     for (let i = 0; i < count; i++) {
       const got = res[i]!;
