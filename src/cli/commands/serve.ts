@@ -103,6 +103,9 @@ export class DaemonCommand extends LivesnapCommand {
     process.once('SIGINT', stop);
     process.once('SIGTERM', stop);
     await d.stopped;
+    // Every export is closed and flushed by now. A handle someone forgot (a timer, a socket) must not
+    // keep a stopped daemon alive: leave in a moment even then (unref: a clean exit does not wait).
+    setTimeout(() => process.exit(0), 1000).unref();
     return 0;
   }
 }
