@@ -149,7 +149,15 @@ export class Copier {
       for (;;) {
         this.check();
         const busy = this.o.writersActive?.() ?? false;
-        if (busy && inflight.length >= BUSY_DEPTH) { await deliver(await inflight.shift()!); continue; }
+        // LIVESNAP_BUSY_DEPTH=0 (a measuring aid, bench/online-frontier): no new reads while writers
+        // write, so what remains is copy-before-write's own cost. A writer that waits on the copier
+        // (urged blocks, a container half full) is still served; the backup ends only once they pause.
+        if (busy && BUSY_DEPTH <= 0 && this.urgent.length === 0 && this.o.slots.fill < 0.5) {
+          if (inflight.length) { await deliver(await inflight.shift()!); continue; }
+          await new Promise((r) => setTimeout(r, 2));
+          continue;
+        }
+        if (busy && inflight.length >= Math.max(1, BUSY_DEPTH)) { await deliver(await inflight.shift()!); continue; }
         const buffer = await pool.acquire();
         const b = newBatch(buffer, busy ? Math.min(capBlocks, Math.max(1, BUSY_BATCH_BYTES / this.bs)) : capBlocks);
         const blockedOn = this.fill(b);
