@@ -128,6 +128,15 @@ testIf({ root: true, commands: ['qemu-io', 'mkfs.ext4'] })('errors: unknown expo
   t.is(bc.status, 1);
   t.regex(bc.stderr, /--cache unsafe: not a cache mode[\s\S]*--cache writeback/);
   t.false((await served.status()).exports.some((e) => e.name === 'badcache'));
+  // A writer priority that does not exist, and one given for an offline backup: refused, with the choices.
+  const bp = await cli(['backup', 'data', '--to', path.join(dir, 'bp.img'), '--writer-priority', 'fast', '--control', served.control]);
+  t.is(bp.status, 1);
+  // (clipanion prints usage errors on standard output)
+  t.regex(bp.stdout + bp.stderr, /--writer-priority: expected one of "high", "normal", or "low" \(got "fast"\)/);
+  t.false(fs.existsSync(path.join(dir, 'bp.img')));
+  const bo = await cli(['backup', other, '--to', path.join(dir, 'bo.img'), '--writer-priority', 'high']);
+  t.is(bo.status, 1);
+  t.regex(bo.stderr, /--writer-priority is for online backups of a served export/);
 
   // A target with no space: the job fails cleanly, the partial image is gone, the export serves on.
   const small = loopDevice(t, sparseFile(path.join(dir, 'small.raw'), 16 * MiB));

@@ -303,6 +303,7 @@ export class Daemon {
       throttle: req.highWater !== undefined ? { highWater: req.highWater } : undefined,
       signal: job.abort.signal,
       maxRate: req.maxRate,
+      writerPriority: req.writerPriority,
       onSession: (s) => (job.session = s),
       onEvent: (ev) => {
         if (ev.event === 'progress') job.progress = { bytesDone: ev.bytesDone, bytesTotal: ev.bytesTotal, badBlocks: ev.badBlocks };

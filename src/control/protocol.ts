@@ -3,6 +3,7 @@
 // result or error, then closes. A backup's connection stays open for its events: when the client
 // goes away (Ctrl-C) without --detach, the daemon cancels the job.
 import * as path from 'node:path';
+import type { WriterPriority } from '../snapshot/writer-priority';
 
 /**
  * How the export writes the backing device. 'none': O_DIRECT, an acknowledged write is on the device
@@ -34,6 +35,7 @@ export interface BackupRequest {
   nextVolumeCommand?: string;
   detach?: boolean;
   maxRate?: number;
+  writerPriority?: WriterPriority;
 }
 export type ControlRequest = ServeRequest | StopRequest | StatusRequest | CancelRequest | BackupRequest | DataRequest;
 

@@ -10,6 +10,7 @@ import type { BackupSink, VolumeInfo } from '../sink/sink';
 import type { SnapshotGate } from '../snapshot/cbw';
 import type { Container } from '../snapshot/container';
 import { Copier } from '../snapshot/copier';
+import { busyPace, type WriterPriority } from '../snapshot/writer-priority';
 import { type ContainerSpec, openContainer, parseContainer } from '../snapshot/parse-container';
 import { SnapshotSession, type SnapshotStats } from '../snapshot/session';
 import type { ThrottlePolicy } from '../snapshot/throttle';
@@ -53,6 +54,8 @@ export interface OnlineBackupOptions {
   depth?: number;
   /** Bytes per second at most (--max-rate). */
   maxRate?: number;
+  /** --writer-priority: how much of the disk the copier leaves to clients while they write. */
+  writerPriority?: WriterPriority;
 }
 
 export interface OnlineBackupSummary extends CopySummary {
@@ -68,6 +71,7 @@ export interface OnlineBackupSummary extends CopySummary {
   container: string;
   containerCapacityBytes: number;
   containerPeakBytes: number;
+  writerPriority: WriterPriority;
 }
 
 export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<OnlineBackupSummary> {
@@ -157,8 +161,8 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
       randomAccess,
       onError,
       // Writers share the device queue with the copier: while any wrote in the last 50 ms the copier
-      // keeps two 256 KiB batches in flight (LIVESNAP_BUSY_BATCH / LIVESNAP_BUSY_DEPTH tune it: smaller
-      // favours writers, larger the backup's own speed); otherwise it reads at full speed.
+      // uses the batches of --writer-priority (writer-priority.ts); otherwise it reads at full speed.
+      busy: busyPace(opts.writerPriority ?? 'normal'),
       batchBytes: opts.batchBytes,
       depth: opts.depth,
       maxRate: opts.maxRate,
@@ -206,6 +210,7 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
       container: container.description,
       containerCapacityBytes: stats.containerCapacityBytes,
       containerPeakBytes: stats.containerPeakBytes,
+      writerPriority: opts.writerPriority ?? 'normal',
       notes,
     };
     opts.onEvent?.({ event: 'done', summary });

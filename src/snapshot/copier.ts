@@ -18,6 +18,7 @@ import type { BackupSink } from '../sink/sink';
 import type { Bitset } from '../util/bitset';
 import type { Container, SlotAllocator } from './container';
 import type { CopyMap, Task } from './copy-map';
+import type { BusyPace } from './writer-priority';
 
 export interface CopierProgress {
   bytesDone: number;
@@ -46,10 +47,12 @@ export interface CopierOptions {
   /** Batches in flight (default 4). */
   depth?: number;
   /**
-   * True while writers are active: the copier then keeps one small batch in flight so a client's
-   * 4K write (and its copy-before-write read) does not queue behind megabytes of backup reads.
+   * True while writers are active: the copier then uses `busy` batches, so a client's 4K write (and
+   * its copy-before-write read) does not queue behind megabytes of backup I/O.
    */
   writersActive?: () => boolean;
+  /** Batch bytes and batches in flight while writers are active (writer-priority.ts); depth 0: no reads. */
+  busy?: BusyPace;
   /** A fatal error from elsewhere (container failure, bad original with policy abort, cancel). */
   failed(): Error | undefined;
   onProgress?(p: CopierProgress): void;
@@ -119,8 +122,8 @@ export class Copier {
   }
 
   async run(): Promise<CopierResult> {
-    const BUSY_BATCH_BYTES = Number(process.env.LIVESNAP_BUSY_BATCH ?? 256 << 10);
-    const BUSY_DEPTH = Number(process.env.LIVESNAP_BUSY_DEPTH ?? 2);
+    const BUSY_BATCH_BYTES = this.o.busy?.batchBytes ?? 256 << 10;
+    const BUSY_DEPTH = this.o.busy?.depth ?? 2;
     const { map } = this.o;
     const batchBytes = Math.max(this.bs, Math.floor((this.o.batchBytes ?? 4 << 20) / this.bs) * this.bs);
     const depth = this.o.depth ?? 4;
@@ -149,8 +152,8 @@ export class Copier {
       for (;;) {
         this.check();
         const busy = this.o.writersActive?.() ?? false;
-        // LIVESNAP_BUSY_DEPTH=0 (a measuring aid, bench/online-frontier): no new reads while writers
-        // write, so what remains is copy-before-write's own cost. A writer that waits on the copier
+        // Busy depth 0 (LIVESNAP_BUSY_DEPTH=0, a measuring aid for bench/online-frontier): no new reads
+        // while writers write, so what remains is copy-before-write's own cost. A writer that waits on the copier
         // (urged blocks, a container half full) is still served; the backup ends only once they pause.
         if (busy && BUSY_DEPTH <= 0 && this.urgent.length === 0 && this.o.slots.fill < 0.5) {
           if (inflight.length) { await deliver(await inflight.shift()!); continue; }

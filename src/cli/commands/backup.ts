@@ -2,6 +2,7 @@ import { Command, Option } from 'clipanion';
 import * as fs from 'node:fs';
 import { resolveControlPath, EXPORT_NAME } from '../../control/protocol';
 import * as t from 'typanion';
+import { WRITER_PRIORITIES } from '../../snapshot/writer-priority';
 import { UserError } from '../../util/errors';
 import { formatBytes, formatRate, parseSize } from '../../util/size';
 import { LivesnapCommand } from '../base';
@@ -44,6 +45,7 @@ export class BackupCommand extends LivesnapCommand {
       ['Compressed archive on standard output', '$0 backup /dev/sdb1 --to - --compress zstd | ssh vault "cat > sdb1.tar.zst"'],
       ['Online backup of a served export while it is in use', '$0 backup data --to /backup/data.img --container memory:256M'],
       ['Online, file system consistent, container on another disk', '$0 backup data --freeze /srv/data --container file:/scratch/cow.bin:4G --to /backup/data.tar'],
+      ['Online, the clients first: they keep about half their write speed, the backup takes longer', '$0 backup data --to /backup/data.img --writer-priority high'],
       ['Keep going past bad blocks', '$0 backup /dev/sdc --to /backup/sdc.img --on-error ignore'],
     ],
   });
@@ -62,6 +64,7 @@ export class BackupCommand extends LivesnapCommand {
   container = Option.String('--container', { description: 'Online: intermediate container: memory:SIZE (default memory:64M), file:PATH[:SIZE], partition:DEVICE' });
   freeze = Option.String('--freeze', { description: 'Online: mount point to freeze (FIFREEZE) for the instant of arming' });
   highWater = Option.String('--high-water', { description: 'Online: container fill (percent) above which writers are slowed down (default 80)' });
+  writerPriority = Option.String('--writer-priority', { description: 'Online: high | normal (default) | low: how much of the disk the backup leaves to clients while they write (high: they keep about half their speed, the backup may take 5x longer; low: the backup takes about its idle time, clients slow down a lot)', validator: t.isEnum(WRITER_PRIORITIES) });
   detach = Option.Boolean('--detach', false, { description: 'Online: return once armed; the job goes on in the daemon' });
   control = Option.String('--control', { description: 'Online: daemon control socket' });
   format = Option.String('--format', { description: 'raw | tar (default: from the target: .img raw; .tar, - and tape devices tar)', validator: t.isEnum(['raw', 'tar'] as const) });
@@ -88,6 +91,7 @@ export class BackupCommand extends LivesnapCommand {
       nextVolumeCommand: this.nextVolume,
       detach: this.detach,
       maxRate: this.maxRate !== undefined ? parseSize(this.maxRate, '--max-rate') : undefined,
+      writerPriority: this.writerPriority,
     }, this.reporter);
   }
 
@@ -97,7 +101,7 @@ export class BackupCommand extends LivesnapCommand {
 
   async run(): Promise<number> {
     if (!fs.existsSync(this.source) && EXPORT_NAME.test(this.source)) return this.online();
-    for (const [flag, v] of [['--container', this.container], ['--freeze', this.freeze], ['--high-water', this.highWater], ['--control', this.control]] as const) {
+    for (const [flag, v] of [['--container', this.container], ['--freeze', this.freeze], ['--high-water', this.highWater], ['--writer-priority', this.writerPriority], ['--control', this.control]] as const) {
       if (v !== undefined) throw new UserError(`${flag} is for online backups of a served export, and ${this.source} is a device or file`, 'serve it with "livesnap serve" and back up the export by name, or drop the option');
     }
     if (this.detach) throw new UserError('--detach is for online backups of a served export');

@@ -1,0 +1,36 @@
+// --writer-priority: how much of the disk the copier leaves to clients while they write. Clients and
+// the copier share one device queue; every client write waits behind the copier's reads and image
+// writes, and a write to a block not yet copied waits for a read of the original too. No setting
+// is best for both sides on one disk: bench/online-frontier measures all three (README, "Known
+// limits"), and the user, who knows whether the clients or the backup window matter more, chooses.
+// Without client writes (none in the last 50 ms) the copier runs at full speed whatever is chosen.
+
+export const WRITER_PRIORITIES = ['high', 'normal', 'low'] as const;
+export type WriterPriority = (typeof WRITER_PRIORITIES)[number];
+
+/** The copier's batches while clients write: bytes per batch and batches in flight. */
+export interface BusyPace {
+  batchBytes: number;
+  depth: number;
+}
+
+const KiB = 1024;
+const PACES: Record<WriterPriority, BusyPace> = {
+  // One 64 KiB read (then its image write) at a time: clients keep about half their idle rate.
+  high: { batchBytes: 64 * KiB, depth: 1 },
+  normal: { batchBytes: 256 * KiB, depth: 2 },
+  // The full-speed batches: the backup takes about its idle time; clients get what is left.
+  low: { batchBytes: 4096 * KiB, depth: 4 },
+};
+
+/**
+ * The pace for a priority. LIVESNAP_BUSY_BATCH / LIVESNAP_BUSY_DEPTH (bytes, batches; the daemon's
+ * environment) override it, for measuring points between the presets; depth 0 stops the copier's
+ * reads while clients write (bench/online-frontier uses it to show copy-before-write's own cost).
+ */
+export function busyPace(priority: WriterPriority, env: NodeJS.ProcessEnv = process.env): BusyPace {
+  const p = { ...PACES[priority] };
+  if (env.LIVESNAP_BUSY_BATCH) p.batchBytes = Number(env.LIVESNAP_BUSY_BATCH);
+  if (env.LIVESNAP_BUSY_DEPTH) p.depth = Number(env.LIVESNAP_BUSY_DEPTH);
+  return p;
+}
