@@ -79,9 +79,19 @@ interface Batch {
   /** Buffer bytes used. */
   used: number;
   room: number;
+  /** Blocks the walk may still read from the device (fewer than `room` while writers write). */
+  devRoom: number;
+  /** Blocks that may still come out of the container. */
+  contRoom: number;
 }
 
 const MAX_URGENT = 4096;
+/**
+ * Saved originals per batch while writers write: their image writes are scattered small writes that
+ * a client's write may queue behind, yet the container must drain as fast as writers fill it
+ * (QD16 writers save ~8K blocks/s here; one batch cycle takes 1-2 ms).
+ */
+const BUSY_DRAIN_BLOCKS = 64;
 
 export class Copier {
   private readonly bs: number;
@@ -153,8 +163,8 @@ export class Copier {
         this.check();
         const busy = this.o.writersActive?.() ?? false;
         // Busy depth 0 (LIVESNAP_BUSY_DEPTH=0, a measuring aid for bench/online-frontier): no new reads
-        // while writers write, so what remains is copy-before-write's own cost. A writer that waits on the copier
-        // (urged blocks, a container half full) is still served; the backup ends only once they pause.
+        // while writers write, so what remains is copy-before-write's own cost. A writer that waits
+        // on the copier (urged blocks, a container half full) is still served.
         if (busy && BUSY_DEPTH <= 0 && this.urgent.length === 0 && this.o.slots.fill < 0.5) {
           if (inflight.length) { await deliver(await inflight.shift()!); continue; }
           await new Promise((r) => setTimeout(r, 2));
@@ -162,7 +172,11 @@ export class Copier {
         }
         if (busy && inflight.length >= Math.max(1, BUSY_DEPTH)) { await deliver(await inflight.shift()!); continue; }
         const buffer = await pool.acquire();
-        const b = newBatch(buffer, busy ? Math.min(capBlocks, Math.max(1, BUSY_BATCH_BYTES / this.bs)) : capBlocks);
+        // While writers write only the device reads shrink: draining the container costs the disk
+        // small writes only, and a container drained slowly fills and makes writers wait.
+        const b = busy
+          ? newBatch(buffer, capBlocks, Math.min(capBlocks, Math.max(1, Math.floor(BUSY_BATCH_BYTES / this.bs))), Math.min(capBlocks, BUSY_DRAIN_BLOCKS))
+          : newBatch(buffer, capBlocks, capBlocks, capBlocks);
         const blockedOn = this.fill(b);
         if (b.nSink === 0) {
           pool.release(buffer);
@@ -228,7 +242,7 @@ export class Copier {
     if (map.savedCount === 0 || b.room === 0) return;
     const take: number[] = [];
     for (const blk of map.slots.keys()) {
-      if (take.length >= b.room) break;
+      if (take.length >= Math.min(b.room, b.contRoom)) break;
       take.push(blk);
     }
     take.sort((x, y) => x - y);
@@ -238,7 +252,7 @@ export class Copier {
   private fillWalk(b: Batch): number | undefined {
     const { map, used } = this.o;
     const random = this.o.randomAccess;
-    while (b.room > 0 && this.cursor < this.total) {
+    while (b.room > 0 && b.devRoom > 0 && this.cursor < this.total) {
       const blk = map.nextWork(this.cursor, this.total);
       if (blk >= this.total) { this.cursor = this.total; break; }
       this.cursor = blk;
@@ -251,7 +265,7 @@ export class Copier {
       }
       if (map.saved.get(blk)) { this.addSaved(b, blk); this.cursor = blk + 1; continue; }
       if (!used.get(blk)) { map.pending.clear(blk); this.cursor = blk + 1; continue; }
-      let limit = Math.min(this.total, blk + b.room);
+      let limit = Math.min(this.total, blk + Math.min(b.room, b.devRoom));
       // Stop the run at the first block the backup does not hold (used is a subset check per run).
       let e = blk + 1;
       while (e < limit && used.get(e)) e++;
@@ -278,6 +292,7 @@ export class Copier {
     b.tasks.push(t);
     b.used += (t.end - t.start) * this.bs;
     b.room -= t.end - t.start;
+    b.devRoom -= t.end - t.start;
   }
 
   /** Takes a saved block out of the map now; its slot is given back once the data is in the batch. */
@@ -368,7 +383,7 @@ export class Copier {
   }
 }
 
-function newBatch(buffer: ArrayBuffer, capBlocks: number): Batch {
+function newBatch(buffer: ArrayBuffer, capBlocks: number, devBlocks: number, contBlocks: number): Batch {
   return {
     buffer,
     sink: new Float64Array(capBlocks * 3),
@@ -382,6 +397,8 @@ function newBatch(buffer: ArrayBuffer, capBlocks: number): Batch {
     tasks: [],
     used: 0,
     room: capBlocks,
+    devRoom: devBlocks,
+    contRoom: contBlocks,
   };
 }
 

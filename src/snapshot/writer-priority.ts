@@ -16,8 +16,8 @@ export interface BusyPace {
 
 const KiB = 1024;
 const PACES: Record<WriterPriority, BusyPace> = {
-  // One 64 KiB read (then its image write) at a time: clients keep about half their idle rate.
-  high: { batchBytes: 64 * KiB, depth: 1 },
+  // One 32 KiB read (then its image write) at a time: clients keep about half their idle rate.
+  high: { batchBytes: 32 * KiB, depth: 1 },
   normal: { batchBytes: 256 * KiB, depth: 2 },
   // The full-speed batches: the backup takes about its idle time; clients get what is left.
   low: { batchBytes: 4096 * KiB, depth: 4 },
