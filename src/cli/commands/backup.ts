@@ -64,7 +64,7 @@ export class BackupCommand extends LivesnapCommand {
   container = Option.String('--container', { description: 'Online: intermediate container: memory:SIZE (default memory:64M), file:PATH[:SIZE], partition:DEVICE' });
   freeze = Option.String('--freeze', { description: 'Online: mount point to freeze (FIFREEZE) for the instant of arming' });
   highWater = Option.String('--high-water', { description: 'Online: container fill (percent) above which writers are slowed down (default 80)' });
-  writerPriority = Option.String('--writer-priority', { description: 'Online: high | normal (default) | low: how much of the disk the backup leaves to clients while they write (high: they keep about half their speed, the backup may take 5x longer; low: the backup takes about its idle time, clients slow down a lot)', validator: t.isEnum(WRITER_PRIORITIES) });
+  writerPriority = Option.String('--writer-priority', { description: 'Online: high | normal (default) | low: how much of the disk the backup leaves to clients while they write (high: they keep about half their speed while the backup may take 10x longer; low: the backup takes about its idle time, clients slow down a lot)', validator: t.isEnum(WRITER_PRIORITIES) });
   detach = Option.Boolean('--detach', false, { description: 'Online: return once armed; the job goes on in the daemon' });
   control = Option.String('--control', { description: 'Online: daemon control socket' });
   format = Option.String('--format', { description: 'raw | tar (default: from the target: .img raw; .tar, - and tape devices tar)', validator: t.isEnum(['raw', 'tar'] as const) });
