@@ -57,6 +57,7 @@ async function exactness(t: ExecutionContext, c: ExactnessCase): Promise<Record<
     t.is(done.bytes, size);
     t.is(done.badBlockCount, 0);
     t.is(done.writerPriority, c.writerPriority ?? 'normal');
+    t.is((await served.status()).jobs.find((j) => j.id === armed.event.job)?.writerPriority, c.writerPriority ?? 'normal', 'status shows the job\'s writer priority');
 
     const check = checkSnapshot(target, size, writers.records, backup.launchedAt, armed.receivedAt);
     const during = writers.records.filter((w) => w.start > armed.receivedAt && w.ack !== undefined && w.ack < armed.receivedAt + Number(done.durationMs)).length;

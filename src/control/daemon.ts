@@ -13,6 +13,7 @@ import { openBackupTarget } from '../sink/open-target';
 import type { SnapshotGate } from '../snapshot/cbw';
 import { interceptBackend } from '../snapshot/intercepting-backend';
 import type { SnapshotSession } from '../snapshot/session';
+import type { WriterPriority } from '../snapshot/writer-priority';
 import { errorText, UserError } from '../util/errors';
 import { type BackupRequest, CACHE_MODES, type CacheMode, type ControlReply, type ControlRequest, defaultExportSocket, EXPORT_NAME, type ServeRequest } from './protocol';
 
@@ -45,6 +46,7 @@ interface Job {
   error?: string;
   finished?: Date;
   detached: boolean;
+  writerPriority: WriterPriority;
 }
 
 export type DaemonLog = (line: string) => void;
@@ -247,6 +249,7 @@ export class Daemon {
       containerCapacityBytes: s?.containerCapacityBytes ?? null,
       writesWaiting: s?.writesWaiting ?? 0,
       worstWriteDelayMs: s?.worstWriteDelayMs ?? j.summary?.worstWriteDelayMs ?? 0,
+      writerPriority: j.writerPriority,
       error: j.error ?? null,
     };
   }
@@ -285,7 +288,7 @@ export class Daemon {
     if (!e) throw new UserError(`no export named "${req.export}"`, `serve it first ("livesnap serve <device> --name ${req.export}"), or see "livesnap status"`);
     if (e.job) throw new UserError(`export "${e.name}" already has a backup running (${e.job.id})`, `wait for it, or "livesnap cancel ${e.job.id}"`);
     const sink = req.to === '-' ? await this.stdoutSink(req, send) : openBackupTarget(req.to, { force: req.force, format: req.format, recordSize: req.recordSize, compress: req.compress, tapeSize: req.tapeSize, nextVolumeCommand: req.nextVolumeCommand });
-    const job: Job = { id: `${e.name}-${++this.jobSeq}`, export: e.name, to: req.to, started: new Date(), state: 'running', abort: new AbortController(), progress: { bytesDone: 0, bytesTotal: 0, badBlocks: 0 }, detached: !!req.detach };
+    const job: Job = { id: `${e.name}-${++this.jobSeq}`, export: e.name, to: req.to, started: new Date(), state: 'running', abort: new AbortController(), progress: { bytesDone: 0, bytesTotal: 0, badBlocks: 0 }, detached: !!req.detach, writerPriority: req.writerPriority ?? 'normal' };
     e.job = job;
     this.jobs.set(job.id, job);
     // Without --detach the job lives as long as the CLI that started it.
@@ -303,7 +306,7 @@ export class Daemon {
       throttle: req.highWater !== undefined ? { highWater: req.highWater } : undefined,
       signal: job.abort.signal,
       maxRate: req.maxRate,
-      writerPriority: req.writerPriority,
+      writerPriority: job.writerPriority,
       onSession: (s) => (job.session = s),
       onEvent: (ev) => {
         if (ev.event === 'progress') job.progress = { bytesDone: ev.bytesDone, bytesTotal: ev.bytesTotal, badBlocks: ev.badBlocks };

@@ -62,7 +62,7 @@ export interface Served {
   status(): Promise<StatusReply>;
 }
 
-export interface JobStatus { id: string; export: string; to: string; state: string; bytesDone: number; bytesTotal: number; worstWriteDelayMs: number; error: string | null; writesWaiting: number }
+export interface JobStatus { id: string; export: string; to: string; state: string; bytesDone: number; bytesTotal: number; worstWriteDelayMs: number; error: string | null; writesWaiting: number; writerPriority?: string }
 export interface StatusReply { pid: number; io?: string; exports: Array<{ name: string; cache?: string; job: JobStatus | null }>; jobs: JobStatus[] }
 
 /**

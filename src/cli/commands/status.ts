@@ -4,7 +4,7 @@ import { formatBytes } from '../../util/size';
 import { LivesnapCommand } from '../base';
 import { controlOption } from './serve';
 
-interface JobInfo { id: string; export: string; to: string; state: string; bytesDone: number; bytesTotal: number; badBlocks: number; containerUsedBytes: number | null; containerCapacityBytes: number | null; writesWaiting: number; worstWriteDelayMs: number; error: string | null }
+interface JobInfo { id: string; export: string; to: string; state: string; bytesDone: number; bytesTotal: number; badBlocks: number; containerUsedBytes: number | null; containerCapacityBytes: number | null; writesWaiting: number; worstWriteDelayMs: number; writerPriority?: string; error: string | null }
 interface ExportInfo { name: string; device: string; size: number; cache?: string; socket: string; tcp: string | null; connections: number; requests: number; bytesWritten: number; job: JobInfo | null }
 
 export class StatusCommand extends LivesnapCommand {
@@ -32,7 +32,7 @@ export class StatusCommand extends LivesnapCommand {
     for (const j of jobs) {
       const pct = j.bytesTotal ? ((100 * j.bytesDone) / j.bytesTotal).toFixed(1) : '0.0';
       const fill = j.containerCapacityBytes ? `container ${formatBytes(j.containerUsedBytes ?? 0)}/${formatBytes(j.containerCapacityBytes)}` : '';
-      out.push(`job ${j.id} -> ${j.to}: ${j.state} ${pct}% ${fill} writes waiting ${j.writesWaiting}, worst write delay ${j.worstWriteDelayMs.toFixed(1)} ms${j.badBlocks ? `, ${j.badBlocks} bad blocks` : ''}${j.error ? ` (${j.error})` : ''}`);
+      out.push(`job ${j.id} -> ${j.to}: ${j.state} ${pct}% ${fill} writes waiting ${j.writesWaiting}, worst write delay ${j.worstWriteDelayMs.toFixed(1)} ms${j.writerPriority && j.writerPriority !== 'normal' ? `, writer priority ${j.writerPriority}` : ''}${j.badBlocks ? `, ${j.badBlocks} bad blocks` : ''}${j.error ? ` (${j.error})` : ''}`);
     }
     process.stdout.write(out.join('\n') + '\n');
     return 0;
