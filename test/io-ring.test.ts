@@ -73,3 +73,28 @@ ringTest('a read across the end of a file is short; a malformed op fails alone w
   ring.unregister(m);
   t.throws(() => ring.unregister(m), { message: /not a registered buffer/ });
 });
+
+ringTest('unregisterWhenIdle waits for ops still staged (not yet in the kernel), then lets the memory go; one callback serves a whole batch', async (t) => {
+  const file = path.join(scratchDir(t), 'staged.img');
+  fs.writeFileSync(file, Buffer.alloc(16384, 0x33));
+  const fd = fs.openSync(file, 'r');
+  t.teardown(() => fs.closeSync(fd));
+  const ring = ioRing()!;
+  const mem = native().allocAligned(16384);
+  const m = ring.register(mem);
+  // Staged in this tick: the kernel knows nothing of it yet, so only the ring's own count holds the memory.
+  const read = op(ring, 'read', fd, m, 4096, 4096, 0);
+  const gone = ring.unregisterWhenIdle(m);
+  t.is(await read, 4096);
+  await gone;
+  t.true(Buffer.from(mem, 0, 4096).every((x) => x === 0x33));
+  t.throws(() => ring.unregister(m), { message: /not a registered buffer/ });
+  // A batch: each result lands at its own index (the last one past the end of the file is short).
+  const mem2 = native().allocAligned(16384);
+  const m2 = ring.register(mem2);
+  const res = await ring.batch(fd, false, m2, new Float64Array([0, 4096, 0, 12288, 8192, 4096, 8192, 4096, 12288]), false);
+  t.deepEqual([...res], [4096, 4096, 4096]);
+  const res2 = await ring.batch(fd, false, m2, new Float64Array([12288, 8192, 0, 0, 4096, 8192]), false);
+  t.deepEqual([...res2], [4096, 4096]);
+  await ring.unregisterWhenIdle(m2);
+});

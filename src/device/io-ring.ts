@@ -5,8 +5,11 @@
 // path, copy-before-write); bulk copies keep the batch API.
 import { native, type NativeIoRing, type NativeIoRingClass } from './native';
 
-/** Called once with bytes transferred (short only at end of file) or -errno. */
-export type IoDone = (result: number) => void;
+/**
+ * Called once with bytes transferred (short only at end of file) or -errno, and the op's index
+ * within its batch (0 for a single op): one callback serves a whole batch.
+ */
+export type IoDone = (result: number, index: number) => void;
 
 const REC = 7;
 const KIND_READ = 0;
@@ -18,6 +21,12 @@ export class IoRing {
   private readonly ring: NativeIoRing;
   /** Callback by tag; tags are recycled through `freeTags`. */
   private readonly done: Array<IoDone | undefined> = [];
+  /** The index within its batch of the op holding a tag. */
+  private readonly opIndex: number[] = [];
+  /** The registered buffer of the op holding a tag (-1: none, an fdatasync). */
+  private readonly opBuffer: number[] = [];
+  /** Ops staged or in the kernel, by registered buffer index (so memory in use is never let go). */
+  private readonly bufferOps: number[] = [];
   private readonly freeTags: number[] = [];
   /** Ops not yet accepted by the ring, as 7-number records, from `stagedFirst`. */
   private staged = new Float64Array(REC * 256);
@@ -52,14 +61,10 @@ export class IoRing {
     this.buffers.delete(index);
   }
 
-  /** Unregisters once no op uses the buffer any more (ops finish in bounded time). */
+  /** Unregisters once no op uses the buffer any more, staged or in the kernel (ops finish in bounded time). */
   async unregisterWhenIdle(index: number): Promise<void> {
-    for (;;) {
-      try { this.unregister(index); return; } catch (e) {
-        if (!/in flight/.test((e as Error).message)) throw e;
-        await new Promise((r) => setTimeout(r, 1));
-      }
-    }
+    while ((this.bufferOps[index] ?? 0) > 0) await new Promise((r) => setTimeout(r, 1));
+    this.unregister(index);
   }
 
   /** The index of a registered buffer, or undefined. */
@@ -75,10 +80,9 @@ export class IoRing {
     if (n === 0) return Promise.resolve(out);
     return new Promise((resolve) => {
       let left = n;
-      for (let i = 0; i < n; i++) {
-        const cb = (r: number) => { out[i] = r; if (--left === 0) resolve(out); };
-        this.stage(fd, (write ? KIND_WRITE : KIND_READ) + (urgent ? URGENT : 0), buf, segments[i * 3]!, segments[i * 3 + 1]!, segments[i * 3 + 2]!, cb);
-      }
+      const cb: IoDone = (r, i) => { out[i] = r; if (--left === 0) resolve(out); };
+      const kind = (write ? KIND_WRITE : KIND_READ) + (urgent ? URGENT : 0);
+      for (let i = 0; i < n; i++) this.stage(fd, kind, buf, segments[i * 3]!, segments[i * 3 + 1]!, segments[i * 3 + 2]!, cb, i);
     });
   }
 
@@ -103,9 +107,13 @@ export class IoRing {
 
   get inflight(): number { return this.ring.inflight; }
 
-  private stage(fd: number, kind: number, buf: number, offset: number, length: number, bufOffset: number, cb: IoDone): void {
+  private stage(fd: number, kind: number, buf: number, offset: number, length: number, bufOffset: number, cb: IoDone, index = 0): void {
     const tag = this.freeTags.length ? this.freeTags.pop()! : this.done.length;
     this.done[tag] = cb;
+    this.opIndex[tag] = index;
+    const b = (kind & 3) === KIND_SYNC ? -1 : buf;
+    this.opBuffer[tag] = b;
+    if (b >= 0) this.bufferOps[b] = (this.bufferOps[b] ?? 0) + 1;
     if (this.stagedEnd + REC > this.staged.length) this.compact();
     const s = this.staged;
     const i = this.stagedEnd;
@@ -166,7 +174,9 @@ export class IoRing {
     const cb = this.done[tag]!;
     this.done[tag] = undefined;
     this.freeTags.push(tag);
-    cb(result);
+    const b = this.opBuffer[tag]!;
+    if (b >= 0) this.bufferOps[b]!--;
+    cb(result, this.opIndex[tag]!);
   }
 }
 

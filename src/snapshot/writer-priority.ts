@@ -15,7 +15,7 @@ export interface BusyPace {
 }
 
 const KiB = 1024;
-const PACES: Record<WriterPriority, BusyPace> = {
+export const WRITER_PACES: Readonly<Record<WriterPriority, BusyPace>> = {
   // One 32 KiB read (then its image write) at a time: clients keep about half their idle rate.
   high: { batchBytes: 32 * KiB, depth: 1 },
   normal: { batchBytes: 256 * KiB, depth: 2 },
@@ -29,7 +29,7 @@ const PACES: Record<WriterPriority, BusyPace> = {
  * reads while clients write (bench/online-frontier uses it to show copy-before-write's own cost).
  */
 export function busyPace(priority: WriterPriority, env: NodeJS.ProcessEnv = process.env): BusyPace {
-  const p = { ...PACES[priority] };
+  const p = { ...WRITER_PACES[priority] };
   if (env.LIVESNAP_BUSY_BATCH) p.batchBytes = Number(env.LIVESNAP_BUSY_BATCH);
   if (env.LIVESNAP_BUSY_DEPTH) p.depth = Number(env.LIVESNAP_BUSY_DEPTH);
   return p;

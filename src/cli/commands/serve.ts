@@ -68,11 +68,7 @@ export class ServeCommand extends LivesnapCommand {
       await d.listen();
       const res = await d.serve(req).catch(async (e) => { await d.shutdown(); throw e; });
       this.print(res);
-      const stop = () => void d.shutdown();
-      process.once('SIGINT', stop);
-      process.once('SIGTERM', stop);
-      await d.stopped;
-      return 0;
+      return runUntilStopped(d);
     }
     if (!(await isDaemonRunning(control))) {
       const log = await startDaemon(control);
@@ -99,14 +95,7 @@ export class DaemonCommand extends LivesnapCommand {
     /* eslint-enable @typescript-eslint/no-require-imports */
     const d = new Daemon(resolveControlPath(this.control));
     await d.listen();
-    const stop = () => void d.shutdown();
-    process.once('SIGINT', stop);
-    process.once('SIGTERM', stop);
-    await d.stopped;
-    // Every export is closed and flushed by now. A handle someone forgot (a timer, a socket) must not
-    // keep a stopped daemon alive: leave in a moment even then (unref: a clean exit does not wait).
-    setTimeout(() => process.exit(0), 1000).unref();
-    return 0;
+    return runUntilStopped(d);
   }
 }
 
@@ -129,4 +118,16 @@ export class StopCommand extends LivesnapCommand {
     else process.stdout.write(this.name ? `stopped serving "${this.name}"\n` : `daemon stopping (exports: ${(res.stopped as string[]).join(', ') || 'none'})\n`);
     return 0;
   }
+}
+
+/** Serves until `livesnap stop`, SIGINT or SIGTERM; then the process ends. */
+async function runUntilStopped(d: import('../../control/daemon').Daemon): Promise<number> {
+  const stop = () => void d.shutdown();
+  process.once('SIGINT', stop);
+  process.once('SIGTERM', stop);
+  await d.stopped;
+  // Every export is closed and flushed by now. A handle someone forgot (a timer, a socket) must not
+  // keep a stopped daemon alive: leave in a moment even then (unref: a clean exit does not wait).
+  setTimeout(() => process.exit(0), 1000).unref();
+  return 0;
 }
