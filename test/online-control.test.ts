@@ -132,7 +132,7 @@ testIf({ root: true, commands: ['qemu-io', 'mkfs.ext4'] })('errors: unknown expo
   const bp = await cli(['backup', 'data', '--to', path.join(dir, 'bp.img'), '--writer-priority', 'fast', '--control', served.control]);
   t.is(bp.status, 1);
   // (clipanion prints usage errors on standard output)
-  t.regex(bp.stdout + bp.stderr, /--writer-priority: expected one of "high", "normal", or "low" \(got "fast"\)/);
+  t.regex(bp.stdout + bp.stderr, /--writer-priority: expected one of "auto", "high", "normal", or "low" \(got "fast"\)/);
   t.false(fs.existsSync(path.join(dir, 'bp.img')));
   const bo = await cli(['backup', other, '--to', path.join(dir, 'bo.img'), '--writer-priority', 'high']);
   t.is(bo.status, 1);

@@ -23,8 +23,8 @@ interface ExactnessCase {
   cache?: 'none' | 'writeback';
   /** The daemon's I/O without the io_uring ring: libuv's pool and batches (LIVESNAP_IO_ENGINE=threadpool). */
   threadpool?: boolean;
-  /** backup --writer-priority (default: not given, i.e. normal). */
-  writerPriority?: 'high' | 'normal' | 'low';
+  /** backup --writer-priority (default: not given, i.e. auto). */
+  writerPriority?: 'auto' | 'high' | 'normal' | 'low';
 }
 
 async function exactness(t: ExecutionContext, c: ExactnessCase): Promise<Record<string, unknown>> {
@@ -56,8 +56,15 @@ async function exactness(t: ExecutionContext, c: ExactnessCase): Promise<Record<
     t.is(done.event, 'done');
     t.is(done.bytes, size);
     t.is(done.badBlockCount, 0);
-    t.is(done.writerPriority, c.writerPriority ?? 'normal');
-    t.is((await served.status()).jobs.find((j) => j.id === armed.event.job)?.writerPriority, c.writerPriority ?? 'normal', 'status shows the job\'s writer priority');
+    t.is(done.writerPriority, c.writerPriority ?? 'auto');
+    if ((c.writerPriority ?? 'auto') === 'auto') {
+      const ap = done.autoPace as { level: number; stepsUp: number; stepsDown: number } | undefined;
+      t.truthy(ap, 'the done event says how auto paced the copier');
+      t.true(ap!.level >= 0 && ap!.level < 8);
+    } else {
+      t.is(done.autoPace, undefined);
+    }
+    t.is((await served.status()).jobs.find((j) => j.id === armed.event.job)?.writerPriority, c.writerPriority ?? 'auto', 'status shows the job\'s writer priority');
 
     const check = checkSnapshot(target, size, writers.records, backup.launchedAt, armed.receivedAt);
     const during = writers.records.filter((w) => w.start > armed.receivedAt && w.ack !== undefined && w.ack < armed.receivedAt + Number(done.durationMs)).length;

@@ -10,7 +10,8 @@ import type { BackupSink, VolumeInfo } from '../sink/sink';
 import type { SnapshotGate } from '../snapshot/cbw';
 import type { Container } from '../snapshot/container';
 import { Copier } from '../snapshot/copier';
-import { busyPace, type WriterPriority } from '../snapshot/writer-priority';
+import { busyOverridden, busyPace, DEFAULT_WRITER_PRIORITY, type WriterPriority } from '../snapshot/writer-priority';
+import { AutoPace, type AutoPaceStats } from '../snapshot/auto-pace';
 import { type ContainerSpec, openContainer, parseContainer } from '../snapshot/parse-container';
 import { SnapshotSession, type SnapshotStats } from '../snapshot/session';
 import type { ThrottlePolicy } from '../snapshot/throttle';
@@ -72,6 +73,8 @@ export interface OnlineBackupSummary extends CopySummary {
   containerCapacityBytes: number;
   containerPeakBytes: number;
   writerPriority: WriterPriority;
+  /** With --writer-priority auto: the baseline it kept the clients to, and how it stepped. */
+  autoPace?: AutoPaceStats;
 }
 
 export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<OnlineBackupSummary> {
@@ -103,6 +106,9 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
     let drained: Promise<void>;
     let freezeMs: number;
     let presyncMs = 0;
+    const priority = opts.writerPriority ?? DEFAULT_WRITER_PRIORITY;
+    // Before the instant: the clients' rate with the disk to themselves is auto's baseline.
+    const auto = priority === 'auto' && !busyOverridden() ? new AutoPace(opts.gate.activity) : undefined;
     if (opts.freeze) {
       // Wrapped so the drain of in-flight writes is awaited after the thaw, not inside the window.
       const r = await withFrozen(opts.freeze, async () => ({ drained: session.arm() }));
@@ -161,8 +167,9 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
       randomAccess,
       onError,
       // Writers share the device queue with the copier: while any wrote in the last 50 ms the copier
-      // uses the batches of --writer-priority (writer-priority.ts); otherwise it reads at full speed.
-      busy: busyPace(opts.writerPriority ?? 'normal'),
+      // uses the batches of --writer-priority (writer-priority.ts, auto-pace.ts); otherwise it reads
+      // at full speed.
+      busy: auto ? () => auto.pace() : busyPace(priority),
       batchBytes: opts.batchBytes,
       depth: opts.depth,
       maxRate: opts.maxRate,
@@ -210,7 +217,8 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
       container: container.description,
       containerCapacityBytes: stats.containerCapacityBytes,
       containerPeakBytes: stats.containerPeakBytes,
-      writerPriority: opts.writerPriority ?? 'normal',
+      writerPriority: priority,
+      ...(auto ? { autoPace: auto.stats } : {}),
       notes,
     };
     opts.onEvent?.({ event: 'done', summary });

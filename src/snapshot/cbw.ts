@@ -16,6 +16,7 @@ import type { ChangeKind, WriteInterceptor } from '../nbd/backend';
 import type { Container, SlotAllocator } from './container';
 import { type CopyMap, nextSet } from './copy-map';
 import { type Sleepers, type ThrottlePolicy, throttleDelay } from './throttle';
+import { WriteActivity } from './write-activity';
 
 export interface CbwStats {
   /** Writes held by the snapshot right now. */
@@ -175,10 +176,14 @@ export class SnapshotGate implements WriteInterceptor {
 
   /** performance.now() of the latest write-like request: the copier yields the device while writers are active. */
   lastChangeAt = -Infinity;
+  /** The clients' write rate and think time (for the automatic writer priority). */
+  readonly activity = new WriteActivity();
 
   beforeChange(offset: number, length: number, _kind: ChangeKind): void | Promise<void> {
     this.entered++;
-    this.lastChangeAt = performance.now();
+    const now = performance.now();
+    this.lastChangeAt = now;
+    this.activity.enter(now);
     const c = this.cbw;
     if (c === undefined) return undefined;
     return c.beforeWrite(offset, length);
@@ -186,6 +191,7 @@ export class SnapshotGate implements WriteInterceptor {
 
   afterChange(_offset: number, _length: number, _kind: ChangeKind, _error: unknown): void {
     this.completed++;
+    this.activity.exit(performance.now());
     if (this.drainResolve !== undefined && this.completed >= this.drainTarget) {
       const r = this.drainResolve;
       this.drainResolve = undefined;
@@ -211,6 +217,7 @@ export class SnapshotGate implements WriteInterceptor {
     if (this.cbw) throw new Error('a snapshot is already armed on this export');
     this.cbw = cbw;
     cbw.armed = true;
+    this.activity.setArmed(true, performance.now());
     if (this.completed >= this.entered) return Promise.resolve();
     this.drainTarget = this.entered;
     // Every later write waits in cbw.slow for `ready`, so none completes before the older ones.
@@ -224,6 +231,7 @@ export class SnapshotGate implements WriteInterceptor {
     if (this.cbw !== cbw) return;
     this.cbw = undefined;
     cbw.armed = false;
+    this.activity.setArmed(false, performance.now());
     if (this.drainResolve) { const r = this.drainResolve; this.drainResolve = undefined; r(); }
     cbw.sleepers.wakeAll();
     cbw.map.releaseAllWaiters();

@@ -51,8 +51,11 @@ export interface CopierOptions {
    * its copy-before-write read) does not queue behind megabytes of backup I/O.
    */
   writersActive?: () => boolean;
-  /** Batch bytes and batches in flight while writers are active (writer-priority.ts); depth 0: no reads. */
-  busy?: BusyPace;
+  /**
+   * Batch bytes and batches in flight while writers are active (writer-priority.ts); depth 0: no
+   * reads. A function is asked before every batch (the automatic priority, auto-pace.ts).
+   */
+  busy?: BusyPace | (() => BusyPace);
   /** A fatal error from elsewhere (container failure, bad original with policy abort, cancel). */
   failed(): Error | undefined;
   onProgress?(p: CopierProgress): void;
@@ -93,6 +96,8 @@ const MAX_URGENT = 4096;
  * saving an original).
  */
 const BUSY_DRAIN_BLOCKS = 64;
+/** Placeholder pace while no writer writes (the full batches are used then). */
+const FULL_SPEED: BusyPace = { batchBytes: Infinity, depth: Infinity };
 
 export class Copier {
   private readonly bs: number;
@@ -133,7 +138,8 @@ export class Copier {
   }
 
   async run(): Promise<CopierResult> {
-    const { batchBytes: BUSY_BATCH_BYTES, depth: BUSY_DEPTH } = this.o.busy ?? WRITER_PACES.normal;
+    const fixedPace = typeof this.o.busy === 'function' ? undefined : this.o.busy ?? WRITER_PACES.normal;
+    const paceNow = typeof this.o.busy === 'function' ? this.o.busy : () => fixedPace!;
     const { map } = this.o;
     const batchBytes = Math.max(this.bs, Math.floor((this.o.batchBytes ?? 4 << 20) / this.bs) * this.bs);
     const depth = this.o.depth ?? 4;
@@ -162,6 +168,7 @@ export class Copier {
       for (;;) {
         this.check();
         const busy = this.o.writersActive?.() ?? false;
+        const { batchBytes: BUSY_BATCH_BYTES, depth: BUSY_DEPTH } = busy ? paceNow() : FULL_SPEED;
         // Busy depth 0 (LIVESNAP_BUSY_DEPTH=0, a measuring aid for bench/online-frontier): no new reads
         // while writers write, so what remains is copy-before-write's own cost. A writer that waits
         // on the copier (urged blocks, a container half full) is still served.

@@ -2,11 +2,14 @@
 // the copier share one device queue; every client write waits behind the copier's reads and image
 // writes, and a write to a block not yet copied waits for a read of the original too. No setting
 // is best for both sides on one disk: bench/online-frontier measures all three (README, "Known
-// limits"), and the user, who knows whether the clients or the backup window matter more, chooses.
+// limits"). `auto` (the default) steers between the two ends by what the clients get (auto-pace.ts);
+// the fixed presets are for a user who knows whether the clients or the backup window matter more.
 // Without client writes (none in the last 50 ms) the copier runs at full speed whatever is chosen.
 
-export const WRITER_PRIORITIES = ['high', 'normal', 'low'] as const;
+export const WRITER_PRIORITIES = ['auto', 'high', 'normal', 'low'] as const;
 export type WriterPriority = (typeof WRITER_PRIORITIES)[number];
+export type FixedWriterPriority = Exclude<WriterPriority, 'auto'>;
+export const DEFAULT_WRITER_PRIORITY: WriterPriority = 'auto';
 
 /** The copier's batches while clients write: bytes per batch and batches in flight. */
 export interface BusyPace {
@@ -15,7 +18,7 @@ export interface BusyPace {
 }
 
 const KiB = 1024;
-export const WRITER_PACES: Readonly<Record<WriterPriority, BusyPace>> = {
+export const WRITER_PACES: Readonly<Record<FixedWriterPriority, BusyPace>> = {
   // One 32 KiB read (then its image write) at a time: clients keep about half their idle rate.
   high: { batchBytes: 32 * KiB, depth: 1 },
   normal: { batchBytes: 256 * KiB, depth: 2 },
@@ -23,13 +26,18 @@ export const WRITER_PACES: Readonly<Record<WriterPriority, BusyPace>> = {
   low: { batchBytes: 4096 * KiB, depth: 4 },
 };
 
+/** LIVESNAP_BUSY_BATCH / LIVESNAP_BUSY_DEPTH are set: a fixed pace even for `auto`. */
+export function busyOverridden(env: NodeJS.ProcessEnv = process.env): boolean {
+  return !!(env.LIVESNAP_BUSY_BATCH || env.LIVESNAP_BUSY_DEPTH);
+}
+
 /**
- * The pace for a priority. LIVESNAP_BUSY_BATCH / LIVESNAP_BUSY_DEPTH (bytes, batches; the daemon's
+ * The pace for a fixed priority (`auto` counts as normal here: its starting point when overridden). LIVESNAP_BUSY_BATCH / LIVESNAP_BUSY_DEPTH (bytes, batches; the daemon's
  * environment) override it, for measuring points between the presets; depth 0 stops the copier's
  * reads while clients write (bench/online-frontier uses it to show copy-before-write's own cost).
  */
 export function busyPace(priority: WriterPriority, env: NodeJS.ProcessEnv = process.env): BusyPace {
-  const p = { ...WRITER_PACES[priority] };
+  const p = { ...WRITER_PACES[priority === 'auto' ? 'normal' : priority] };
   if (env.LIVESNAP_BUSY_BATCH) p.batchBytes = Number(env.LIVESNAP_BUSY_BATCH);
   if (env.LIVESNAP_BUSY_DEPTH) p.depth = Number(env.LIVESNAP_BUSY_DEPTH);
   return p;
