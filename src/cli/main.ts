@@ -11,11 +11,13 @@ import { VersionCommand } from './commands/version';
 import { DaemonCommand, ServeCommand, StopCommand } from './commands/serve';
 import { CancelCommand, StatusCommand } from './commands/status';
 
+const COMMANDS = [InspectCommand, BackupCommand, RestoreCommand, VerifyCommand, ServeCommand, StatusCommand, CancelCommand, StopCommand, DaemonCommand, DemoCommand, VersionCommand];
+
 export function buildCli(): Cli {
   // No colours unless standard output is a terminal: clipanion's help ("--help", no arguments) otherwise
   // goes by $TERM alone (Cli.defaultContext.colorDepth), also into a pipe or a file.
   const cli = new Cli({ binaryLabel: 'livesnap', binaryName: 'livesnap', binaryVersion: TOOL_VERSION, enableCapture: false, enableColors: stdoutIsTTY() ? undefined : false });
-  for (const c of [InspectCommand, BackupCommand, RestoreCommand, VerifyCommand, ServeCommand, StatusCommand, CancelCommand, StopCommand, DaemonCommand, DemoCommand, VersionCommand]) cli.register(c);
+  for (const c of COMMANDS) cli.register(c);
   cli.register(Builtins.HelpCommand);
   cli.register(Builtins.VersionCommand);
   return cli;
@@ -35,7 +37,20 @@ export async function main(argv: string[]): Promise<number> {
   }
   // (clipanion adds the rest of Cli.defaultContext itself; not spreading it here keeps its stdin unread.)
   const ctx = { colorDepth: stdoutIsTTY() ? Cli.defaultContext.colorDepth : 1 };
-  return cli.run(argv.length ? argv : ['--help'], ctx);
+  // clipanion reports a usage error (unknown option, a value its validator refuses) on the context's
+  // stdout; it belongs on stderr, where scripts look for errors and where it cannot be taken for a
+  // backup's --json output. Our commands write their output to process.stdout themselves, so for
+  // them a context whose stdout is stderr carries only those reports; clipanion's own commands
+  // (help in its forms, --version) print their text there and keep stdout.
+  let command: ReturnType<Cli['process']>;
+  try {
+    command = cli.process(argv, ctx);
+  } catch (e) {
+    process.stderr.write(cli.error(e, { colored: false }));
+    return 1;
+  }
+  const ours = !command.help && COMMANDS.some((c) => command instanceof c);
+  return cli.run(command, ours ? { ...ctx, stdout: process.stderr } : ctx);
 }
 
 /**
