@@ -61,7 +61,7 @@ test('WriteActivity: the baseline is the rate of the second before, only without
 });
 
 /** Runs AutoPace for `windows` windows against a client model; returns the levels seen. */
-function steer(baselinePerSec: number | undefined, clientAt: (level: number) => { serviceMs: number; gapMs: number }, windows: number): number[] {
+function steer(baselinePerSec: number | undefined, clientAt: (level: number, window: number) => { serviceMs: number; gapMs: number }, windows: number): number[] {
   const a = new WriteActivity(0);
   let now = 0;
   if (baselinePerSec !== undefined) now = client(a, 0, 1500, 1000 / baselinePerSec / 2, 1000 / baselinePerSec / 2);
@@ -71,17 +71,19 @@ function steer(baselinePerSec: number | undefined, clientAt: (level: number) => 
   for (let w = 0; w < windows; w++) {
     const level = AUTO_LADDER.indexOf(pace.pace(now));
     levels.push(level);
-    const m = clientAt(level);
+    const m = clientAt(level, w);
     now = client(a, now, now + WINDOW_MS, m.serviceMs, m.gapMs);
   }
   levels.push(AUTO_LADDER.indexOf(pace.pace(now)));
   return levels;
 }
 
-test('AutoPace: a client that writes back to back keeps the copier at the bottom of the ladder', (t) => {
-  // Each level slows the client: 0.1 ms a write at the bottom, 0.1 ms more per level.
-  const levels = steer(undefined, (l) => ({ serviceMs: 0.1 * (l + 1), gapMs: 0.05 }), 30);
-  t.is(Math.max(...levels.slice(3)), 0, levels.join(' '));
+test('AutoPace: a client that writes back to back brings the copier down to the bottom of the ladder', (t) => {
+  // First a light client (mostly think time), so the copier climbs; then one that writes back to
+  // back, each write slower the higher the level (0.1 ms at the bottom, 0.1 ms more per level).
+  const levels = steer(undefined, (l, w) => (w < 6 ? { serviceMs: 0.2, gapMs: 1.8 } : { serviceMs: 0.1 * (l + 1), gapMs: 0.05 }), 30);
+  t.true(levels[6]! >= 4, `it climbed while the client had think time: ${levels.join(' ')}`);
+  t.is(Math.max(...levels.slice(6 + levels[6]! + 1)), 0, `and came down, one step a window, to stay: ${levels.join(' ')}`);
 });
 
 test('AutoPace: a light steady client lets the copier climb to full speed', (t) => {

@@ -7,6 +7,7 @@ import * as path from 'node:path';
 import type { ExecutionContext } from 'ava';
 import { checkFinal, checkSnapshot, SelfDescribingWriters, serveDevice, sleep, startBackup } from './helpers/online';
 import { serialIf as testIf } from './helpers/online';
+import { AUTO_LADDER } from '../src/snapshot/auto-pace';
 import { loopDevice, rng, scratchDir, seedFromEnv, sparseFile } from './helpers/system';
 
 const MiB = 1 << 20;
@@ -60,7 +61,7 @@ async function exactness(t: ExecutionContext, c: ExactnessCase): Promise<Record<
     if ((c.writerPriority ?? 'auto') === 'auto') {
       const ap = done.autoPace as { level: number; stepsUp: number; stepsDown: number } | undefined;
       t.truthy(ap, 'the done event says how auto paced the copier');
-      t.true(ap!.level >= 0 && ap!.level < 8);
+      t.true(ap!.level >= 0 && ap!.level < AUTO_LADDER.length);
     } else {
       t.is(done.autoPace, undefined);
     }

@@ -173,7 +173,7 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
       batchBytes: opts.batchBytes,
       depth: opts.depth,
       maxRate: opts.maxRate,
-      writersActive: () => performance.now() - opts.gate.lastChangeAt < 50,
+      writersActive: () => performance.now() - opts.gate.activity.lastEnterAt < 50,
       failed: () => session.failure,
       onProgress: (p) => {
         const now = performance.now();

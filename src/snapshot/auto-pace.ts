@@ -10,7 +10,8 @@
 //    client with think time is not held back by the backup, so the copier steps up; one with none
 //    may be, so without a baseline (clients that start writing during the backup) it steps down.
 // One step per window, along a ladder from one 32 KiB read at a time (the `high` preset; one of
-// 16 KiB measured no better for clients) to the full-speed batches (`low`).
+// 16 KiB measured no better for clients: SETTINGS=16K:1 bench/online-frontier) to the full-speed
+// batches (`low`).
 
 import * as fs from 'node:fs';
 import type { BusyPace } from './writer-priority';
@@ -57,8 +58,8 @@ export class AutoPace {
   private windowStart: number;
   private completedAt: number;
   private thinkAt: number;
-  stepsUp = 0;
-  stepsDown = 0;
+  private stepsUp = 0;
+  private stepsDown = 0;
 
   constructor(private readonly activity: WriteActivity, now: number = performance.now()) {
     const b = activity.baselineRate(now);

@@ -174,16 +174,12 @@ export class SnapshotGate implements WriteInterceptor {
   private drainTarget = 0;
   private drainResolve: (() => void) | undefined;
 
-  /** performance.now() of the latest write-like request: the copier yields the device while writers are active. */
-  lastChangeAt = -Infinity;
-  /** The clients' write rate and think time (for the automatic writer priority). */
+  /** When clients last wrote, their write rate and think time: the copier yields the device to them. */
   readonly activity = new WriteActivity();
 
   beforeChange(offset: number, length: number, _kind: ChangeKind): void | Promise<void> {
     this.entered++;
-    const now = performance.now();
-    this.lastChangeAt = now;
-    this.activity.enter(now);
+    this.activity.enter(performance.now());
     const c = this.cbw;
     if (c === undefined) return undefined;
     return c.beforeWrite(offset, length);

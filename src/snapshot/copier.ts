@@ -96,8 +96,6 @@ const MAX_URGENT = 4096;
  * saving an original).
  */
 const BUSY_DRAIN_BLOCKS = 64;
-/** Placeholder pace while no writer writes (the full batches are used then). */
-const FULL_SPEED: BusyPace = { batchBytes: Infinity, depth: Infinity };
 
 export class Copier {
   private readonly bs: number;
@@ -138,8 +136,8 @@ export class Copier {
   }
 
   async run(): Promise<CopierResult> {
-    const fixedPace = typeof this.o.busy === 'function' ? undefined : this.o.busy ?? WRITER_PACES.normal;
-    const paceNow = typeof this.o.busy === 'function' ? this.o.busy : () => fixedPace!;
+    const busyPace = this.o.busy ?? WRITER_PACES.normal;
+    const paceNow = typeof busyPace === 'function' ? busyPace : () => busyPace;
     const { map } = this.o;
     const batchBytes = Math.max(this.bs, Math.floor((this.o.batchBytes ?? 4 << 20) / this.bs) * this.bs);
     const depth = this.o.depth ?? 4;
@@ -167,22 +165,22 @@ export class Copier {
     try {
       for (;;) {
         this.check();
-        const busy = this.o.writersActive?.() ?? false;
-        const { batchBytes: BUSY_BATCH_BYTES, depth: BUSY_DEPTH } = busy ? paceNow() : FULL_SPEED;
+        // While writers write: the pace of --writer-priority; otherwise full speed.
+        const pace = this.o.writersActive?.() ? paceNow() : undefined;
         // Busy depth 0 (LIVESNAP_BUSY_DEPTH=0, a measuring aid for bench/online-frontier): no new reads
         // while writers write, so what remains is copy-before-write's own cost. A writer that waits
         // on the copier (urged blocks, a container half full) is still served.
-        if (busy && BUSY_DEPTH <= 0 && this.urgent.length === 0 && this.o.slots.fill < 0.5) {
+        if (pace && pace.depth <= 0 && this.urgent.length === 0 && this.o.slots.fill < 0.5) {
           if (inflight.length) { await deliver(await inflight.shift()!); continue; }
           await new Promise((r) => setTimeout(r, 2));
           continue;
         }
-        if (busy && inflight.length >= Math.max(1, BUSY_DEPTH)) { await deliver(await inflight.shift()!); continue; }
+        if (pace && inflight.length >= Math.max(1, pace.depth)) { await deliver(await inflight.shift()!); continue; }
         const buffer = await pool.acquire();
         // While writers write only the device reads shrink: draining the container costs the disk
         // small writes only, and a container drained slowly fills and makes writers wait.
-        const b = busy
-          ? newBatch(buffer, capBlocks, Math.min(capBlocks, Math.max(1, Math.floor(BUSY_BATCH_BYTES / this.bs))), Math.min(capBlocks, BUSY_DRAIN_BLOCKS))
+        const b = pace
+          ? newBatch(buffer, capBlocks, Math.min(capBlocks, Math.max(1, Math.floor(pace.batchBytes / this.bs))), Math.min(capBlocks, BUSY_DRAIN_BLOCKS))
           : newBatch(buffer, capBlocks, capBlocks, capBlocks);
         const blockedOn = this.fill(b);
         if (b.nSink === 0) {

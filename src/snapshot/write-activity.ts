@@ -16,6 +16,8 @@ export class WriteActivity {
   private thinkClosed = 0;
   /** Changes completed, ever. */
   completed = 0;
+  /** performance.now() of the latest change to arrive. */
+  lastEnterAt = -Infinity;
   private readonly counts = new Uint32Array(BUCKETS);
   private bucket = 0;
   private armedNow = false;
@@ -27,6 +29,7 @@ export class WriteActivity {
   }
 
   enter(now: number): void {
+    this.lastEnterAt = now;
     if (this.inFlight++ === 0) {
       const gap = now - this.idleSince;
       if (gap >= THINK_GAP_MS) this.thinkClosed += gap;
@@ -65,7 +68,7 @@ export class WriteActivity {
     const active: number[] = [];
     // The current bucket is partial: take the whole buckets before it.
     for (let i = 1; i <= BASELINE_WINDOW_MS / BUCKET_MS; i++) {
-      const c = this.counts[(this.bucket - i + BUCKETS * 4) % BUCKETS]!;
+      const c = this.counts[(this.bucket - i + BUCKETS) % BUCKETS]!;
       if (c > 0) active.push(c);
     }
     if (active.length < 3) return undefined;
