@@ -103,7 +103,7 @@ function readString(b: Uint8Array, off: number, len: number): string {
 }
 
 function readOctal(b: Uint8Array, off: number, len: number, what: string, archiveOffset: number): number {
-  if (b[off]! & 0x80) {
+  if (b[off]! & 0x80) { // 32-bit-ok: a byte
     // GNU base-256: big-endian binary in the remaining bytes.
     let v = 0;
     for (let i = off + 1; i < off + len; i++) v = v * 256 + b[i]!;

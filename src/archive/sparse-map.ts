@@ -15,37 +15,14 @@ export interface SparseMap {
   storedBytes: number;
 }
 
-/**
- * Joins runs of used blocks into regions (adjacent used blocks form one region). Scans the bitmap a
- * byte at a time over all-free and all-used stretches; the last block is clamped to the volume size.
- */
+/** Joins runs of used blocks into regions (runs are maximal, so regions are never adjacent); the
+ *  last block is clamped to the volume size. */
 export function sparseMapFromBitset(used: Bitset, blockSize: number, volumeSize: number): SparseMap {
-  const bytes = used.bytes;
   const nbits = Math.min(used.size, Math.ceil(volumeSize / blockSize));
   let regions = new Float64Array(1024);
   let count = 0;
   let stored = 0;
-  let i = 0;
-  const nextBit = (from: number, value: boolean): number => {
-    let j = from;
-    const skip = value ? 0x00 : 0xff;
-    while (j < nbits) {
-      if ((j & 7) === 0) {
-        let b = j >>> 3;
-        const lastFull = nbits >>> 3;
-        while (b < lastFull && bytes[b] === skip) b++;
-        j = b << 3;
-        if (j >= nbits) return nbits;
-      }
-      if (((bytes[j >>> 3]! >>> (j & 7)) & 1) === (value ? 1 : 0)) return j;
-      j++;
-    }
-    return nbits;
-  };
-  while (i < nbits) {
-    const start = nextBit(i, true);
-    if (start >= nbits) break;
-    const end = nextBit(start, false);
+  for (const [start, end] of used.runs(0, nbits)) {
     const off = start * blockSize;
     const size = Math.min(end * blockSize, volumeSize) - off;
     if (count * 2 + 2 > regions.length) {
@@ -57,7 +34,6 @@ export function sparseMapFromBitset(used: Bitset, blockSize: number, volumeSize:
     regions[count * 2 + 1] = size;
     count++;
     stored += size;
-    i = end;
   }
   return { realSize: volumeSize, regions: regions.subarray(0, count * 2), count, storedBytes: stored };
 }

@@ -189,7 +189,7 @@ const CRC32C_TABLES: Uint32Array[] = (() => {
     t[0]![i] = c >>> 0;
   }
   for (let i = 0; i < 256; i++) {
-    for (let k = 1; k < 8; k++) t[k]![i] = (t[k - 1]![i]! >>> 8) ^ t[0]![t[k - 1]![i]! & 0xff]!;
+    for (let k = 1; k < 8; k++) t[k]![i] = (t[k - 1]![i]! >>> 8) ^ t[0]![t[k - 1]![i]! & 0xff]!; // 32-bit-ok: crc words
   }
   return t;
 })();

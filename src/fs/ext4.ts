@@ -52,13 +52,13 @@ function fsKind(sb: RawSuperblock): ExtKind {
   return 'ext2';
 }
 
-const isPow2 = (n: number) => n > 0 && (n & (n - 1)) === 0;
+const isPow2 = (n: number) => n > 0 && (n & (n - 1)) === 0; // 32-bit-ok: only for sizes checked <= 2^16
 
 function geometry(raw: Buffer, deviceSize: number): Geometry {
   const sb = parseSuperblock(raw);
   if (sb.magic !== EXT_MAGIC) throw corrupt(`no ext2/3/4 magic number in the superblock (found 0x${sb.magic.toString(16)})`);
   if (sb.logBlockSize > 6) throw corrupt(`superblock block size field s_log_block_size=${sb.logBlockSize} is out of range (0..6, i.e. 1 KiB..64 KiB)`);
-  const blockSize = 1024 << sb.logBlockSize;
+  const blockSize = 1024 << sb.logBlockSize; // 32-bit-ok: logBlockSize checked <= 6
   const kind = fsKind(sb);
   const metadataCsum = (sb.roCompat & RO_COMPAT.METADATA_CSUM) !== 0;
   if (metadataCsum) {
@@ -236,54 +236,6 @@ async function readBlockSet(reader: BlockReader, blockSize: number, blocks: numb
   }
 }
 
-/** ORs `nbits` LSB-first bits of `src` into `set` at bit `at` (any alignment), byte at a time. */
-export function orBits(set: Bitset, src: Uint8Array, at: number, nbits: number): void {
-  nbits = Math.min(nbits, set.size - at, src.length * 8);
-  if (nbits <= 0) return;
-  const dst = set.bytes;
-  const shift = at & 7;
-  const base = at >>> 3;
-  const whole = nbits >>> 3;
-  const rem = nbits & 7;
-  if (shift === 0) {
-    for (let k = 0; k < whole; k++) dst[base + k]! |= src[k]!;
-    if (rem) dst[base + whole]! |= src[whole]! & ((1 << rem) - 1);
-    return;
-  }
-  const back = 8 - shift;
-  for (let k = 0; k < whole; k++) {
-    const b = src[k]!;
-    if (b === 0) continue;
-    dst[base + k]! |= (b << shift) & 0xff;
-    if (b >>> back) dst[base + k + 1]! |= b >>> back;
-  }
-  if (rem) {
-    const b = src[whole]! & ((1 << rem) - 1);
-    dst[base + whole]! |= (b << shift) & 0xff;
-    if (b >>> back) dst[base + whole + 1]! |= b >>> back;
-  }
-}
-
-/** Set bits of a whole bitset, 32 bits at a time (no bit past `size` is ever set here). */
-function popcount(set: Bitset): number {
-  const bytes = set.bytes;
-  const words = bytes.byteOffset % 4 === 0 ? new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.length >>> 2) : undefined;
-  let n = 0;
-  let tail = 0;
-  if (words) {
-    for (let i = 0; i < words.length; i++) {
-      let v = words[i]!;
-      if (v === 0) continue;
-      if (v === 0xffffffff) { n += 32; continue; }
-      v = v - ((v >>> 1) & 0x55555555);
-      v = (v & 0x33333333) + ((v >>> 2) & 0x33333333);
-      n += (((v + (v >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
-    }
-    tail = words.length * 4;
-  }
-  return n + set.count(tail * 8, set.size);
-}
-
 function allBlocksMap(filesystem: FileSystemKind, blockSize: number, deviceSize: number, notes: string[]): UsedBlockMap {
   const totalBlocks = Math.ceil(deviceSize / blockSize);
   return { filesystem, blockSize, totalBlocks, usedBlocks: totalBlocks, bitmap: new Bitset(totalBlocks, true), notes, allBlocks: true };
@@ -369,7 +321,7 @@ async function read(reader: BlockReader): Promise<UsedBlockMap> {
           continue;
         }
       }
-      orBits(bitmap, data, start, n);
+      bitmap.orBytes(data, start, n);
     }
   };
   const fromDisk = [...groupsByBitmap.keys()].filter((b) => !journalBitmaps?.has(b));
@@ -402,7 +354,7 @@ async function read(reader: BlockReader): Promise<UsedBlockMap> {
   }
   if (journalNote !== undefined) notes.push(journalNote.replace('%N', String(fromJournal)));
   if (g.blocksCount < totalBlocks) notes.push(`the device is ${totalBlocks - g.blocksCount} blocks larger than the file system: the tail is copied`);
-  return { filesystem: g.kind, blockSize, totalBlocks, usedBlocks: popcount(bitmap), bitmap, notes, allBlocks: false };
+  return { filesystem: g.kind, blockSize, totalBlocks, usedBlocks: bitmap.setCount, bitmap, notes, allBlocks: false };
 }
 
 /**

@@ -42,7 +42,7 @@ function corrupt(message: string): CorruptFileSystemError {
 }
 
 function isPow2(n: number): boolean {
-  return n > 0 && (n & (n - 1)) === 0;
+  return n > 0 && (n & (n - 1)) === 0; // 32-bit-ok: only for sizes checked <= 2^16
 }
 
 function log2(n: number): number {

@@ -176,7 +176,7 @@ export function encodeRequest(type: number, flags: number, cookie: number, offse
   b.writeUInt32BE(0, 8);
   b.writeUInt32BE(cookie >>> 0, 12);
   b.writeUInt32BE(Math.floor(offset / 0x100000000) >>> 0, 16);
-  b.writeUInt32BE(offset >>> 0, 20);
-  b.writeUInt32BE(length >>> 0, 24);
+  b.writeUInt32BE(offset % 0x100000000, 20);
+  b.writeUInt32BE(length % 0x100000000, 24);
   return b;
 }

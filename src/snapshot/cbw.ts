@@ -156,9 +156,7 @@ export class CopyBeforeWrite {
 }
 
 function anyBusy(map: CopyMap, first: number, end: number): boolean {
-  const b = map.busy.bytes;
-  for (let i = first; i < end; i++) if ((b[i >>> 3]! & (1 << (i & 7))) !== 0) return true;
-  return false;
+  return map.busy.any(first, end);
 }
 
 /**

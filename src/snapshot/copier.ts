@@ -210,7 +210,7 @@ export class Copier {
 
   private finished(): boolean {
     const { map } = this.o;
-    return this.cursor >= this.total && map.savedCount === 0 && map.countTasks('save') === 0 && nextPendingFrom(map, 0) >= this.total;
+    return this.cursor >= this.total && map.savedCount === 0 && map.countTasks('save') === 0 && map.pending.setCount === 0;
   }
 
   /** Fills a batch; returns a block the walk must wait for when nothing could be added. */
@@ -405,14 +405,6 @@ function newBatch(buffer: ArrayBuffer, capBlocks: number, devBlocks: number, con
     devRoom: devBlocks,
     contRoom: contBlocks,
   };
-}
-
-function nextPendingFrom(map: CopyMap, from: number): number {
-  const p = map.pending.bytes;
-  for (let k = from >>> 3; k < p.length; k++) {
-    if (p[k] !== 0) return Math.max(from, k * 8);
-  }
-  return map.totalBlocks;
 }
 
 /** Sorts [offset, length, bufOffset] triplets by offset (batches from several sources). */

@@ -40,34 +40,9 @@ export class Notifier {
   }
 }
 
-/** True when any bit in [start, end) is set in either bitset (bounded scan, bytes at a time). */
-export function anySet2(a: Bitset, b: Bitset, start: number, end: number): boolean {
-  const ab = a.bytes, bb = b.bytes;
-  let i = start;
-  while (i < end && (i & 7) !== 0) {
-    if (((ab[i >>> 3]! | bb[i >>> 3]!) & (1 << (i & 7))) !== 0) return true;
-    i++;
-  }
-  const fullEnd = end & ~7;
-  for (let k = i >>> 3; k < fullEnd >>> 3; k++) if ((ab[k]! | bb[k]!) !== 0) return true;
-  for (i = Math.max(i, fullEnd); i < end; i++) if (((ab[i >>> 3]! | bb[i >>> 3]!) & (1 << (i & 7))) !== 0) return true;
-  return false;
-}
-
-/** First set bit of `a` in [from, end); `end` if none (bounded, unlike Bitset.next). */
+/** First set bit of `a` in [from, end); `end` if none. */
 export function nextSet(a: Bitset, from: number, end: number): number {
-  const ab = a.bytes;
-  let i = from;
-  while (i < end) {
-    if ((i & 7) === 0 && ab[i >>> 3] === 0) { i += 8; continue; }
-    if ((ab[i >>> 3]! & (1 << (i & 7))) !== 0) return i;
-    i++;
-  }
-  return end;
-}
-
-export function anySet(a: Bitset, start: number, end: number): boolean {
-  return anySet2(a, a, start, end);
+  return a.next(from, true, end);
 }
 
 export class CopyMap {
@@ -89,7 +64,7 @@ export class CopyMap {
 
   /** A write to [first, end) must take the slow path (some block still pending or held). */
   needsWork(first: number, end: number): boolean {
-    return anySet2(this.pending, this.busy, first, end);
+    return this.pending.any(first, end) || this.busy.any(first, end);
   }
 
   get savedCount(): number {
@@ -164,18 +139,10 @@ export class CopyMap {
 
   /** First block in [from, end) that is pending, busy or saved; `end` if none. */
   nextWork(from: number, end: number): number {
-    const p = this.pending.bytes, b = this.busy.bytes, s = this.saved.bytes;
-    let i = from;
-    while (i < end) {
-      if ((i & 7) === 0) {
-        const k = i >>> 3;
-        if ((p[k]! | b[k]! | s[k]!) === 0) { i += 8; continue; }
-      }
-      const k = i >>> 3, m = 1 << (i & 7);
-      if (((p[k]! | b[k]! | s[k]!) & m) !== 0) return i;
-      i++;
-    }
-    return end;
+    // Each scan is bounded by the nearest hit so far: the walk costs what it advances.
+    let e = this.pending.next(from, true, end);
+    e = this.busy.next(from, true, e);
+    return this.saved.next(from, true, e);
   }
 
   /** Disarm: every task's waiters are released now (the tasks themselves still end normally). */

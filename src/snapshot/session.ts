@@ -72,7 +72,7 @@ export class SnapshotSession {
     for (const r of container.excludedRanges()) {
       this.excluded.setRange(Math.floor(r.offset / this.blockSize), Math.floor((r.offset + r.length) / this.blockSize));
     }
-    andNot(this.map.pending, this.excluded);
+    this.map.pending.andNot(this.excluded);
     this.slots = new SlotAllocator(container.capacity);
     const throttle = { ...DEFAULT_THROTTLE, ...opts.throttle };
     this.cbw = new CopyBeforeWrite(this.map, device, container, this.slots, this.blockSize, this.volumeSize, throttle, this.sleepers, {
@@ -109,8 +109,8 @@ export class SnapshotSession {
     for (const [s, e] of usedMap.bitmap.runs()) {
       used.setRange(Math.floor((s * fbs) / bs), Math.ceil((e * fbs) / bs));
     }
-    andNot(used, this.excluded);
-    andWith(this.map.pending, used);
+    used.andNot(this.excluded);
+    this.map.pending.andWith(used);
     // Originals saved before the map was known that the backup does not hold: give the space back.
     for (const [blk, slot] of [...this.map.slots]) {
       if (!used.get(blk)) { this.map.unsave(blk); this.slots.give(slot); }
@@ -153,7 +153,7 @@ export class SnapshotSession {
       armedAt: this.armedAt?.toISOString(),
       blockSize: this.blockSize,
       totalBlocks: this.totalBlocks,
-      pendingBlocks: this.state === 'disarmed' ? 0 : this.map.pending.count(),
+      pendingBlocks: this.state === 'disarmed' ? 0 : this.map.pending.setCount,
       containerKind: c.kind,
       containerCapacityBytes: c.capacity * this.blockSize,
       containerUsedBytes: this.slots.used * this.blockSize,
@@ -165,14 +165,3 @@ export class SnapshotSession {
   }
 }
 
-/** a &= ~b, bytewise. */
-function andNot(a: Bitset, b: Bitset): void {
-  const x = a.bytes, y = b.bytes;
-  for (let i = 0; i < x.length; i++) if (y[i] !== 0) x[i] = x[i]! & ~y[i]!;
-}
-
-/** a &= b, bytewise. */
-function andWith(a: Bitset, b: Bitset): void {
-  const x = a.bytes, y = b.bytes;
-  for (let i = 0; i < x.length; i++) x[i] = x[i]! & y[i]!;
-}

@@ -73,7 +73,7 @@ export class WriteActivity {
     }
     if (active.length < 3) return undefined;
     active.sort((a, b) => a - b);
-    return active[active.length >> 1]! * (1000 / BUCKET_MS);
+    return active[Math.floor(active.length / 2)]! * (1000 / BUCKET_MS);
   }
 
   private advance(now: number): void {
