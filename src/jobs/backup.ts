@@ -5,6 +5,7 @@ import type { Device } from '../device/device';
 import { copyBlocks, type ErrorPolicy } from '../copy/block-copier';
 import { readUsedBlockMap } from '../fs/detect';
 import type { UsedBlockMap } from '../fs/used-map';
+import { CompletenessCheck } from '../sink/completeness';
 import type { BackupSink, VolumeInfo } from '../sink/sink';
 import { checkFreezeMount, withFrozen } from './freeze';
 import { TOOL_VERSION } from './version';
@@ -46,7 +47,8 @@ export interface BackupSummary extends CopySummary {
 
 export async function runBackup(opts: BackupOptions): Promise<BackupSummary> {
   const started = performance.now();
-  const { source, sink } = opts;
+  const { source } = opts;
+  const sink = new CompletenessCheck(opts.sink);
   if (opts.method === 'freeze') checkFreezeMount(opts.mount!, source);
 
   const copy = async () => {

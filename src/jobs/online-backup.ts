@@ -6,6 +6,7 @@ import type { ErrorPolicy } from '../copy/block-copier';
 import type { BlockReader, Device } from '../device/device';
 import type { UsedBlockMap } from '../fs/used-map';
 import { ImageSink } from '../sink/image-sink';
+import { CompletenessCheck } from '../sink/completeness';
 import type { BackupSink, VolumeInfo } from '../sink/sink';
 import type { SnapshotGate } from '../snapshot/cbw';
 import type { Container } from '../snapshot/container';
@@ -79,10 +80,11 @@ export interface OnlineBackupSummary extends CopySummary {
 
 export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<OnlineBackupSummary> {
   const started = performance.now();
-  const { device, sink } = opts;
+  const { device } = opts;
   const bs = opts.blockSize ?? 4096;
   const onError = opts.onError ?? 'abort';
-  const randomAccess = opts.randomAccess ?? (sink as { randomAccess?: boolean }).randomAccess ?? sink instanceof ImageSink;
+  const randomAccess = opts.randomAccess ?? opts.sink.randomAccess ?? opts.sink instanceof ImageSink;
+  const sink = new CompletenessCheck(opts.sink);
   if (opts.signal?.aborted) throw cancelled(opts.signal);
 
   const c = opts.container;

@@ -7,6 +7,7 @@ import { readUsedBlockMap } from '../fs/detect';
 import type { UsedBlockMap } from '../fs/used-map';
 import { CompareSink } from '../sink/compare-sink';
 import { ImageSink } from '../sink/image-sink';
+import { CompletenessCheck } from '../sink/completeness';
 import type { BackupSink } from '../sink/sink';
 import { TOOL_VERSION } from './version';
 
@@ -23,7 +24,8 @@ export interface ImageJobResult {
   durationMs: number;
 }
 
-async function imageToSink(opts: ImageJobOptions, sink: BackupSink): Promise<ImageJobResult> {
+async function imageToSink(opts: ImageJobOptions, target: BackupSink): Promise<ImageJobResult> {
+  const sink = new CompletenessCheck(target);
   const started = performance.now();
   const img = Device.open(opts.image, { write: false });
   try {

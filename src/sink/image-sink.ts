@@ -48,7 +48,18 @@ export class ImageSink implements BackupSink {
     fs.rmSync(this.workPath, { force: true });
     this.dev = Device.open(this.workPath, { write: true, create: true });
     // The holes of a sparse file are the free blocks; set the size first so the file is sparse.
-    fs.ftruncateSync(this.dev.fd, volume.size);
+    try {
+      fs.ftruncateSync(this.dev.fd, volume.size);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EFBIG') throw e;
+      this.dev.close();
+      this.dev = undefined;
+      fs.rmSync(this.workPath, { force: true });
+      throw new UserError(
+        `the file system holding ${this.target} cannot hold a file of ${volume.size} bytes (ext4 stops at 16 TiB)`,
+        'write the image to XFS or btrfs, to a device, or back up to an archive (.tar) instead',
+      );
+    }
   }
 
   async write(batch: DataBatch): Promise<void> {

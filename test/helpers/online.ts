@@ -206,15 +206,6 @@ export class QemuIo {
     return this.command(`write ${fua ? '-f ' : ''}-s ${sourceFile} ${off} ${len}`, /^wrote \d+\/\d+ bytes at offset \d+/);
   }
 
-  /** "flush" prints nothing on success: it is followed by "length", whose answer comes after it. */
-  flush(): Promise<string> {
-    if (this.dead) return Promise.reject(this.dead);
-    return new Promise((resolve, reject) => {
-      this.waiters.push({ ok: /^\d+(\.\d+)? (bytes|KiB|MiB|GiB)/, resolve, reject });
-      this.proc.stdin!.write('flush\nlength\n');
-    });
-  }
-
   async quit(): Promise<number | null> {
     if (this.proc.exitCode === null) this.proc.stdin!.end('quit\n');
     return this.exited;
