@@ -5,6 +5,8 @@
 
 namespace livesnap {
 Napi::Value Open(const Napi::CallbackInfo&);
+Napi::Value OpenAsync(const Napi::CallbackInfo&);
+Napi::Value Lock(const Napi::CallbackInfo&);
 Napi::Value Close(const Napi::CallbackInfo&);
 Napi::Value Stat(const Napi::CallbackInfo&);
 Napi::Value AllocAligned(const Napi::CallbackInfo&);
@@ -26,6 +28,8 @@ Napi::Value DefineIoRing(Napi::Env);
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("open", Napi::Function::New(env, Open));
+  exports.Set("openAsync", Napi::Function::New(env, OpenAsync));
+  exports.Set("lock", Napi::Function::New(env, Lock));
   exports.Set("close", Napi::Function::New(env, Close));
   exports.Set("stat", Napi::Function::New(env, Stat));
   exports.Set("allocAligned", Napi::Function::New(env, AllocAligned));

@@ -70,6 +70,30 @@ class CallWorker : public Napi::AsyncWorker {
   std::function<int()> fn_;
   int err_ = 0;
 };
+// Runs fn() on the libuv pool; fn returns a non-negative result or -errno. Resolves the number.
+class ValueWorker : public Napi::AsyncWorker {
+ public:
+  ValueWorker(Napi::Env env, const char* syscall, std::string path, std::function<int64_t()> fn)
+      : Napi::AsyncWorker(env, syscall), deferred_(Napi::Promise::Deferred::New(env)),
+        syscall_(syscall), path_(std::move(path)), fn_(std::move(fn)) {}
+  static Napi::Promise Start(Napi::Env env, const char* syscall, std::string path, std::function<int64_t()> fn) {
+    auto* w = new ValueWorker(env, syscall, std::move(path), std::move(fn));
+    Napi::Promise p = w->deferred_.Promise();
+    w->Queue();
+    return p;
+  }
+  void Execute() override { result_ = fn_(); }
+  void OnOK() override {
+    if (result_ < 0) deferred_.Reject(ErrnoError(Env(), (int)-result_, syscall_, path_).Value());
+    else deferred_.Resolve(Napi::Number::New(Env(), (double)result_));
+  }
+ private:
+  Napi::Promise::Deferred deferred_;
+  const char* syscall_;
+  std::string path_;
+  std::function<int64_t()> fn_;
+  int64_t result_ = 0;
+};
 }  // namespace livesnap
 
 #include <sys/stat.h>

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <sys/file.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
@@ -12,12 +13,13 @@
 
 namespace livesnap {
 
-// open(path, {write, direct, exclusive, create}) -> fd
-Napi::Value Open(const Napi::CallbackInfo& info) {
+struct OpenArgs { std::string path; int flags = 0; };
+
+static bool ParseOpen(const Napi::CallbackInfo& info, OpenArgs* a) {
   Napi::Env env = info.Env();
-  if (!RequireArgs(info, 1, "usage: open(path, {write, direct, exclusive, create})") ) return env.Null();
-  if (!info[0].IsString()) { Napi::TypeError::New(env, "path must be a string").ThrowAsJavaScriptException(); return env.Null(); }
-  std::string path = info[0].As<Napi::String>();
+  if (!RequireArgs(info, 1, "usage: open(path, {write, direct, exclusive, create})")) return false;
+  if (!info[0].IsString()) { Napi::TypeError::New(env, "path must be a string").ThrowAsJavaScriptException(); return false; }
+  a->path = info[0].As<Napi::String>();
   bool write = false, direct = true, exclusive = false, create = false;
   if (info.Length() > 1 && info[1].IsObject()) {
     Napi::Object o = info[1].As<Napi::Object>();
@@ -31,9 +33,51 @@ Napi::Value Open(const Napi::CallbackInfo& info) {
   // On a block device O_EXCL without O_CREAT claims it exclusively: EBUSY while mounted or held.
   if (exclusive) flags |= O_EXCL;
   if (create) flags |= O_CREAT;
-  int fd = open(path.c_str(), flags, 0600);
-  if (fd < 0) { ErrnoError(env, errno, "open", path).ThrowAsJavaScriptException(); return env.Null(); }
+  a->flags = flags;
+  return true;
+}
+
+// open(path, {write, direct, exclusive, create}) -> fd
+Napi::Value Open(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  OpenArgs a;
+  if (!ParseOpen(info, &a)) return env.Null();
+  int fd = open(a.path.c_str(), a.flags, 0600);
+  if (fd < 0) { ErrnoError(env, errno, "open", a.path).ThrowAsJavaScriptException(); return env.Null(); }
   return Napi::Number::New(env, fd);
+}
+
+// openAsync(path, flags) -> Promise<fd>: the same open on the thread pool, for paths whose lookup
+// may wait on a file system this process itself serves.
+Napi::Value OpenAsync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  OpenArgs a;
+  if (!ParseOpen(info, &a)) return env.Null();
+  return ValueWorker::Start(env, "open", a.path, [a]() -> int64_t {
+    int fd = open(a.path.c_str(), a.flags, 0600);
+    return fd < 0 ? -(int64_t)errno : fd;
+  });
+}
+
+// lock(fd, mode) -> true if taken, false if someone else holds a conflicting lock. mode: "exclusive",
+// "shared" or "unlock". flock(2), never waiting: an export holds an exclusive lock on its device
+// (and a loop device's backing file) for as long as it is served.
+Napi::Value Lock(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 2 || !info[0].IsNumber() || !info[1].IsString()) {
+    Napi::TypeError::New(env, "usage: lock(fd, 'exclusive' | 'shared' | 'unlock')").ThrowAsJavaScriptException(); return env.Null();
+  }
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  std::string mode = info[1].As<Napi::String>();
+  int op = mode == "exclusive" ? LOCK_EX : mode == "shared" ? LOCK_SH : mode == "unlock" ? LOCK_UN : -1;
+  if (op < 0) { Napi::TypeError::New(env, "lock: mode must be exclusive, shared or unlock").ThrowAsJavaScriptException(); return env.Null(); }
+  for (;;) {
+    if (flock(fd, op | LOCK_NB) == 0) return Napi::Boolean::New(env, true);
+    if (errno == EINTR) continue;
+    if (errno == EWOULDBLOCK) return Napi::Boolean::New(env, false);
+    ErrnoError(env, errno, "flock").ThrowAsJavaScriptException();
+    return env.Null();
+  }
 }
 
 Napi::Value Close(const Napi::CallbackInfo& info) {

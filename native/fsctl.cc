@@ -71,18 +71,13 @@ Napi::Value ThawSync(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// fiemap(path, sync=true) -> Float64Array [logical, physical, length, flags] * n
-Napi::Value Fiemap(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (info.Length() < 1 || !info[0].IsString()) { Napi::TypeError::New(env, "usage: fiemap(path)").ThrowAsJavaScriptException(); return env.Null(); }
-  std::string path = info[0].As<Napi::String>();
-  bool sync = info.Length() < 2 || info[1].ToBoolean();
+// The extents of a file as [logical, physical, length, flags] quadruplets, or -errno.
+static int64_t FiemapOp(const std::string& path, bool sync, std::vector<double>* out) {
   int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) { ErrnoError(env, errno, "open", path).ThrowAsJavaScriptException(); return env.Null(); }
+  if (fd < 0) return -(int64_t)errno;
   const unsigned kBatch = 512;
   std::vector<uint8_t> mem(sizeof(struct fiemap) + kBatch * sizeof(struct fiemap_extent));
   struct fiemap* fm = reinterpret_cast<struct fiemap*>(mem.data());
-  std::vector<double> out;
   uint64_t start = 0;
   bool last = false;
   while (!last) {
@@ -91,23 +86,50 @@ Napi::Value Fiemap(const Napi::CallbackInfo& info) {
     fm->fm_length = ~0ULL - start;
     fm->fm_flags = sync ? FIEMAP_FLAG_SYNC : 0;
     fm->fm_extent_count = kBatch;
-    if (ioctl(fd, FS_IOC_FIEMAP, fm) != 0) {
-      int e = errno; close(fd);
-      ErrnoError(env, e, "ioctl(FS_IOC_FIEMAP)", path).ThrowAsJavaScriptException(); return env.Null();
-    }
+    if (ioctl(fd, FS_IOC_FIEMAP, fm) != 0) { int e = errno; close(fd); return -(int64_t)e; }
     if (fm->fm_mapped_extents == 0) break;
     for (unsigned i = 0; i < fm->fm_mapped_extents; i++) {
       const struct fiemap_extent& e = fm->fm_extents[i];
-      out.push_back((double)e.fe_logical); out.push_back((double)e.fe_physical);
-      out.push_back((double)e.fe_length); out.push_back((double)e.fe_flags);
+      out->push_back((double)e.fe_logical); out->push_back((double)e.fe_physical);
+      out->push_back((double)e.fe_length); out->push_back((double)e.fe_flags);
       if (e.fe_flags & FIEMAP_EXTENT_LAST) last = true;
       start = e.fe_logical + e.fe_length;
     }
   }
   close(fd);
-  Napi::Float64Array arr = Napi::Float64Array::New(env, out.size());
-  for (size_t i = 0; i < out.size(); i++) arr[i] = out[i];
-  return arr;
+  return 0;
+}
+
+// fiemap(path, sync=true) -> Promise<Float64Array>. On the thread pool: with FIEMAP_FLAG_SYNC it
+// writes the file back first, which may wait on a file system this process serves.
+class FiemapWorker : public Napi::AsyncWorker {
+ public:
+  FiemapWorker(Napi::Env env, std::string path, bool sync)
+      : Napi::AsyncWorker(env, "fiemap"), deferred_(Napi::Promise::Deferred::New(env)), path_(std::move(path)), sync_(sync) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void Execute() override { err_ = FiemapOp(path_, sync_, &out_); }
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (err_ < 0) { deferred_.Reject(ErrnoError(env, (int)-err_, "ioctl(FS_IOC_FIEMAP)", path_).Value()); return; }
+    Napi::Float64Array arr = Napi::Float64Array::New(env, out_.size());
+    for (size_t i = 0; i < out_.size(); i++) arr[i] = out_[i];
+    deferred_.Resolve(arr);
+  }
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::string path_;
+  bool sync_;
+  std::vector<double> out_;
+  int64_t err_ = 0;
+};
+
+Napi::Value Fiemap(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsString()) { Napi::TypeError::New(env, "usage: fiemap(path)").ThrowAsJavaScriptException(); return env.Null(); }
+  auto* w = new FiemapWorker(env, info[0].As<Napi::String>(), info.Length() < 2 || info[1].ToBoolean());
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
 }
 
 }  // namespace livesnap

@@ -75,10 +75,10 @@ test('open errors name the path and say what to do', (t) => {
   }
 });
 
-test('fiemap lists a file\'s extents; xxh128 matches the reference value', (t) => {
+test('fiemap lists a file\'s extents; xxh128 matches the reference value', async (t) => {
   const f = path.join(scratchDir(t), 'ext.bin');
   fs.writeFileSync(f, Buffer.alloc(1 << 20, 1));
-  const e = native().fiemap(f);
+  const e = await native().fiemap(f);
   t.true(e.length >= 4);
   let total = 0;
   for (let i = 0; i < e.length; i += 4) total += e[i + 2]!;

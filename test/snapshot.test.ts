@@ -456,7 +456,7 @@ testIf({ root: true, commands: ['mkfs.ext4', 'e2fsck', 'losetup'] })('container 
   run('sync', ['-f', mnt]);
   const sums = new Map(vol.checksums);
   sums.set('victim.bin', require('node:crypto').createHash('sha256').update(content).digest('hex'));
-  const ext = native().fiemap(victim, true);
+  const ext = await native().fiemap(victim, true);
   const regions: Array<[number, number]> = [];
   for (let i = 0; i < ext.length; i += 4) regions.push([ext[i + 1]!, ext[i + 1]! + ext[i + 2]!]);
   const dev = Device.open(vol.loop, { write: true });

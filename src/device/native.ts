@@ -51,6 +51,10 @@ export interface NativeAddon {
   /** Undefined where the addon was built without liburing. */
   IoRing?: NativeIoRingClass;
   open(path: string, flags?: OpenFlags): number;
+  /** open on the thread pool: for paths whose lookup may wait on a file system this process serves. */
+  openAsync(path: string, flags?: OpenFlags): Promise<number>;
+  /** flock(2) without waiting: true if taken, false if another open file holds a conflicting lock. */
+  lock(fd: number, mode: 'exclusive' | 'shared' | 'unlock'): boolean;
   close(fd: number): void;
   stat(fd: number): NativeStat;
   /** Zeroed memory aligned for O_DIRECT. Pool it: it is only freed when GC runs. */
@@ -76,8 +80,8 @@ export interface NativeAddon {
   /** SO_SNDBUF on a socket; returns the size the kernel granted. */
   setSendBuffer(fd: number, bytes: number): number;
   thawSync(mountPoint: string): void;
-  /** [logical, physical, length, flags] quadruplets, FIEMAP_FLAG_SYNC unless sync is false. */
-  fiemap(path: string, sync?: boolean): Float64Array;
+  /** [logical, physical, length, flags] quadruplets, FIEMAP_FLAG_SYNC unless sync is false (thread pool). */
+  fiemap(path: string, sync?: boolean): Promise<Float64Array>;
   /** XXH3-128 of the bytes, canonical big-endian 16-byte form. */
   xxh128(bytes: Uint8Array | ArrayBuffer, seed?: number): Buffer;
 }

@@ -112,7 +112,7 @@ async function openFileContainer(file: string, size: number, protectedDevice: De
 /** The slot offsets on the protected device if `file` lives on it, else undefined. */
 async function findInside(file: string, marker: Buffer, protectedDevice: Device, blockSize: number): Promise<Float64Array | undefined> {
   let ext: Float64Array;
-  try { ext = native().fiemap(file, true); } catch { return undefined; }
+  try { ext = await native().fiemap(file, true); } catch { return undefined; }
   for (let i = 0; i + 3 < ext.length; i += 4) {
     if (ext[i] !== 0) continue;
     const phys = ext[i + 1]!;
