@@ -15,7 +15,7 @@ import * as P from '../src/nbd/protocol';
 import { createNbdServer, type NbdServer } from '../src/nbd/server';
 import { encodeRequest } from '../src/nbd/transmission';
 import { Bitset } from '../src/util/bitset';
-import { attach, countReplies, metaData, option, RawClient } from './helpers/nbd-raw';
+import { attach, countReplies, LIBNBD_DISC, metaData, option, RawClient } from './helpers/nbd-raw';
 import { testIf } from './helpers/skip';
 import { scratchDir, sparseFile, which } from './helpers/system';
 
@@ -78,28 +78,6 @@ test('DISC with 64 writes in flight and a half-close: all 64 replies, all data o
   for (let r = 0; r < 10; r++) await discRound(t, s.tcp!, s.file, r);
 });
 
-const LIBNBD_DISC = `
-import nbd, sys, json
-uri, rnd = sys.argv[1], int(sys.argv[2])
-h = nbd.NBD()
-h.connect_uri(uri)
-bufs, cookies = [], []
-for i in range(64):
-    b = bytearray([((rnd * 64 + i) % 255) + 1]) * 65536
-    b[0:4] = (rnd * 1000 + i).to_bytes(4, 'big')
-    buf = nbd.Buffer.from_bytearray(b)
-    bufs.append(buf)
-    cookies.append(h.aio_pwrite(buf, i * 65536))
-h.shutdown()
-ok, failed = 0, []
-for ck in cookies:
-    try:
-        if h.aio_command_completed(ck): ok += 1
-        else: failed.append('not completed')
-    except nbd.Error as e:
-        failed.append(str(e))
-print(json.dumps({'ok': ok, 'failed': failed}))
-`;
 
 const withLibnbdPython: (title: string, fn: (t: ExecutionContext) => Promise<void>) => void = hasLibnbdPython ? test : (title: string, _fn: (t: ExecutionContext) => Promise<void>) => {
   console.log(`# SKIP ${title}: needs python3-libnbd (see .ci/run)`);

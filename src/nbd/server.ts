@@ -12,7 +12,7 @@ import { Handshake, writeU64, type ExportDirectory, type Negotiated } from './ha
 import * as P from './protocol';
 import { RequestParser, simpleReply, type NbdRequest, type RequestSink } from './transmission';
 import { enlargeSendBuffer, withReadBuffer } from './socket-reader';
-import { pskSecureContext, startTlsServer, type PskKeys } from './tls-psk';
+import { pskSecureContext, startTlsServer, tlsFailureReason, type PskKeys } from './tls-psk';
 
 /** Bytes one read of a connection may bring in (the reusable receive buffer, per connection). */
 const READ_BUFFER_BYTES = 512 * 1024;
@@ -130,7 +130,7 @@ class Connection implements RequestSink {
     s.on('error', (e) => {
       if (this.state === 'dead') return;
       // A failed TLS handshake (no TLS, wrong key, unknown identity) is a refusal worth a reason.
-      if (tlsLayer && !this.tlsActive) this.srv.protocolError(this, `TLS handshake failed: ${e.message}`);
+      if (tlsLayer && !this.tlsActive) this.srv.protocolError(this, `TLS handshake failed: ${tlsFailureReason(e, this.pskIdentity)}`);
       else this.srv.log('debug', `nbd: connection ${this.id} (${this.peer}): ${e.message}`);
     });
     s.on('end', () => this.onEnd());
@@ -139,6 +139,8 @@ class Connection implements RequestSink {
   }
 
   private rawSocket: net.Socket | undefined;
+  /** The PSK identity the client offered (for the log when its handshake fails). */
+  private pskIdentity: { name: string; known: boolean } | undefined;
 
   /** Received bytes; `chunk` may be a reused buffer, valid only during the call. */
   onData(chunk: Buffer): void {
@@ -181,14 +183,14 @@ class Connection implements RequestSink {
     const raw = this.socket;
     raw.off('data', this.onSocketData);
     this.rawSocket = raw;
-    const secure = startTlsServer(raw, this.tlsConfig.keys, this.tlsConfig.context);
+    const secure = startTlsServer(raw, this.tlsConfig.keys, this.tlsConfig.context, (name, known) => { this.pskIdentity = { name, known }; });
     this.socket = secure;
     this.bind(secure, true, true);
     secure.once('secure', () => {
       if (this.state !== 'hs') return;
       this.tlsActive = true;
       this.hs = new Handshake(this.srv.directory, { tls: 'active', clientFlags: { noZeroes: hs.clientNoZeroes } });
-      this.srv.log('debug', `nbd: connection ${this.id} (${this.peer}): TLS ${secure.getProtocol()} ${secure.getCipher()?.name ?? ''} started`);
+      this.srv.log('debug', `nbd: connection ${this.id} (${this.peer}): ${secure.getProtocol()} ${secure.getCipher()?.name ?? ''} with PSK identity "${this.pskIdentity?.name ?? '?'}"`);
     });
   }
 

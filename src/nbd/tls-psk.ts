@@ -72,13 +72,26 @@ export function isValidIdentity(identity: string): boolean {
  * Starts the server side of TLS on a connection whose NBD_OPT_STARTTLS was just acknowledged.
  * The returned socket emits 'secure' once the client proved it holds a key of `keys`, or 'error'.
  */
-export function startTlsServer(socket: net.Socket, keys: PskKeys, context: tls.SecureContext): tls.TLSSocket {
+export function startTlsServer(socket: net.Socket, keys: PskKeys, context: tls.SecureContext, onIdentity?: (identity: string, known: boolean) => void): tls.TLSSocket {
   return new tls.TLSSocket(socket, {
     isServer: true,
     secureContext: context,
     requestCert: false,
-    pskCallback: (_s: tls.TLSSocket, identity: string) => keys.key(identity) ?? null,
+    pskCallback: (_s: tls.TLSSocket, identity: string) => {
+      const key = keys.key(identity);
+      onIdentity?.(identity, key !== undefined);
+      return key ?? null;
+    },
   } as tls.TLSSocketOptions);
+}
+
+/** Why a TLS handshake failed, in words: which identity, and OpenSSL's reason without its source location. */
+export function tlsFailureReason(e: Error, identity: { name: string; known: boolean } | undefined): string {
+  const m = /SSL routines:[^:]*:([^:]+)/.exec(e.message);
+  const why = m ? m[1]! : e.message;
+  if (!identity) return `the client offered no pre-shared key (${why})`;
+  if (!identity.known) return `unknown PSK identity ${JSON.stringify(identity.name)} (${why})`;
+  return `wrong key for PSK identity ${JSON.stringify(identity.name)} (${why})`;
 }
 
 /** The TLS settings every PSK connection shares (made once per listener). */

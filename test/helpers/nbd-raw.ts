@@ -165,3 +165,28 @@ export function countReplies(s: net.Socket, n: number): Promise<{ replies: numbe
     s.on('end', () => finish(replies < n));
   });
 }
+
+/** python3-libnbd: 64 aio 64 KiB writes (pattern of round argv[2]), then nbd_shutdown; prints {ok, failed}. */
+export const LIBNBD_DISC = `
+import nbd, sys, json
+uri, rnd = sys.argv[1], int(sys.argv[2])
+h = nbd.NBD()
+h.set_uri_allow_local_file(True)
+h.connect_uri(uri)
+bufs, cookies = [], []
+for i in range(64):
+    b = bytearray([((rnd * 64 + i) % 255) + 1]) * 65536
+    b[0:4] = (rnd * 1000 + i).to_bytes(4, 'big')
+    buf = nbd.Buffer.from_bytearray(b)
+    bufs.append(buf)
+    cookies.append(h.aio_pwrite(buf, i * 65536))
+h.shutdown()
+ok, failed = 0, []
+for ck in cookies:
+    try:
+        if h.aio_command_completed(ck): ok += 1
+        else: failed.append('not completed')
+    except nbd.Error as e:
+        failed.append(str(e))
+print(json.dumps({'ok': ok, 'failed': failed}))
+`;
