@@ -10,6 +10,7 @@ import { Handshake } from '../src/nbd/handshake';
 import * as P from '../src/nbd/protocol';
 import { createNbdServer, type NbdServer } from '../src/nbd/server';
 import { encodeRequest, RequestParser, type NbdRequest } from '../src/nbd/transmission';
+import { metaData } from './helpers/nbd-raw';
 import { testIf } from './helpers/skip';
 import { rng, scratchDir, seedFromEnv } from './helpers/system';
 
@@ -265,11 +266,15 @@ test('backpressure: a client that never reads replies cannot make the server buf
 function validStream(r: () => number): Buffer {
   const parts: Buffer[] = [Buffer.from([0, 0, 0, 3])];
   if (r() < 0.3) parts.push(option(P.NBD_OPT_LIST));
+  if (r() < 0.5) parts.push(option(P.NBD_OPT_STRUCTURED_REPLY));
+  if (r() < 0.3) parts.push(option(P.NBD_OPT_LIST_META_CONTEXT, metaData('disk', r() < 0.5 ? [] : ['base:'])));
+  if (r() < 0.4) parts.push(option(P.NBD_OPT_SET_META_CONTEXT, metaData('disk', [P.BASE_ALLOCATION, 'x-other:thing'])));
+  if (r() < 0.1) parts.push(option(P.NBD_OPT_STARTTLS));
   if (r() < 0.3) parts.push(option(P.NBD_OPT_INFO, goData('disk')));
   parts.push(r() < 0.8 ? option(P.NBD_OPT_GO, goData('disk')) : option(P.NBD_OPT_EXPORT_NAME, Buffer.from('disk')));
   const n = 1 + Math.floor(r() * 6);
   for (let i = 0; i < n; i++) {
-    const type = [P.NBD_CMD_READ, P.NBD_CMD_WRITE, P.NBD_CMD_FLUSH, P.NBD_CMD_TRIM, P.NBD_CMD_WRITE_ZEROES][Math.floor(r() * 5)]!;
+    const type = [P.NBD_CMD_READ, P.NBD_CMD_WRITE, P.NBD_CMD_FLUSH, P.NBD_CMD_TRIM, P.NBD_CMD_WRITE_ZEROES, P.NBD_CMD_BLOCK_STATUS, P.NBD_CMD_CACHE][Math.floor(r() * 7)]!;
     const off = Math.floor(r() * 64) * 512, len = 512 * (1 + Math.floor(r() * 8));
     parts.push(encodeRequest(type, 0, i, off, type === P.NBD_CMD_FLUSH ? 0 : len));
     if (type === P.NBD_CMD_WRITE) parts.push(Buffer.alloc(len, i));
@@ -297,10 +302,11 @@ test('fuzz: mutated handshake and request streams never crash the pure parsers',
   const r = rng(seed);
   const backend = memoryBackend();
   const dir = { lookup: (n: string) => (n === 'disk' || n === '' ? { name: 'disk', backend } : undefined), list: () => [{ name: 'disk' }] };
-  let transmitted = 0, closed = 0, pending = 0, requests = 0, fatal = 0;
+  let transmitted = 0, closed = 0, pending = 0, requests = 0, fatal = 0, starttls = 0;
   for (let iter = 0; iter < 600; iter++) {
     const stream = mutate(validStream(r), r);
-    const hs = new Handshake(dir);
+    // A quarter of the sessions meet a listener that requires TLS.
+    const hs = new Handshake(dir, { tls: r() < 0.25 ? 'required' : undefined });
     // Feed in random-sized pieces.
     let pos = 0, outcome: ReturnType<Handshake['feed']> = { kind: 'pending' };
     while (pos < stream.length && outcome.kind === 'pending') {
@@ -309,6 +315,7 @@ test('fuzz: mutated handshake and request streams never crash the pure parsers',
       pos += n;
     }
     if (outcome.kind === 'close') { closed++; t.true(outcome.reason.length > 0); continue; }
+    if (outcome.kind === 'starttls') { starttls++; continue; }
     if (outcome.kind === 'pending') { pending++; continue; }
     transmitted++;
     const rest = Buffer.concat([outcome.rest, stream.subarray(pos)]);
@@ -326,7 +333,7 @@ test('fuzz: mutated handshake and request streams never crash the pure parsers',
     }
     while (parser.isPaused && !parser.isDead) parser.resume();
   }
-  t.log(`transmitted ${transmitted}, refused ${closed}, incomplete ${pending}, requests ${requests}, fatal ${fatal}`);
+  t.log(`transmitted ${transmitted}, refused ${closed}, incomplete ${pending}, STARTTLS ${starttls}, requests ${requests}, fatal ${fatal}`);
   t.true(transmitted > 0 && closed > 0 && requests > 0);
 });
 

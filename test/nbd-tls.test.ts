@@ -243,3 +243,58 @@ test('the warning is printed by the CLI on stderr', async (t) => {
   t.regex(r.stderr, /WARNING: NBD on tcp 127\.0\.0\.1:0 WITHOUT TLS \(--insecure-plaintext\): any user or host/);
   t.regex(r.stdout, /tcp\s+127\.0\.0\.1:\d+ \(NO TLS\)/);
 });
+
+test('hostile TLS clients: garbage after STARTTLS, data before the ACK, a wrong key; a good TLS client is served after them', async (t) => {
+  const dir = scratchDir(t, 'nbdtls-');
+  const key = path.join(dir, 'keys.psk');
+  keygen(t, key);
+  const { server, port, logs, mem } = await tlsServer(t, key);
+  const startTls = async (extra?: Buffer): Promise<RawClient> => {
+    const c = await RawClient.connect({ host: '127.0.0.1', port });
+    await c.read(18);
+    c.write(Buffer.from([0, 0, 0, 3]));
+    c.write(extra ? Buffer.concat([option(P.NBD_OPT_STARTTLS), extra]) : option(P.NBD_OPT_STARTTLS));
+    return c;
+  };
+  // Garbage where the ClientHello belongs.
+  const g = await startTls();
+  t.is((await g.optionReply()).type, P.NBD_REP_ACK);
+  g.write(Buffer.alloc(300, 0x41));
+  t.true(await g.untilClosed());
+  // Bytes sent together with STARTTLS, before its ACK: not TLS, hung up on.
+  const d = await startTls(Buffer.from('early bytes'));
+  t.true(await d.untilClosed());
+  // A TLS client with the wrong key (Node's own TLS client this time).
+  const tlsClient = async (psk: Buffer, identity: string) => {
+    const c = await startTls();
+    t.is((await c.optionReply()).type, P.NBD_REP_ACK);
+    c.s.removeAllListeners('data');
+    const tlsMod = await import('node:tls');
+    const s = tlsMod.connect({ socket: c.s, minVersion: 'TLSv1.3', ciphers: 'TLS_AES_128_GCM_SHA256', checkServerIdentity: () => undefined, pskCallback: () => ({ psk, identity }) });
+    return new Promise<RawClient | Error>((resolve) => {
+      s.once('secureConnect', () => resolve(new RawClient(s)));
+      s.once('error', (e) => resolve(e));
+    });
+  };
+  const wrong = await tlsClient(Buffer.alloc(32, 7), 'livesnap');
+  t.true(wrong instanceof Error || await (wrong as RawClient).untilClosed(), 'the wrong key does not get in');
+  const good = await tlsClient(loadPskFile(key).key('livesnap')!, 'livesnap');
+  if (good instanceof Error) { t.fail(good.message); return; }
+  // Inside TLS: STARTTLS again is invalid, then GO and a READ.
+  good.write(option(P.NBD_OPT_STARTTLS));
+  t.is((await good.optionReply()).type, P.NBD_REP_ERR_INVALID);
+  mem.fill(0x77, 0, 4096);
+  good.write(option(P.NBD_OPT_GO, goData('disk')));
+  for (;;) { const r = await good.optionReply(); if (r.type === P.NBD_REP_ACK) break; t.false(!!(r.type & 0x80000000)); }
+  const { encodeRequest } = await import('../src/nbd/transmission');
+  good.write(encodeRequest(P.NBD_CMD_READ, 0, 5, 0, 4096));
+  t.deepEqual(await good.simpleReply(), { error: 0, cookie: 5 });
+  t.true((await good.read(4096)).equals(Buffer.alloc(4096, 0x77)));
+  good.write(encodeRequest(P.NBD_CMD_DISC, 0, 6, 0, 0));
+  t.true(await good.untilClosed());
+  t.true(logs.some((l) => /refused: TLS handshake failed/.test(l)), logs.join('\n'));
+  t.true(logs.some((l) => /refused: data after NBD_OPT_STARTTLS before the TLS handshake/.test(l)));
+  t.true(logs.some((l) => /wrong key for PSK identity "livesnap"/.test(l)));
+  await sleep(100);
+  t.is(server.stats().connections, 0);
+});
