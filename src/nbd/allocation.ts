@@ -14,7 +14,7 @@ export interface AllocationExtent {
 }
 
 /**
- * A used-block map, as the snapshot layer's bitsets are: bit i says whether block i is used. Only
+ * A used-block map (a bitset, for instance): bit i says whether block i is used. Only
  * `next` is needed (the first index at or after `from` whose bit equals `value`, or `size`).
  */
 export interface UsedBlockMap {
