@@ -9,7 +9,8 @@
         "native/uring_engine.cc",
         "native/io_ring.cc",
         "native/fsctl.cc",
-        "native/hash.cc"
+        "native/hash.cc",
+        "native/seek.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS", "_GNU_SOURCE", "_FILE_OFFSET_BITS=64"],

@@ -24,6 +24,7 @@ Napi::Value SetSendBuffer(const Napi::CallbackInfo&);
 Napi::Value ThawSync(const Napi::CallbackInfo&);
 Napi::Value Fiemap(const Napi::CallbackInfo&);
 Napi::Value Xxh128(const Napi::CallbackInfo&);
+Napi::Value DataRanges(const Napi::CallbackInfo&);
 Napi::Value DefineIoRing(Napi::Env);
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
@@ -47,6 +48,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("thawSync", Napi::Function::New(env, ThawSync));
   exports.Set("fiemap", Napi::Function::New(env, Fiemap));
   exports.Set("xxh128", Napi::Function::New(env, Xxh128));
+  exports.Set("dataRanges", Napi::Function::New(env, DataRanges));
   // Undefined where the addon was built without liburing: callers use the batch API instead.
   exports.Set("IoRing", DefineIoRing(env));
   return exports;

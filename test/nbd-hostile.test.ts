@@ -10,6 +10,7 @@ import { Handshake } from '../src/nbd/handshake';
 import * as P from '../src/nbd/protocol';
 import { createNbdServer, type NbdServer } from '../src/nbd/server';
 import { encodeRequest, RequestParser, type NbdRequest } from '../src/nbd/transmission';
+import { metaData } from './helpers/nbd-raw';
 import { testIf } from './helpers/skip';
 import { rng, scratchDir, seedFromEnv } from './helpers/system';
 
@@ -147,7 +148,7 @@ test('garbage handshake, unknown client flags and huge options close that connec
   const rep = await h.read(20);
   t.is(rep.readUInt32BE(12), P.NBD_REP_ERR_TOO_BIG);
   t.true(await h.untilClosed());
-  // Unknown option and structured replies: ERR_UNSUP, and negotiation goes on.
+  // Unknown option and extended headers: ERR_UNSUP, and negotiation goes on.
   const u = await Raw.connect(sock);
   await u.read(18);
   u.write(Buffer.from([0, 0, 0, 1]));
@@ -155,10 +156,15 @@ test('garbage handshake, unknown client flags and huge options close that connec
   const ur = await u.read(20);
   t.is(ur.readUInt32BE(12), P.NBD_REP_ERR_UNSUP);
   await u.read(ur.readUInt32BE(16));
-  u.write(option(P.NBD_OPT_STRUCTURED_REPLY));
+  u.write(option(P.NBD_OPT_EXTENDED_HEADERS));
   const sr = await u.read(20);
   t.is(sr.readUInt32BE(12), P.NBD_REP_ERR_UNSUP);
   await u.read(sr.readUInt32BE(16));
+  // STARTTLS on a socket without TLS: ERR_UNSUP (NOTLS mode), negotiation goes on.
+  u.write(option(P.NBD_OPT_STARTTLS));
+  const tr = await u.read(20);
+  t.is(tr.readUInt32BE(12), P.NBD_REP_ERR_UNSUP);
+  await u.read(tr.readUInt32BE(16));
   u.write(option(P.NBD_OPT_ABORT));
   t.is((await u.read(20)).readUInt32BE(12), P.NBD_REP_ACK);
   t.true(await u.untilClosed());
@@ -169,17 +175,33 @@ test('garbage handshake, unknown client flags and huge options close that connec
   await stillServes(t, sock);
 });
 
-test('bad requests get error replies and the connection continues; a bad magic or oversized write ends it', async (t) => {
-  const { sock, logs, server } = await serve(t);
+test('bad requests get error replies and the connection continues; a bad magic or an insane write ends it', async (t) => {
+  const { sock, logs, server, backend } = await serve(t);
   const c = await attach(sock);
   c.write(encodeRequest(P.NBD_CMD_READ, 0, 1, SIZE, 512));
   t.deepEqual(await reply(c), { error: P.NBD_EINVAL, cookie: 1 });
+  // Longer than the maximum block size (1 MiB here): EINVAL, as the protocol says (not EOVERFLOW).
   c.write(encodeRequest(P.NBD_CMD_READ, 0, 2, 0, 2 * 1024 * 1024));
-  t.deepEqual(await reply(c), { error: P.NBD_EOVERFLOW, cookie: 2 });
+  t.deepEqual(await reply(c), { error: P.NBD_EINVAL, cookie: 2 });
   c.write(Buffer.concat([encodeRequest(P.NBD_CMD_WRITE, 0, 3, SIZE - 256, 512), Buffer.alloc(512)]));
   t.deepEqual(await reply(c), { error: P.NBD_ENOSPC, cookie: 3 });
+  // A trim past the end is EINVAL (a write past the end is ENOSPC), on both sides of 2^32 and far out.
   c.write(encodeRequest(P.NBD_CMD_TRIM, 0, 4, 2 ** 60, 512));
-  t.deepEqual(await reply(c), { error: P.NBD_ENOSPC, cookie: 4 });
+  t.deepEqual(await reply(c), { error: P.NBD_EINVAL, cookie: 4 });
+  c.write(encodeRequest(P.NBD_CMD_TRIM, 0, 41, SIZE - 512, 1024));
+  t.deepEqual(await reply(c), { error: P.NBD_EINVAL, cookie: 41 });
+  c.write(encodeRequest(P.NBD_CMD_TRIM, 0, 42, 2 ** 32 - 512, 1024));
+  t.deepEqual(await reply(c), { error: P.NBD_EINVAL, cookie: 42 });
+  c.write(encodeRequest(P.NBD_CMD_WRITE_ZEROES, 0, 43, 2 ** 32, 512));
+  t.deepEqual(await reply(c), { error: P.NBD_ENOSPC, cookie: 43 });
+  // A write over the maximum block size but of a sane length: its payload is read and discarded,
+  // EINVAL, and the next request on the stream is parsed where it belongs.
+  c.write(Buffer.concat([encodeRequest(P.NBD_CMD_WRITE, 0, 44, 0, 3 * 1024 * 1024), Buffer.alloc(3 * 1024 * 1024, 0xab),
+    encodeRequest(P.NBD_CMD_WRITE, 0, 45, 8192, 512), Buffer.alloc(512, 0x5a)]));
+  t.deepEqual(await reply(c), { error: P.NBD_EINVAL, cookie: 44 });
+  t.deepEqual(await reply(c), { error: 0, cookie: 45 });
+  t.false(backend.mem.includes(0xab), 'the refused payload was not written');
+  t.true(backend.mem.subarray(8192, 8704).equals(Buffer.alloc(512, 0x5a)));
   c.write(encodeRequest(P.NBD_CMD_BLOCK_STATUS, 0, 5, 0, 512));
   t.deepEqual(await reply(c), { error: P.NBD_EINVAL, cookie: 5 });
   c.write(encodeRequest(P.NBD_CMD_READ, 0x80, 6, 0, 512));
@@ -193,12 +215,12 @@ test('bad requests get error replies and the connection continues; a bad magic o
   bad.writeUInt32BE(0xdeadbeef, 0);
   c.write(bad);
   t.true(await c.untilClosed());
-  // A write larger than the maximum block size: its payload cannot be skipped, the connection ends.
+  // A write longer than 64 MiB: not read at all, the connection ends.
   const w = await attach(sock);
-  w.write(encodeRequest(P.NBD_CMD_WRITE, 0, 10, 0, 64 * 1024 * 1024));
+  w.write(encodeRequest(P.NBD_CMD_WRITE, 0, 10, 0, 64 * 1024 * 1024 + 1));
   t.true(await w.untilClosed());
   t.true(logs.some((l) => /bad request magic/.test(l)));
-  t.true(logs.some((l) => /over the 1048576-byte limit/.test(l)));
+  t.true(logs.some((l) => /WRITE of 67108865 bytes is over the 67108864-byte limit/.test(l)), logs.join('\n'));
   await stillServes(t, sock);
   t.true(server.stats().protocolErrors >= 2);
 });
@@ -244,11 +266,15 @@ test('backpressure: a client that never reads replies cannot make the server buf
 function validStream(r: () => number): Buffer {
   const parts: Buffer[] = [Buffer.from([0, 0, 0, 3])];
   if (r() < 0.3) parts.push(option(P.NBD_OPT_LIST));
+  if (r() < 0.5) parts.push(option(P.NBD_OPT_STRUCTURED_REPLY));
+  if (r() < 0.3) parts.push(option(P.NBD_OPT_LIST_META_CONTEXT, metaData('disk', r() < 0.5 ? [] : ['base:'])));
+  if (r() < 0.4) parts.push(option(P.NBD_OPT_SET_META_CONTEXT, metaData('disk', [P.BASE_ALLOCATION, 'x-other:thing'])));
+  if (r() < 0.1) parts.push(option(P.NBD_OPT_STARTTLS));
   if (r() < 0.3) parts.push(option(P.NBD_OPT_INFO, goData('disk')));
   parts.push(r() < 0.8 ? option(P.NBD_OPT_GO, goData('disk')) : option(P.NBD_OPT_EXPORT_NAME, Buffer.from('disk')));
   const n = 1 + Math.floor(r() * 6);
   for (let i = 0; i < n; i++) {
-    const type = [P.NBD_CMD_READ, P.NBD_CMD_WRITE, P.NBD_CMD_FLUSH, P.NBD_CMD_TRIM, P.NBD_CMD_WRITE_ZEROES][Math.floor(r() * 5)]!;
+    const type = [P.NBD_CMD_READ, P.NBD_CMD_WRITE, P.NBD_CMD_FLUSH, P.NBD_CMD_TRIM, P.NBD_CMD_WRITE_ZEROES, P.NBD_CMD_BLOCK_STATUS, P.NBD_CMD_CACHE][Math.floor(r() * 7)]!;
     const off = Math.floor(r() * 64) * 512, len = 512 * (1 + Math.floor(r() * 8));
     parts.push(encodeRequest(type, 0, i, off, type === P.NBD_CMD_FLUSH ? 0 : len));
     if (type === P.NBD_CMD_WRITE) parts.push(Buffer.alloc(len, i));
@@ -276,10 +302,11 @@ test('fuzz: mutated handshake and request streams never crash the pure parsers',
   const r = rng(seed);
   const backend = memoryBackend();
   const dir = { lookup: (n: string) => (n === 'disk' || n === '' ? { name: 'disk', backend } : undefined), list: () => [{ name: 'disk' }] };
-  let transmitted = 0, closed = 0, pending = 0, requests = 0, fatal = 0;
+  let transmitted = 0, closed = 0, pending = 0, requests = 0, fatal = 0, starttls = 0;
   for (let iter = 0; iter < 600; iter++) {
     const stream = mutate(validStream(r), r);
-    const hs = new Handshake(dir);
+    // A quarter of the sessions meet a listener that requires TLS.
+    const hs = new Handshake(dir, { tls: r() < 0.25 ? 'required' : undefined });
     // Feed in random-sized pieces.
     let pos = 0, outcome: ReturnType<Handshake['feed']> = { kind: 'pending' };
     while (pos < stream.length && outcome.kind === 'pending') {
@@ -288,6 +315,7 @@ test('fuzz: mutated handshake and request streams never crash the pure parsers',
       pos += n;
     }
     if (outcome.kind === 'close') { closed++; t.true(outcome.reason.length > 0); continue; }
+    if (outcome.kind === 'starttls') { starttls++; continue; }
     if (outcome.kind === 'pending') { pending++; continue; }
     transmitted++;
     const rest = Buffer.concat([outcome.rest, stream.subarray(pos)]);
@@ -305,7 +333,7 @@ test('fuzz: mutated handshake and request streams never crash the pure parsers',
     }
     while (parser.isPaused && !parser.isDead) parser.resume();
   }
-  t.log(`transmitted ${transmitted}, refused ${closed}, incomplete ${pending}, requests ${requests}, fatal ${fatal}`);
+  t.log(`transmitted ${transmitted}, refused ${closed}, incomplete ${pending}, STARTTLS ${starttls}, requests ${requests}, fatal ${fatal}`);
   t.true(transmitted > 0 && closed > 0 && requests > 0);
 });
 

@@ -5,13 +5,14 @@ import { TOOL_VERSION } from '../jobs/version';
 import { BackupCommand } from './commands/backup';
 import { DemoCommand } from './commands/demo';
 import { InspectCommand } from './commands/inspect';
+import { KeygenCommand } from './commands/keygen';
 import { RestoreCommand } from './commands/restore';
 import { VerifyCommand } from './commands/verify';
 import { VersionCommand } from './commands/version';
 import { DaemonCommand, ServeCommand, StopCommand } from './commands/serve';
 import { CancelCommand, StatusCommand } from './commands/status';
 
-const COMMANDS = [InspectCommand, BackupCommand, RestoreCommand, VerifyCommand, ServeCommand, StatusCommand, CancelCommand, StopCommand, DaemonCommand, DemoCommand, VersionCommand];
+const COMMANDS = [InspectCommand, BackupCommand, RestoreCommand, VerifyCommand, ServeCommand, StatusCommand, CancelCommand, StopCommand, KeygenCommand, DaemonCommand, DemoCommand, VersionCommand];
 
 export function buildCli(): Cli {
   // No colours unless standard output is a terminal: clipanion's help ("--help", no arguments) otherwise

@@ -14,7 +14,9 @@ import type { SnapshotGate } from '../snapshot/cbw';
 import { interceptBackend } from '../snapshot/intercepting-backend';
 import type { SnapshotSession } from '../snapshot/session';
 import { DEFAULT_WRITER_PRIORITY, type WriterPriority } from '../snapshot/writer-priority';
+import { loadPskFile, type PskKeys } from '../nbd/tls-psk';
 import { errorText, UserError } from '../util/errors';
+import { checkTcpSecurity, formatHostPort, parseListen, plaintextWarning } from './listen';
 import { type BackupRequest, CACHE_MODES, type CacheMode, type ControlReply, type ControlRequest, defaultExportSocket, EXPORT_NAME, type ServeRequest } from './protocol';
 
 interface ServedExport {
@@ -30,6 +32,8 @@ interface ServedExport {
   nbd: NbdServer;
   socket: string;
   tcp?: string;
+  /** How the TCP listener is secured: 'psk' (TLS required) or 'none' (--insecure-plaintext). */
+  tls?: 'psk' | 'none';
   job?: Job;
 }
 
@@ -147,9 +151,13 @@ export class Daemon {
     for (const e of this.exports.values()) {
       if (path.resolve(e.devicePath) === path.resolve(req.device)) throw new UserError(`${req.device} is already served as "${e.name}"`);
     }
-    // Exclusive: nothing may write the device except through the export (it must not be mounted).
     const cache = req.cache ?? 'none';
     if (!CACHE_MODES.includes(cache)) throw new UserError(`--cache ${cache}: not a cache mode`, `use one of: ${CACHE_MODES.join(', ')}`);
+    // Everything about TCP is checked, and the key file read, before anything is opened.
+    const listen = req.listen !== undefined ? parseListen(req.listen) : undefined;
+    const security = checkTcpSecurity(req);
+    const keys = req.tlsPsk !== undefined ? loadKeys(path.resolve(req.tlsPsk)) : undefined;
+    // Exclusive: nothing may write the device except through the export (it must not be mounted).
     const device = Device.open(req.device, { write: true, exclusive: true, direct: cache === 'none' });
     let directDevice = device;
     try {
@@ -160,16 +168,22 @@ export class Daemon {
       const socket = req.socket ?? defaultExportSocket(this.controlPath, req.name);
       await nbd.listenUnix(socket);
       let tcp: string | undefined;
-      if (req.listen) {
-        const m = /^(.*):(\d+)$/.exec(req.listen);
-        if (!m) throw new UserError(`--listen ${req.listen}: expected HOST:PORT`, 'e.g. --listen 127.0.0.1:10809');
-        const host = m[1]!.replace(/^\[|\]$/g, '');
-        const port = await nbd.listenTcp(host, Number(m[2]));
-        tcp = `${host}:${port}`;
+      let tcpUri: string | undefined;
+      if (listen) {
+        const port = await nbd.listenTcp(listen.host, listen.port, { tls: keys });
+        tcp = formatHostPort({ host: listen.host, port });
+        if (security === 'plaintext') this.log(`[${req.name}] ${plaintextWarning({ host: listen.host, port })}`);
+        tcpUri = keys
+          ? `nbds://${encodeURIComponent(keys.identities[0]!)}@${tcp}/${req.name}?tls-psk-file=${uriValue(req.tlsPsk!)}`
+          : `nbd://${tcp}/${req.name}`;
       }
-      this.exports.set(req.name, { name: req.name, devicePath: req.device, device, directDevice, cache, backend: deviceBackend, gate, nbd, socket, tcp });
-      this.log(`serving ${req.device} as "${req.name}" on ${socket}${tcp ? ` and tcp ${tcp}` : ''} (cache ${cache})`);
-      return { name: req.name, device: req.device, size: backend.size, socket, tcp: tcp ?? null, cache, uri: `nbd+unix:///${req.name}?socket=${socket}` };
+      const tls = tcp ? (keys ? 'psk' : 'none') : undefined;
+      this.exports.set(req.name, { name: req.name, devicePath: req.device, device, directDevice, cache, backend: deviceBackend, gate, nbd, socket, tcp, tls });
+      this.log(`serving ${req.device} as "${req.name}" on ${socket}${tcp ? ` and tcp ${tcp} (${keys ? `TLS-PSK, identities ${keys.identities.join(', ')}` : 'NO TLS'})` : ''} (cache ${cache})`);
+      return {
+        name: req.name, device: req.device, size: backend.size, socket, tcp: tcp ?? null, tls: tls ?? null, cache,
+        uri: `nbd+unix:///${req.name}?socket=${socket}`, tcpUri: tcpUri ?? null, tlsIdentity: keys?.identities[0] ?? null,
+      };
     } catch (e) {
       if (directDevice !== device) directDevice.close();
       device.close();
@@ -220,6 +234,7 @@ export class Daemon {
         cache: e.cache,
         socket: e.socket,
         tcp: e.tcp ?? null,
+        tls: e.tls ?? null,
         connections: c.connections,
         requests: c.requests,
         bytesWritten: c.bytesWritten,
@@ -334,4 +349,18 @@ export class Daemon {
       if (e.job === job) e.job = undefined;
     }
   }
+}
+
+/** The PSK file of --tls-psk, or a UserError saying what is wrong with it. */
+export function loadKeys(file: string): PskKeys {
+  try {
+    return loadPskFile(file);
+  } catch (e) {
+    throw new UserError(`--tls-psk ${(e as Error).message}`, 'make one with "livesnap keygen FILE" (mode 0600, one identity:hexkey line)');
+  }
+}
+
+/** A URI query value: percent-encoded, slashes kept (a path stays readable). */
+function uriValue(v: string): string {
+  return encodeURIComponent(v).replace(/%2F/g, '/');
 }

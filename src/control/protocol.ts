@@ -13,7 +13,19 @@ import type { WriterPriority } from '../snapshot/writer-priority';
  */
 export type CacheMode = 'none' | 'writeback';
 export const CACHE_MODES: readonly CacheMode[] = ['none', 'writeback'];
-export interface ServeRequest { op: 'serve'; device: string; name: string; socket?: string; listen?: string; cache?: CacheMode }
+export interface ServeRequest {
+  op: 'serve';
+  device: string;
+  name: string;
+  socket?: string;
+  /** TCP HOST:PORT (see listen.ts). */
+  listen?: string;
+  /** Absolute path of a PSK file (livesnap keygen): TCP clients must start TLS with one of its keys. */
+  tlsPsk?: string;
+  /** TCP without TLS, asked for explicitly. */
+  insecurePlaintext?: boolean;
+  cache?: CacheMode;
+}
 export interface StopRequest { op: 'stop'; name?: string }
 export interface StatusRequest { op: 'status' }
 export interface CancelRequest { op: 'cancel'; job: string }

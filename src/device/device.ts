@@ -155,6 +155,20 @@ export class Device implements BlockReader {
     return native().fdatasync(this.fd);
   }
 
+  /**
+   * Where a regular file holds data within [offset, offset+length): [start, end) ranges (SEEK_DATA
+   * / SEEK_HOLE), at most `maxRanges`; everything else in the range is a hole and reads as zeroes.
+   * `complete` is false when the answer stopped at maxRanges (it then covers up to the last end).
+   * Undefined for a block device (it has no holes to find).
+   */
+  async dataRanges(offset: number, length: number, maxRanges = 1024): Promise<{ ranges: Array<[number, number]>; complete: boolean } | undefined> {
+    if (!this.info.regularFile) return undefined;
+    const flat = await native().dataRanges(this.fd, offset, length, maxRanges);
+    const ranges: Array<[number, number]> = [];
+    for (let i = 0; i + 1 < flat.length; i += 2) ranges.push([flat[i]!, flat[i + 1]!]);
+    return { ranges, complete: ranges.length < maxRanges };
+  }
+
   close(): void {
     if (this.closed) return;
     this.closed = true;

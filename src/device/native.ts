@@ -82,6 +82,11 @@ export interface NativeAddon {
   thawSync(mountPoint: string): void;
   /** [logical, physical, length, flags] quadruplets, FIEMAP_FLAG_SYNC unless sync is false (thread pool). */
   fiemap(path: string, sync?: boolean): Promise<Float64Array>;
+  /**
+   * The data ranges of a regular file within [offset, offset+length), by SEEK_DATA / SEEK_HOLE, as
+   * [start, end) pairs, at most maxRanges of them; the rest of the range is holes.
+   */
+  dataRanges(fd: number, offset: number, length: number, maxRanges: number): Promise<Float64Array>;
   /** XXH3-128 of the bytes, canonical big-endian 16-byte form. */
   xxh128(bytes: Uint8Array | ArrayBuffer, seed?: number): Buffer;
 }

@@ -8,6 +8,8 @@
 // withWriteInterceptor() when the snapshot layer wraps the device backend, so the copy-before-write
 // decision lives in ONE place (the interceptor's beforeChange) and every write path calls it.
 
+import type { AllocationExtent } from './allocation';
+
 /** A buffer lent by the backend; the borrower calls release() exactly once when done with data. */
 export interface NbdBuffer {
   readonly data: Buffer;
@@ -49,7 +51,14 @@ export interface NbdBackend {
   trim(offset: number, length: number, fua: boolean): Promise<void>;
   /** The range reads back as zeroes; noHole: keep it allocated (do not punch a hole). */
   writeZeroes(offset: number, length: number, fua: boolean, noHole: boolean): Promise<void>;
-  /** Optional counters for `livesnap status`. */
+  /**
+   * Optional: the allocation status of [offset, offset+length) (NBD_CMD_BLOCK_STATUS,
+   * base:allocation), as consecutive extents starting at `offset`. It may cover less than asked (at
+   * least one byte; the client asks again for the rest) and must not claim `zero` for bytes a READ
+   * would not return as zeroes. Without it every byte is reported as allocated data.
+   */
+  extents?(offset: number, length: number): Promise<AllocationExtent[]>;
+  /** Optional: counters for `livesnap status`. */
   stats?(): Record<string, number>;
 }
 
@@ -112,6 +121,7 @@ export function withWriteInterceptor(inner: NbdBackend, interceptor: WriteInterc
   };
   if (inner.allocPayload) wrapped.allocPayload = (l) => inner.allocPayload!(l);
   if (inner.stats) wrapped.stats = () => inner.stats!();
+  if (inner.extents) wrapped.extents = (o, l) => inner.extents!(o, l);
   return wrapped;
 }
 

@@ -7,11 +7,14 @@ import * as fs from 'node:fs';
 import type { Device } from '../device/device';
 import { native } from '../device/native';
 import { ioRing, type IoRing } from '../device/io-ring';
+import type { AllocationExtent } from './allocation';
 import type { NbdBackend, NbdBuffer } from './backend';
 import { NbdError } from './backend';
 import { NBD_EIO } from './protocol';
 
 const PAGE = 4096;
+/** Data ranges looked up per BLOCK_STATUS request (the client asks again from where an answer ends). */
+const MAX_EXTENT_RANGES = 4096;
 /**
  * With cache=writeback a small write is a copy into the page cache: done in place it costs a few
  * microseconds, while io_uring hands it to a kernel worker thread (ext4 and xfs cannot do buffered
@@ -369,6 +372,28 @@ export class DeviceBackend implements NbdBackend {
     } finally {
       this.unlock(this.rmwLocks, entry);
     }
+  }
+
+  // ---- allocation ------------------------------------------------------------------------------
+
+  /**
+   * base:allocation from the backing file: its holes are holes that read as zeroes, the rest data.
+   * A block device reports all data (discarded blocks need not read back as zeroes).
+   */
+  async extents(offset: number, length: number): Promise<AllocationExtent[]> {
+    const found = await this.device.dataRanges(offset, length, MAX_EXTENT_RANGES);
+    if (!found) return [{ length, hole: false, zero: false }];
+    const out: AllocationExtent[] = [];
+    let pos = offset;
+    for (const [s, e] of found.ranges) {
+      if (s > pos) out.push({ length: s - pos, hole: true, zero: true });
+      if (e > s) out.push({ length: e - s, hole: false, zero: false });
+      pos = e;
+    }
+    // A full answer accounts for the whole range: what follows the last data range is a hole.
+    if (found.complete && pos < offset + length) out.push({ length: offset + length - pos, hole: true, zero: true });
+    if (out.length === 0) out.push({ length, hole: false, zero: false });
+    return out;
   }
 
   // ---- flush, trim, zero ------------------------------------------------------------------------

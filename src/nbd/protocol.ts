@@ -1,5 +1,6 @@
 // Numbers from the NBD protocol document (NetworkBlockDevice/nbd doc/proto.md). Only what livesnap
-// speaks: fixed newstyle negotiation, simple replies, READ/WRITE/DISC/FLUSH/TRIM/WRITE_ZEROES.
+// speaks: fixed newstyle negotiation, STARTTLS, simple and structured replies, the base:allocation
+// metadata context, READ/WRITE/DISC/FLUSH/TRIM/CACHE/WRITE_ZEROES/BLOCK_STATUS.
 
 /** "NBDMAGIC" */
 export const NBDMAGIC = Buffer.from('NBDMAGIC', 'latin1');
@@ -32,6 +33,7 @@ export const NBD_OPT_EXTENDED_HEADERS = 11;
 export const NBD_REP_ACK = 1;
 export const NBD_REP_SERVER = 2;
 export const NBD_REP_INFO = 3;
+export const NBD_REP_META_CONTEXT = 4;
 const ERR = 0x80000000;
 export const NBD_REP_ERR_UNSUP = (ERR | 1) >>> 0;
 export const NBD_REP_ERR_POLICY = (ERR | 2) >>> 0;
@@ -59,12 +61,31 @@ export const NBD_FLAG_SEND_TRIM = 1 << 5;
 export const NBD_FLAG_SEND_WRITE_ZEROES = 1 << 6;
 export const NBD_FLAG_SEND_DF = 1 << 7;
 export const NBD_FLAG_CAN_MULTI_CONN = 1 << 8;
+export const NBD_FLAG_SEND_CACHE = 1 << 10;
 
 // Requests and simple replies.
 export const NBD_REQUEST_MAGIC = 0x25609513;
 export const NBD_SIMPLE_REPLY_MAGIC = 0x67446698;
 export const REQUEST_HEADER_SIZE = 28;
 export const SIMPLE_REPLY_SIZE = 16;
+export const NBD_STRUCTURED_REPLY_MAGIC = 0x668e33ef;
+export const STRUCTURED_REPLY_HEADER_SIZE = 20;
+
+// Structured reply chunks.
+export const NBD_REPLY_FLAG_DONE = 1 << 0;
+export const NBD_REPLY_TYPE_NONE = 0;
+export const NBD_REPLY_TYPE_OFFSET_DATA = 1;
+export const NBD_REPLY_TYPE_OFFSET_HOLE = 2;
+export const NBD_REPLY_TYPE_BLOCK_STATUS = 5;
+export const NBD_REPLY_TYPE_ERROR = 0x8001;
+export const NBD_REPLY_TYPE_ERROR_OFFSET = 0x8002;
+
+/** The one metadata context of the base namespace, and its flags. */
+export const BASE_ALLOCATION = 'base:allocation';
+export const NBD_STATE_HOLE = 1 << 0;
+export const NBD_STATE_ZERO = 1 << 1;
+/** Most descriptors one BLOCK_STATUS chunk carries (the protocol: SHOULD NOT send more than 2^20). */
+export const MAX_BLOCK_STATUS_EXTENTS = 1 << 20;
 
 export const NBD_CMD_READ = 0;
 export const NBD_CMD_WRITE = 1;
@@ -91,6 +112,8 @@ export const NBD_EOVERFLOW = 75;
 export const NBD_ENOTSUP = 95;
 export const NBD_ESHUTDOWN = 108;
 
+/** Longest string (export name, context name, error message) the protocol allows. */
+export const MAX_STRING_LENGTH = 4096;
 /** Longest export name accepted (the spec says servers MAY refuse names over 4096 bytes). */
 export const MAX_NAME_LENGTH = 4096;
 /** Longest option payload read before the connection is refused. */

@@ -33,6 +33,7 @@ export function withReadBuffer(accepted: net.Socket, size: number, onChunk: (chu
   try {
     socket = new net.Socket({
       handle,
+      allowHalfOpen: true,
       onread: { buffer, callback: (n: number, buf: Uint8Array) => { onChunk((buf as Buffer).subarray(0, n)); } },
     } as net.SocketConstructorOpts);
   } catch {

@@ -36,6 +36,12 @@ export interface RequestSink {
 
 const enum St { Header, Payload, Dead }
 
+/**
+ * Incremental request parser. While paused (backpressure) it queues what arrives; every byte is
+ * copied at most once into the queue (a chunk may be a reused receive buffer) and never again:
+ * a resumed parse continues on the queued chunk where it stopped (a view, not a copy), so a backlog
+ * of any depth costs O(bytes).
+ */
 export class RequestParser {
   private st = St.Header;
   private readonly hdr = Buffer.alloc(P.REQUEST_HEADER_SIZE);
@@ -43,58 +49,81 @@ export class RequestParser {
   private cur: NbdRequest | undefined;
   private target: Buffer | undefined;
   private payloadDone = 0;
-  private pending: Buffer | undefined;
-  private pendingPos = 0;
+  /** Owned chunks not parsed yet (the first from `head`, from `headPos` on). */
+  private readonly queue: Buffer[] = [];
+  private head = 0;
+  private headPos = 0;
+  private queuedBytes = 0;
   private paused = false;
+  private resuming = false;
 
+  /**
+   * maxPayload: the longest WRITE payload the parser will read at all. A longer WRITE cannot be
+   * answered without reading (or trusting) that many bytes, so it is fatal; a shorter one the sink
+   * refuses is read and discarded.
+   */
   constructor(private readonly sink: RequestSink, private readonly maxPayload: number) {}
 
   get isPaused(): boolean { return this.paused; }
   get isDead(): boolean { return this.st === St.Dead; }
   /** Bytes received but not yet parsed (held while paused). */
-  get buffered(): number { return this.pending ? this.pending.length - this.pendingPos : 0; }
+  get buffered(): number { return this.queuedBytes; }
 
   push(chunk: Buffer): void {
-    if (this.st === St.Dead) return;
-    if (this.pending) {
-      // Only while paused: keep the bytes for resume().
-      this.pending = Buffer.concat([this.pending.subarray(this.pendingPos), chunk]);
-      this.pendingPos = 0;
+    if (this.st === St.Dead || chunk.length === 0) return;
+    if (this.paused || this.head < this.queue.length) {
+      this.enqueue(Buffer.from(chunk)); // chunks may be a reused receive buffer: keep a copy
       return;
     }
-    if (this.paused) {
-      this.pending = Buffer.from(chunk); // chunks may be a reused receive buffer: keep a copy
-      this.pendingPos = 0;
-      return;
-    }
-    this.parse(chunk, 0);
+    const pos = this.parse(chunk, 0);
+    if (pos < chunk.length && !this.isDead) this.enqueue(Buffer.from(chunk.subarray(pos)));
   }
 
   pause(): void { this.paused = true; }
 
   resume(): void {
-    if (!this.paused) return;
+    if (!this.paused || this.resuming) return;
     this.paused = false;
-    const p = this.pending;
-    if (p) {
-      this.pending = undefined;
-      this.parse(p, this.pendingPos);
+    // request() may call back into resume() (through the sink); the loop below already drains.
+    this.resuming = true;
+    try {
+      while (this.head < this.queue.length && !this.paused && this.st !== St.Dead) {
+        const c = this.queue[this.head]!;
+        const pos = this.parse(c, this.headPos);
+        this.queuedBytes -= pos - this.headPos;
+        if (pos >= c.length) {
+          this.queue[this.head++] = EMPTY;
+          this.headPos = 0;
+        } else {
+          this.headPos = pos;
+        }
+      }
+      if (this.head === this.queue.length) { this.queue.length = 0; this.head = 0; this.headPos = 0; }
+      else if (this.head > 1024) { this.queue.splice(0, this.head); this.head = 0; }
+    } finally {
+      this.resuming = false;
     }
   }
 
   /** Stops parsing for good (the connection is closing). */
   kill(): void {
     this.st = St.Dead;
-    this.pending = undefined;
+    this.queue.length = 0;
+    this.head = 0;
+    this.headPos = 0;
+    this.queuedBytes = 0;
   }
 
-  private parse(b: Buffer, pos: number): void {
+  private enqueue(c: Buffer): void {
+    this.queue.push(c);
+    this.queuedBytes += c.length;
+  }
+
+  /** Parses from `pos` until the chunk ends, the parser pauses or dies; returns where it stopped. */
+  private parse(b: Buffer, pos: number): number {
     const n = b.length;
     while (pos < n) {
-      if (this.paused || this.st === St.Dead) {
-        if (this.st !== St.Dead) { this.pending = Buffer.from(b.subarray(pos)); this.pendingPos = 0; }
-        return;
-      }
+      if (this.paused || this.st === St.Dead) return pos;
       if (this.st === St.Header) {
         let h: Buffer, at: number;
         if (this.hdrFill === 0 && n - pos >= P.REQUEST_HEADER_SIZE) {
@@ -103,14 +132,14 @@ export class RequestParser {
           const take = Math.min(P.REQUEST_HEADER_SIZE - this.hdrFill, n - pos);
           b.copy(this.hdr, this.hdrFill, pos, pos + take);
           this.hdrFill += take; pos += take;
-          if (this.hdrFill < P.REQUEST_HEADER_SIZE) return;
+          if (this.hdrFill < P.REQUEST_HEADER_SIZE) return pos;
           this.hdrFill = 0;
           h = this.hdr; at = 0;
         }
         if (h.readUInt32BE(at) !== P.NBD_REQUEST_MAGIC) {
           this.st = St.Dead;
           this.sink.fatal(`bad request magic 0x${h.readUInt32BE(at).toString(16)} (expected 0x25609513)`);
-          return;
+          return pos;
         }
         const offHi = h.readUInt32BE(at + 16);
         const req: NbdRequest = {
@@ -124,8 +153,8 @@ export class RequestParser {
         if (req.type === P.NBD_CMD_WRITE) {
           if (req.length > this.maxPayload) {
             this.st = St.Dead;
-            this.sink.fatal(`WRITE of ${req.length} bytes is over the ${this.maxPayload}-byte limit (its payload cannot be skipped safely)`);
-            return;
+            this.sink.fatal(`WRITE of ${req.length} bytes is over the ${this.maxPayload}-byte limit (its payload is too long to read and discard)`);
+            return pos;
           }
           if (req.length > 0) {
             this.cur = req;
@@ -153,9 +182,11 @@ export class RequestParser {
         if (!this.sink.request(req)) this.paused = true;
       }
     }
-    if (this.paused && pos >= n) { /* nothing left to hold */ }
+    return pos;
   }
 }
+
+const EMPTY = Buffer.alloc(0);
 
 /** A simple reply header (16 bytes). */
 export function simpleReply(cookieHi: number, cookieLo: number, error: number): Buffer {

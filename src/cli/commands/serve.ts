@@ -13,10 +13,18 @@ export class ServeCommand extends LivesnapCommand {
     description: 'Serve a volume over NBD so it can be backed up online',
     details: `
       Exports the device over the NBD protocol (newstyle, fixed handshake) on a unix socket
-      (default: /run/livesnap/<name>.sock), or also on TCP with --listen (loopback unless you name
-      another address). Everything that writes the volume must go through this export: attach it
-      with nbd-client (production) or nbdfuse + "losetup --direct-io=on" and mount the file system
-      from there. Then "livesnap backup <name>" takes a point-in-time backup while writers go on.
+      (default: /run/livesnap/<name>.sock, owner-only), or also on TCP with --listen HOST:PORT
+      (":PORT" is loopback, 127.0.0.1). Everything that writes the volume must go through this
+      export: attach it with nbd-client (production) or nbdfuse + "losetup --direct-io=on" and mount
+      the file system from there. Then "livesnap backup <name>" takes a point-in-time backup while
+      writers go on.
+
+      TCP needs TLS: --tls-psk FILE (a key made by "livesnap keygen FILE") makes every TCP client
+      start TLS 1.3 with that pre-shared key before anything else (as nbdkit --tls=require).
+      Clients: nbdinfo/nbdcopy/nbdfuse with "nbds://ID@HOST:PORT/NAME?tls-psk-file=FILE",
+      qemu with "--object tls-creds-psk,id=tls0,endpoint=client,dir=DIR,username=ID" (the file
+      named keys.psk in DIR). Without TLS, TCP is refused unless you say --insecure-plaintext:
+      on any address, loopback included, whoever can connect can write the volume.
 
       With --cache none (the default) the export writes with O_DIRECT: an acknowledged write is
       on the device. With --cache writeback it writes through the kernel's page cache, as nbdkit's
@@ -32,7 +40,8 @@ export class ServeCommand extends LivesnapCommand {
       ['Serve a disk as "data"', '$0 serve /dev/sdb --name data'],
       ['Attach it here and mount it', 'nbdfuse /mnt/nbd/data --unix /run/livesnap/data.sock & losetup --direct-io=on -f --show /mnt/nbd/data  # then mount /dev/loopN'],
       ['Attach it with the kernel client', 'nbd-client -unix /run/livesnap/data.sock -N data /dev/nbd0'],
-      ['Also on TCP, loopback only', '$0 serve /dev/sdb --name data --listen 127.0.0.1:10809'],
+      ['Also on TCP, with TLS', '$0 keygen /etc/livesnap/keys.psk && $0 serve /dev/sdb --name data --listen 0.0.0.0:10809 --tls-psk /etc/livesnap/keys.psk'],
+      ['Read it from another machine', 'nbdinfo "nbds://livesnap@SERVER:10809/data?tls-psk-file=/etc/livesnap/keys.psk"'],
       ['Through the page cache (faster small writes)', '$0 serve /dev/sdb --name data --cache writeback'],
     ],
   });
@@ -40,7 +49,9 @@ export class ServeCommand extends LivesnapCommand {
   device = Option.String({ name: 'device' });
   name = Option.String('--name', { description: 'Export name (default: the device file name)' });
   socket = Option.String('--socket', { description: 'Unix socket path for the export' });
-  listen = Option.String('--listen', { description: 'Also listen on TCP HOST:PORT' });
+  listen = Option.String('--listen', { description: 'Also listen on TCP HOST:PORT (:PORT = 127.0.0.1); needs --tls-psk or --insecure-plaintext' });
+  tlsPsk = Option.String('--tls-psk', { description: 'PSK file (livesnap keygen): TCP clients must use TLS with this key' });
+  insecurePlaintext = Option.Boolean('--insecure-plaintext', false, { description: 'Allow TCP without TLS (anyone who reaches the port can write the volume)' });
   cache = Option.String('--cache', { description: 'none (O_DIRECT, default) or writeback (page cache, flushed on NBD FLUSH)' });
   control = controlOption();
   foreground = Option.Boolean('--foreground', false, { description: 'Run the daemon in this process (logs on stderr) until stopped' });
@@ -48,13 +59,20 @@ export class ServeCommand extends LivesnapCommand {
   async run(): Promise<number> {
     /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
     const { call, isDaemonRunning } = require('../../control/client') as typeof import('../../control/client');
-    const { Daemon } = require('../../control/daemon') as typeof import('../../control/daemon');
+    const { Daemon, loadKeys } = require('../../control/daemon') as typeof import('../../control/daemon');
+    const { checkTcpSecurity, parseListen, plaintextWarning } = require('../../control/listen') as typeof import('../../control/listen');
     const { startDaemon } = require('../../control/spawn') as typeof import('../../control/spawn');
     /* eslint-enable @typescript-eslint/no-require-imports */
     const control = resolveControlPath(this.control);
     if (this.cache !== undefined && this.cache !== 'none' && this.cache !== 'writeback') {
       throw new UserError(`--cache ${this.cache}: not a cache mode`, 'use --cache none (O_DIRECT, the default) or --cache writeback');
     }
+    // TCP options are checked (and the key file read) before a daemon is started or anything opened.
+    const tlsPsk = this.tlsPsk !== undefined ? path.resolve(this.tlsPsk) : undefined;
+    const listen = this.listen !== undefined ? parseListen(this.listen) : undefined;
+    const security = checkTcpSecurity({ listen: this.listen, tlsPsk, insecurePlaintext: this.insecurePlaintext });
+    if (tlsPsk) loadKeys(tlsPsk);
+    if (security === 'plaintext' && listen) process.stderr.write(`livesnap: ${plaintextWarning(listen)}\n`);
     const req: ServeRequest = {
       cache: this.cache as CacheMode | undefined,
       op: 'serve',
@@ -62,6 +80,8 @@ export class ServeCommand extends LivesnapCommand {
       name: this.name ?? path.basename(this.device).replace(/[^A-Za-z0-9._-]/g, '_'),
       socket: this.socket ? path.resolve(this.socket) : undefined,
       listen: this.listen,
+      tlsPsk,
+      insecurePlaintext: this.insecurePlaintext || undefined,
     };
     if (this.foreground) {
       const d = new Daemon(control);
@@ -80,7 +100,10 @@ export class ServeCommand extends LivesnapCommand {
 
   private print(res: Record<string, unknown>): void {
     if (this.json) process.stdout.write(JSON.stringify({ event: 'done', ...res }) + '\n');
-    else process.stdout.write(`serving ${res.device} as "${res.name}" (${formatBytes(res.size as number)})\n  unix socket ${res.socket}\n  uri         ${res.uri}\n  cache       ${res.cache}\n${res.tcp ? `  tcp         ${res.tcp}\n` : ''}`);
+    else {
+      const tcp = res.tcp ? `  tcp         ${res.tcp} (${res.tls === 'psk' ? `TLS-PSK, identity ${res.tlsIdentity}` : 'NO TLS'})\n  tcp uri     ${res.tcpUri}\n` : '';
+      process.stdout.write(`serving ${res.device} as "${res.name}" (${formatBytes(res.size as number)})\n  unix socket ${res.socket}\n  uri         ${res.uri}\n  cache       ${res.cache}\n${tcp}`);
+    }
   }
 }
 
