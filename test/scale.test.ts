@@ -41,7 +41,8 @@ interface Written { checksums: Map<string, string>; highBlocks: number; extents:
 
 /** Mounts `image`, writes `dirs` directories of random files (the allocators spread them), unmounts. */
 function populate(t: ExecutionContext, image: string, dirs: number, fileBytes: number, seed: number, blockSize: number): Written {
-  const mnt = mount(t, loopDevice(t, image), image + '.mnt');
+  const loop = loopDevice(t, image);
+  const mnt = mount(t, loop, image + '.mnt');
   const r = rng(seed);
   const buf = Buffer.alloc(fileBytes);
   for (let d = 0; d < dirs; d++) {
@@ -63,6 +64,8 @@ function populate(t: ExecutionContext, image: string, dirs: number, fileBytes: n
   }
   const checksums = checksumTree(mnt);
   run('umount', [mnt]);
+  // Detached now: a volume with a loop device over it cannot be served (writes through it would bypass the export).
+  run('losetup', ['-d', loop]);
   return { checksums, highBlocks, extents };
 }
 

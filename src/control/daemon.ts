@@ -7,11 +7,12 @@ import { Device } from '../device/device';
 import { ioRing } from '../device/io-ring';
 import { native } from '../device/native';
 import { runOnlineBackup, type OnlineBackupSummary } from '../jobs/online-backup';
-import { DeviceBackend } from '../nbd/device-backend';
-import { createNbdServer, type NbdServer } from '../nbd/server';
-import { openBackupTarget } from '../sink/open-target';
+import { ServedExport } from '../export/served-export';
+import { identify, lockedPath, overlap } from '../device/identity';
+import { deviceHolding, fingerprintOf, fingerprintOfVolume } from '../export/on-volume';
+import { isTapeDevice, openBackupTarget } from '../sink/open-target';
+import { parseContainer } from '../snapshot/parse-container';
 import type { SnapshotGate } from '../snapshot/cbw';
-import { interceptBackend } from '../snapshot/intercepting-backend';
 import type { SnapshotSession } from '../snapshot/session';
 import { DEFAULT_WRITER_PRIORITY, type WriterPriority } from '../snapshot/writer-priority';
 import { loadPskFile, type PskKeys } from '../nbd/tls-psk';
@@ -19,23 +20,8 @@ import { errorText, UserError } from '../util/errors';
 import { checkTcpSecurity, formatHostPort, parseListen, plaintextWarning } from './listen';
 import { type BackupRequest, CACHE_MODES, type CacheMode, type ControlReply, type ControlRequest, defaultExportSocket, EXPORT_NAME, type ServeRequest } from './protocol';
 
-interface ServedExport {
-  name: string;
-  devicePath: string;
-  /** The export's handle on the device (buffered with cache=writeback). */
-  device: Device;
-  /** What backups read and write the device through: always O_DIRECT (the same handle with cache=none). */
-  directDevice: Device;
-  cache: CacheMode;
-  backend: DeviceBackend;
-  gate: SnapshotGate;
-  nbd: NbdServer;
-  socket: string;
-  tcp?: string;
-  /** How the TCP listener is secured: 'psk' (TLS required) or 'none' (--insecure-plaintext). */
-  tls?: 'psk' | 'none';
-  job?: Job;
-}
+/** A served export and the backup running on it, if any. */
+type Entry = ServedExport & { job?: Job };
 
 interface Job {
   id: string;
@@ -56,7 +42,7 @@ interface Job {
 export type DaemonLog = (line: string) => void;
 
 export class Daemon {
-  private readonly exports = new Map<string, ServedExport>();
+  private readonly exports = new Map<string, Entry>();
   private readonly jobs = new Map<string, Job>();
   private control?: net.Server;
   private jobSeq = 0;
@@ -146,49 +132,23 @@ export class Daemon {
   }
 
   async serve(req: ServeRequest): Promise<Record<string, unknown>> {
-    if (!EXPORT_NAME.test(req.name)) throw new UserError(`export name "${req.name}" is not allowed`, 'use letters, digits, ".", "_" and "-" (up to 64), starting with a letter or digit');
-    if (this.exports.has(req.name)) throw new UserError(`an export named "${req.name}" is already served`, 'choose another --name, or "livesnap stop ' + req.name + '" first');
-    for (const e of this.exports.values()) {
-      if (path.resolve(e.devicePath) === path.resolve(req.device)) throw new UserError(`${req.device} is already served as "${e.name}"`);
+    const e: Entry = await ServedExport.open(req, {
+      served: this.exports.values(),
+      defaultSocket: (name) => defaultExportSocket(this.controlPath, name),
+      log: (l) => this.log(l),
+    });
+    if (this.exports.has(e.name) || this.stopping) {
+      // Another serve of the same name won the race, or the daemon is stopping.
+      await e.close();
+      throw new UserError(this.stopping ? 'the daemon is stopping' : `an export named "${e.name}" is already served`);
     }
-    const cache = req.cache ?? 'none';
-    if (!CACHE_MODES.includes(cache)) throw new UserError(`--cache ${cache}: not a cache mode`, `use one of: ${CACHE_MODES.join(', ')}`);
-    // Everything about TCP is checked, and the key file read, before anything is opened.
-    const listen = req.listen !== undefined ? parseListen(req.listen) : undefined;
-    const security = checkTcpSecurity(req);
-    const keys = req.tlsPsk !== undefined ? loadKeys(path.resolve(req.tlsPsk)) : undefined;
-    // Exclusive: nothing may write the device except through the export (it must not be mounted).
-    const device = Device.open(req.device, { write: true, exclusive: true, direct: cache === 'none' });
-    let directDevice = device;
-    try {
-      if (cache === 'writeback') directDevice = Device.open(req.device, { write: true, direct: true });
-      const deviceBackend = new DeviceBackend(device, { description: `livesnap export of ${req.device}` });
-      const { backend, gate } = interceptBackend(deviceBackend);
-      const nbd = createNbdServer({ exports: { [req.name]: backend }, defaultExport: req.name, log: (level, m) => { if (level !== 'debug') this.log(`[${req.name}] ${m}`); } });
-      const socket = req.socket ?? defaultExportSocket(this.controlPath, req.name);
-      await nbd.listenUnix(socket);
-      let tcp: string | undefined;
-      let tcpUri: string | undefined;
-      if (listen) {
-        const port = await nbd.listenTcp(listen.host, listen.port, { tls: keys });
-        tcp = formatHostPort({ host: listen.host, port });
-        if (security === 'plaintext') this.log(`[${req.name}] ${plaintextWarning({ host: listen.host, port })}`);
-        tcpUri = keys
-          ? `nbds://${encodeURIComponent(keys.identities[0]!)}@${tcp}/${req.name}?tls-psk-file=${uriValue(req.tlsPsk!)}`
-          : `nbd://${tcp}/${req.name}`;
-      }
-      const tls = tcp ? (keys ? 'psk' : 'none') : undefined;
-      this.exports.set(req.name, { name: req.name, devicePath: req.device, device, directDevice, cache, backend: deviceBackend, gate, nbd, socket, tcp, tls });
-      this.log(`serving ${req.device} as "${req.name}" on ${socket}${tcp ? ` and tcp ${tcp} (${keys ? `TLS-PSK, identities ${keys.identities.join(', ')}` : 'NO TLS'})` : ''} (cache ${cache})`);
-      return {
-        name: req.name, device: req.device, size: backend.size, socket, tcp: tcp ?? null, tls: tls ?? null, cache,
-        uri: `nbd+unix:///${req.name}?socket=${socket}`, tcpUri: tcpUri ?? null, tlsIdentity: keys?.identities[0] ?? null,
-      };
-    } catch (e) {
-      if (directDevice !== device) directDevice.close();
-      device.close();
-      throw e;
-    }
+    this.exports.set(e.name, e);
+    const keys = e.keys;
+    this.log(`serving ${e.devicePath} as "${e.name}" on ${e.socket}${e.tcp ? ` and tcp ${e.tcp} (${keys ? `TLS-PSK, identities ${keys.identities.join(', ')}` : 'NO TLS'})` : ''} (cache ${e.cache})`);
+    return {
+      name: e.name, device: e.devicePath, size: e.backend.size, socket: e.socket, tcp: e.tcp ?? null, tls: e.tls ?? null, cache: e.cache,
+      uri: e.uri, tcpUri: e.tcpUri ?? null, tlsIdentity: keys?.identities[0] ?? null,
+    };
   }
 
   async stop(name?: string): Promise<Record<string, unknown>> {
@@ -203,14 +163,10 @@ export class Daemon {
     return { stopped: names, daemon: 'stopping' };
   }
 
-  private async closeExport(e: ServedExport): Promise<void> {
-    e.job?.abort.abort();
+  private async closeExport(e: Entry): Promise<void> {
+    e.job?.abort.abort(new UserError(`the backup was cancelled: its export "${e.name}" was stopped`, 'no acknowledged write was lost; serve it again and rerun the backup', 130));
     this.exports.delete(e.name);
-    await e.nbd.close(); // finishes in-flight requests and flushes
-    await e.device.sync().catch(() => {});
-    e.backend.dispose();
-    if (e.directDevice !== e.device) e.directDevice.close();
-    e.device.close();
+    await e.close();
     this.log(`stopped serving "${e.name}"`);
   }
 
@@ -291,6 +247,38 @@ export class Daemon {
     return createArchiveSink({ out: sock, recordSize: req.recordSize, compress: req.compress });
   }
 
+  /**
+   * A backup must never write where a served volume lives: not into a served device or file (by
+   * inode, through links and loop devices, or another daemon's lock), and its target not inside a
+   * served file system (found by the file system's own superblock; writing a backup into the volume
+   * it backs up is not supported). All lookups run on the thread pool.
+   */
+  private async checkBackupPaths(req: BackupRequest): Promise<void> {
+    const paths: Array<{ p: string; what: string }> = [];
+    if (req.to !== '-' && req.to !== '/dev/null') paths.push({ p: req.to, what: `the target ${req.to}` });
+    const c = req.container !== undefined ? parseContainer(req.container) : undefined;
+    if (c && c.kind !== 'memory') paths.push({ p: c.path, what: `the container ${c.kind}:${c.path}` });
+    for (const { p, what } of paths) {
+      const id = await identify(p);
+      for (const e of this.exports.values()) {
+        const why = overlap(id, e.identity);
+        if (why) throw new UserError(`${what} is the volume served as "${e.name}" (${e.devicePath}: ${why})`, 'writing it would overwrite live data; choose a path on another device');
+      }
+      const held = await lockedPath(id);
+      if (held) throw new UserError(`${what} is a volume served by another livesnap daemon (${held} is locked)`, 'choose a path on another device');
+    }
+    if (req.to === '-' || req.to === '/dev/null' || isTapeDevice(req.to)) return;
+    const node = await deviceHolding(req.to);
+    if (!node) return;
+    const got = await fingerprintOf(node);
+    if (!got) return;
+    for (const e of this.exports.values()) {
+      if (got === (await fingerprintOfVolume(e.directDevice))) {
+        throw new UserError(`the target ${req.to} is inside the file system served as "${e.name}" (${node} holds it)`, 'a backup cannot be written into the volume it backs up: write it to another file system');
+      }
+    }
+  }
+
   cancel(idOrExport: string): Record<string, unknown> {
     const j = this.jobs.get(idOrExport) ?? this.exports.get(idOrExport)?.job;
     if (!j || j.state !== 'running') throw new UserError(`no running backup "${idOrExport}"`, 'see "livesnap status" for job ids');
@@ -302,6 +290,7 @@ export class Daemon {
     const e = this.exports.get(req.export);
     if (!e) throw new UserError(`no export named "${req.export}"`, `serve it first ("livesnap serve <device> --name ${req.export}"), or see "livesnap status"`);
     if (e.job) throw new UserError(`export "${e.name}" already has a backup running (${e.job.id})`, `wait for it, or "livesnap cancel ${e.job.id}"`);
+    await this.checkBackupPaths(req);
     const sink = req.to === '-' ? await this.stdoutSink(req, send) : openBackupTarget(req.to, { force: req.force, format: req.format, recordSize: req.recordSize, compress: req.compress, tapeSize: req.tapeSize, nextVolumeCommand: req.nextVolumeCommand });
     const job: Job = { id: `${e.name}-${++this.jobSeq}`, export: e.name, to: req.to, started: new Date(), state: 'running', abort: new AbortController(), progress: { bytesDone: 0, bytesTotal: 0, badBlocks: 0 }, detached: !!req.detach, writerPriority: req.writerPriority ?? DEFAULT_WRITER_PRIORITY };
     e.job = job;
@@ -322,6 +311,7 @@ export class Daemon {
       signal: job.abort.signal,
       maxRate: req.maxRate,
       writerPriority: job.writerPriority,
+      writeWaitLimitMs: req.writeWaitLimitMs,
       onSession: (s) => (job.session = s),
       onEvent: (ev) => {
         if (ev.event === 'progress') job.progress = { bytesDone: ev.bytesDone, bytesTotal: ev.bytesTotal, badBlocks: ev.badBlocks };
@@ -349,18 +339,4 @@ export class Daemon {
       if (e.job === job) e.job = undefined;
     }
   }
-}
-
-/** The PSK file of --tls-psk, or a UserError saying what is wrong with it. */
-export function loadKeys(file: string): PskKeys {
-  try {
-    return loadPskFile(file);
-  } catch (e) {
-    throw new UserError(`--tls-psk ${(e as Error).message}`, 'make one with "livesnap keygen FILE" (mode 0600, one identity:hexkey line)');
-  }
-}
-
-/** A URI query value: percent-encoded, slashes kept (a path stays readable). */
-function uriValue(v: string): string {
-  return encodeURIComponent(v).replace(/%2F/g, '/');
 }

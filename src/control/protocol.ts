@@ -48,6 +48,8 @@ export interface BackupRequest {
   detach?: boolean;
   maxRate?: number;
   writerPriority?: WriterPriority;
+  /** --write-wait-limit in ms. */
+  writeWaitLimitMs?: number;
 }
 export type ControlRequest = ServeRequest | StopRequest | StatusRequest | CancelRequest | BackupRequest | DataRequest;
 

@@ -4,11 +4,17 @@ export class RateLimit {
 
   constructor(private readonly bytesPerSecond: number | undefined) {}
 
-  /** Waits until `bytesDone` is no longer ahead of the allowed rate. */
-  async pace(bytesDone: number): Promise<void> {
+  /**
+   * Waits until `bytesDone` is no longer ahead of the allowed rate, or until `cutShort()` says the
+   * wait must end (checked every 20 ms: a writer that waits on the copy comes first).
+   */
+  async pace(bytesDone: number, cutShort?: () => boolean): Promise<void> {
     if (!this.bytesPerSecond) return;
     const due = this.started + (bytesDone / this.bytesPerSecond) * 1000;
-    const wait = due - performance.now();
-    if (wait > 1) await new Promise((r) => setTimeout(r, wait));
+    for (;;) {
+      const wait = due - performance.now();
+      if (wait <= 1 || cutShort?.()) return;
+      await new Promise((r) => setTimeout(r, cutShort ? Math.min(wait, 20) : wait));
+    }
   }
 }

@@ -169,6 +169,28 @@ export class Device implements BlockReader {
     return { ranges, complete: ranges.length < maxRanges };
   }
 
+  /**
+   * flock(2) without waiting: true when taken. An export holds "exclusive" on its device for as long
+   * as it is served, so a second livesnap (or daemon) cannot serve or write it.
+   */
+  tryLock(mode: 'exclusive' | 'shared'): boolean {
+    return native().lock(this.fd, mode);
+  }
+
+  /** Device.open on the thread pool: for a path whose lookup may wait on a file system this process serves. */
+  static async openAsync(path: string, opts: DeviceOpenOptions & { exclusive?: false } = {}): Promise<Device> {
+    const flags = { write: !!opts.write, direct: opts.direct ?? true, create: !!opts.create };
+    let fd: number;
+    try {
+      fd = await native().openAsync(path, flags);
+    } catch (e) {
+      if (isNativeError(e) && e.code === 'ENOENT') throw new UserError(`${path}: no such file or device`, 'check the path');
+      if (isNativeError(e) && (e.code === 'EACCES' || e.code === 'EPERM')) throw new UserError(`${path}: permission denied`, 'run as root or as a user with access to it');
+      throw e;
+    }
+    return new Device(path, fd, native().stat(fd), flags.direct, flags.write);
+  }
+
   close(): void {
     if (this.closed) return;
     this.closed = true;

@@ -10,6 +10,8 @@ import { native } from './native';
 export interface Identity {
   /** The path as given. */
   readonly path: string;
+  /** What the path itself is. */
+  readonly kind: 'file' | 'block' | 'other' | 'missing';
   /** Regular files reached, as "dev:ino" (the file itself, or a loop device's backing file). */
   readonly files: ReadonlyArray<string>;
   /** Block devices reached, as "major:minor" (the device itself, or loop devices over the file). */
@@ -51,7 +53,7 @@ async function loopsBacking(dev: number, ino: number): Promise<Array<{ id: strin
 export async function identify(p: string): Promise<Identity> {
   const files: string[] = [], devices: string[] = [], disks: string[] = [], lockPaths: string[] = [];
   let st: fs.Stats;
-  try { st = await fs.promises.stat(p); } catch { return { path: p, files, devices, disks, lockPaths }; }
+  try { st = await fs.promises.stat(p); } catch { return { path: p, kind: 'missing', files, devices, disks, lockPaths }; }
   lockPaths.push(p);
   if (st.isFile()) {
     files.push(`${st.dev}:${st.ino}`);
@@ -72,7 +74,7 @@ export async function identify(p: string): Promise<Identity> {
       } catch { /* no parent */ }
     }
   }
-  return { path: p, files, devices, disks, lockPaths };
+  return { path: p, kind: st.isFile() ? 'file' : st.isBlockDevice() ? 'block' : 'other', files, devices, disks, lockPaths };
 }
 
 /** Why `a` and `b` name overlapping storage, or undefined when they do not. */

@@ -49,7 +49,7 @@ export async function runBackup(opts: BackupOptions): Promise<BackupSummary> {
   const started = performance.now();
   const { source } = opts;
   const sink = new CompletenessCheck(opts.sink);
-  if (opts.method === 'freeze') checkFreezeMount(opts.mount!, source);
+  if (opts.method === 'freeze') await checkFreezeMount(opts.mount!, source);
 
   const copy = async () => {
     const snapshotTime = new Date();
@@ -85,7 +85,8 @@ export async function runBackup(opts: BackupOptions): Promise<BackupSummary> {
     let freezeMs: number | undefined;
     let out: Awaited<ReturnType<typeof copy>>;
     if (opts.method === 'freeze') {
-      const r = await withFrozen(opts.mount!, copy);
+      // An offline backup runs in the CLI, which serves nothing: it may thaw synchronously on exit.
+      const r = await withFrozen(opts.mount!, copy, { processGuard: true });
       out = r.result;
       freezeMs = r.frozenMs;
     } else {

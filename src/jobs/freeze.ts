@@ -2,16 +2,28 @@
 // not), and FITHAW always after: on success, on error, on Ctrl-C and on process exit.
 import { native } from '../device/native';
 import { UserError } from '../util/errors';
-import { mountAt } from '../util/mounts';
+import { deviceOfMount, fingerprintOf, fingerprintOfVolume, mountEntryAt } from '../export/on-volume';
 import type { Device } from '../device/device';
 
-export function checkFreezeMount(mountPoint: string, source: Device): void {
-  const m = mountAt(mountPoint);
-  if (!m) throw new UserError(`${mountPoint} is not a mount point`, 'give the directory where the source file system is mounted (see "findmnt")');
-  if (source.isBlockDevice && (m.major !== source.info.rdevMajor || m.minor !== source.info.rdevMinor)) {
-    throw new UserError(`${mountPoint} is not where ${source.path} is mounted (it holds ${m.source})`, `freezing it would not make ${source.path} consistent; see "findmnt ${source.path}"`);
+/**
+ * Refuses a --freeze / --mount that is not the file system of `source`: freezing another one (or a
+ * directory on one) would make nothing consistent while the backup still reported a freeze window.
+ * The mount's device is compared by number where it is the source itself, otherwise by the file
+ * systems' own superblocks (UUID and size), which also follows nbdfuse + loop and /dev/nbdN stacks.
+ */
+export async function checkFreezeMount(mountPoint: string, source: Device): Promise<void> {
+  const m = await mountEntryAt(mountPoint);
+  if (!m) throw new UserError(`${mountPoint} is not a mount point`, 'give the directory where the file system of the volume is mounted (see "findmnt")');
+  if (source.isBlockDevice && m.major === source.info.rdevMajor && m.minor === source.info.rdevMinor) return;
+  const want = await fingerprintOfVolume(source);
+  if (!want) {
+    throw new UserError(`${mountPoint} cannot be checked against ${source.path}: no file system livesnap can identify (ext2/3/4, XFS, btrfs) is on it`, 'leave out the freeze, or freeze the file system by hand around the arming');
   }
-  if (m.readOnly) return;
+  const node = await deviceOfMount(m);
+  const got = node ? await fingerprintOf(node) : undefined;
+  if (got !== want) {
+    throw new UserError(`${mountPoint} is not where ${source.path} is mounted (it holds ${m.source}, ${m.fsType})`, `freezing it would not make ${source.path} consistent; see "findmnt"`);
+  }
 }
 
 /**
@@ -30,11 +42,39 @@ async function presync(mountPoint: string): Promise<number> {
   return performance.now() - t0;
 }
 
+/** How long FITHAW may take before the backup reports it (the call goes on in the background). */
+const THAW_TIMEOUT_MS = 30_000;
+
+export interface FreezeOptions {
+  /**
+   * For a CLI that serves nothing: thaw synchronously on process exit and on SIGINT/SIGTERM/SIGHUP.
+   * The daemon never does (a synchronous FITHAW there would wait for writes only its own event loop
+   * can serve; it thaws on the thread pool and keeps serving).
+   */
+  processGuard?: boolean;
+}
+
+async function thaw(mountPoint: string): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new UserError(
+      `FITHAW of ${mountPoint} did not return within ${THAW_TIMEOUT_MS / 1000} s (it goes on in the background)`,
+      `check the file system's device; "fsfreeze -u ${mountPoint}" thaws it by hand`,
+    )), THAW_TIMEOUT_MS);
+  });
+  try {
+    await Promise.race([native().thaw(mountPoint), late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /**
  * Runs `work` with the file system frozen; returns its result, how long it was frozen, and how long
- * the write-back before the freeze took (writers were not stopped then).
+ * the write-back before the freeze took (writers were not stopped then). Thaws always, on the thread
+ * pool; an error of `work` wins over one of the thaw.
  */
-export async function withFrozen<T>(mountPoint: string, work: () => Promise<T>): Promise<{ result: T; frozenMs: number; presyncMs: number }> {
+export async function withFrozen<T>(mountPoint: string, work: () => Promise<T>, opts: FreezeOptions = {}): Promise<{ result: T; frozenMs: number; presyncMs: number }> {
   let frozen = false;
   const thawNow = () => {
     if (!frozen) return;
@@ -46,10 +86,12 @@ export async function withFrozen<T>(mountPoint: string, work: () => Promise<T>):
     process.stderr.write(`\nlivesnap: ${sig}: ${mountPoint} thawed, backup cancelled\n`);
     process.exit(sig === 'SIGINT' ? 130 : 143);
   };
-  process.on('exit', thawNow);
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
-  process.on('SIGHUP', onSignal);
+  if (opts.processGuard) {
+    process.on('exit', thawNow);
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+    process.on('SIGHUP', onSignal);
+  }
   const presyncMs = await presync(mountPoint);
   // The window counts from the FIFREEZE call (it blocks new writers while it syncs) to the end of FITHAW.
   const t0 = performance.now();
@@ -60,15 +102,23 @@ export async function withFrozen<T>(mountPoint: string, work: () => Promise<T>):
       throw new UserError(`cannot freeze ${mountPoint}: ${(e as Error).message}`, 'the file system must support FIFREEZE (ext4, xfs, btrfs) and not be frozen already');
     }
     frozen = true;
-    const result = await work();
+    let result: T;
+    try {
+      result = await work();
+    } catch (e) {
+      frozen = false;
+      await thaw(mountPoint).catch(() => { /* the work's error is the one to report */ });
+      throw e;
+    }
     frozen = false;
-    await native().thaw(mountPoint);
+    await thaw(mountPoint);
     return { result, frozenMs: performance.now() - t0, presyncMs };
   } finally {
-    thawNow();
-    process.off('exit', thawNow);
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
-    process.off('SIGHUP', onSignal);
+    if (opts.processGuard) {
+      process.off('exit', thawNow);
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+      process.off('SIGHUP', onSignal);
+    }
   }
 }

@@ -18,7 +18,7 @@ import { SnapshotSession, type SnapshotStats } from '../snapshot/session';
 import type { ThrottlePolicy } from '../snapshot/throttle';
 import { UserError } from '../util/errors';
 import type { CopySummary } from './backup';
-import { withFrozen } from './freeze';
+import { checkFreezeMount, withFrozen } from './freeze';
 import { TOOL_VERSION } from './version';
 
 export type OnlineBackupEvent =
@@ -58,6 +58,12 @@ export interface OnlineBackupOptions {
   maxRate?: number;
   /** --writer-priority: how much of the disk the copier leaves to clients while they write. */
   writerPriority?: WriterPriority;
+  /**
+   * --write-wait-limit: the longest a client write may be held by the snapshot (a full container,
+   * a stalled target) before the snapshot is broken and the backup fails, so writers go on. Default
+   * 30 s: below the kernel's 120 s hung-task warning and any sane nbd-client -timeout.
+   */
+  writeWaitLimitMs?: number;
 }
 
 export interface OnlineBackupSummary extends CopySummary {
@@ -77,6 +83,8 @@ export interface OnlineBackupSummary extends CopySummary {
   /** With --writer-priority auto: the baseline it kept the clients to, and how it stepped. */
   autoPace?: AutoPaceStats;
 }
+
+export const DEFAULT_WRITE_WAIT_LIMIT_MS = 30_000;
 
 export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<OnlineBackupSummary> {
   const started = performance.now();
@@ -103,6 +111,7 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
   const onAbort = () => session.fail(cancelled(opts.signal!));
   opts.signal?.addEventListener('abort', onAbort, { once: true });
   let sinkBegun = false;
+  let watchdog: NodeJS.Timeout | undefined;
   try {
     // 1. The instant. With --freeze the window is freeze + attach + thaw: O(1) whatever the size.
     let drained: Promise<void>;
@@ -112,6 +121,7 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
     // Before the instant: the clients' rate with the disk to themselves is auto's baseline.
     const auto = priority === 'auto' && !busyOverridden() ? new AutoPace(opts.gate.activity) : undefined;
     if (opts.freeze) {
+      await checkFreezeMount(opts.freeze, device);
       // Wrapped so the drain of in-flight writes is awaited after the thaw, not inside the window.
       const r = await withFrozen(opts.freeze, async () => ({ drained: session.arm() }));
       drained = r.result.drained;
@@ -126,6 +136,15 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
     const td = performance.now();
     await drained;
     const drainMs = performance.now() - td;
+    const limit = opts.writeWaitLimitMs ?? DEFAULT_WRITE_WAIT_LIMIT_MS;
+    watchdog = setInterval(() => {
+      const waited = session.cbw.longestWaitMs();
+      if (waited <= limit) return;
+      session.fail(new UserError(
+        `a write to the export was held ${(waited / 1000).toFixed(1)} s by the snapshot (the container was full and the copier could not free it fast enough): the snapshot was released so writers go on, and this backup is abandoned`,
+        `give a larger --container, a target that is not a stream (an image file), or a larger --write-wait-limit (now ${limit / 1000} s)`,
+      ));
+    }, Math.min(250, limit / 4));
     opts.onEvent?.({ event: 'armed', time: session.armedAt!.toISOString(), freezeMs, presyncMs, prepareMs: session.prepareMs, drainMs, container: container.description });
     failIfFailed(session);
 
@@ -176,6 +195,7 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
       depth: opts.depth,
       maxRate: opts.maxRate,
       writersActive: () => performance.now() - opts.gate.activity.lastEnterAt < 50,
+      writersStarved: () => session.cbw.waitingForSpace > 0,
       failed: () => session.failure,
       onProgress: (p) => {
         const now = performance.now();
@@ -233,6 +253,7 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
     if (sinkBegun) await sink.abort(err);
     throw err;
   } finally {
+    clearInterval(watchdog);
     opts.signal?.removeEventListener('abort', onAbort);
   }
 }

@@ -48,6 +48,10 @@ export class CopyBeforeWrite {
   readonly stats: CbwStats = { writesWaiting: 0, writesDelayed: 0, worstWriteDelayMs: 0, blocksSaved: 0, writesThrottled: 0 };
   /** Saves in flight (their blocks will be in the container when they end). */
   activeSaves = 0;
+  /** Writers waiting for container space right now: the copier then runs at full speed. */
+  waitingForSpace = 0;
+  /** When each write now held by the snapshot started waiting (performance.now()). */
+  private readonly heldSince = new Set<number>();
   private readonly slotBuf = new Int32Array(MAX_SAVE_BLOCKS);
 
   constructor(
@@ -72,8 +76,17 @@ export class CopyBeforeWrite {
     return this.slow(first, end);
   }
 
+  /** How long the longest-held write has waited so far, in ms (0 when none is held). */
+  longestWaitMs(now = performance.now()): number {
+    let oldest = now;
+    for (const t of this.heldSince) if (t < oldest) oldest = t;
+    return now - oldest;
+  }
+
   private async slow(first: number, end: number): Promise<void> {
-    const t0 = performance.now();
+    let t0 = performance.now();
+    while (this.heldSince.has(t0)) t0 += 1e-6; // one entry per held write
+    this.heldSince.add(t0);
     const st = this.stats;
     st.writesWaiting++;
     st.writesDelayed++;
@@ -103,7 +116,8 @@ export class CopyBeforeWrite {
         if (got === 0) {
           // Container full (FIG. 12): the copier copies these blocks or frees space; then look again.
           this.hooks.urge(first, end);
-          await map.changed.wait();
+          this.waitingForSpace++;
+          try { await map.changed.wait(); } finally { this.waitingForSpace--; }
           continue;
         }
         const task = map.claimRun(start, Math.min(end, start + got), 'save');
@@ -118,6 +132,7 @@ export class CopyBeforeWrite {
         map.unlock(task);
       }
     } finally {
+      this.heldSince.delete(t0);
       st.writesWaiting--;
       const d = performance.now() - t0;
       if (d > st.worstWriteDelayMs) st.worstWriteDelayMs = d;

@@ -21,6 +21,6 @@ export class FileContainer extends DeviceContainer {
     if (this.closed) return;
     this.closed = true;
     try { this.target.close(); } catch { /* already closed */ }
-    try { fs.rmSync(this.path, { force: true }); } catch { /* best effort */ }
+    await fs.promises.rm(this.path, { force: true }).catch(() => { /* best effort */ });
   }
 }

@@ -38,7 +38,8 @@ export class InsideContainer extends DeviceContainer {
     if (this.closed) return;
     this.closed = true;
     // The protected device belongs to the caller: only the file goes.
-    try { fs.rmSync(this.path, { force: true }); } catch { /* best effort */ }
+    // On the thread pool: the file lives in the served file system.
+    await fs.promises.rm(this.path, { force: true }).catch(() => { /* best effort */ });
   }
 }
 

@@ -13,6 +13,10 @@ export class PartitionContainer extends DeviceContainer {
 
   static open(path: string, protectedDevice: Device, blockSize: number, maxBytes?: number): PartitionContainer {
     const dev = Device.open(path, { write: true, exclusive: true });
+    if (!dev.isBlockDevice) {
+      dev.close();
+      throw new UserError(`--container partition:${path} is not a block device`, 'name a spare disk or partition, or use file:PATH for a file');
+    }
     const same = dev.isBlockDevice && protectedDevice.isBlockDevice
       ? dev.info.rdevMajor === protectedDevice.info.rdevMajor && dev.info.rdevMinor === protectedDevice.info.rdevMinor
       : false;

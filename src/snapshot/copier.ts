@@ -52,6 +52,11 @@ export interface CopierOptions {
    */
   writersActive?: () => boolean;
   /**
+   * True while a writer waits for container space: the copier then ignores --max-rate and the
+   * writer-priority pace, since only its progress frees the space the writer needs.
+   */
+  writersStarved?: () => boolean;
+  /**
    * Batch bytes and batches in flight while writers are active (writer-priority.ts); depth 0: no
    * reads. A function is asked before every batch (the automatic priority, auto-pace.ts).
    */
@@ -160,13 +165,15 @@ export class Copier {
       } finally {
         pool.release(b.buffer);
       }
-      await rate.pace(this.bytesDone);
+      await rate.pace(this.bytesDone, this.o.writersStarved);
     };
     try {
       for (;;) {
         this.check();
-        // While writers write: the pace of --writer-priority; otherwise full speed.
-        const pace = this.o.writersActive?.() ? paceNow() : undefined;
+        // While writers write: the pace of --writer-priority; otherwise, or when a writer waits for
+        // container space, full speed.
+        const starved = this.o.writersStarved?.() ?? false;
+        const pace = !starved && this.o.writersActive?.() ? paceNow() : undefined;
         // Busy depth 0 (LIVESNAP_BUSY_DEPTH=0, a measuring aid for bench/online-frontier): no new reads
         // while writers write, so what remains is copy-before-write's own cost. A writer that waits
         // on the copier (urged blocks, a container half full) is still served.

@@ -64,25 +64,31 @@ export async function openContainer(spec: ContainerSpec, protectedDevice: Device
   }
 }
 
+// Every file operation here runs on the thread pool: the file may lie inside the volume this
+// process serves (the inside container), where a blocking call would wait for NBD requests that only
+// this thread can answer.
 async function openFileContainer(file: string, size: number, protectedDevice: Device, blockSize: number): Promise<Container> {
   const bytes = Math.floor(size / blockSize) * blockSize;
   if (bytes < blockSize) throw new UserError(`--container file:${file}: ${size} bytes holds no ${blockSize}-byte block`);
-  if (!fs.existsSync(path.dirname(file))) throw new UserError(`--container file:${file}: the directory ${path.dirname(file)} does not exist`);
-  let fd: number;
+  const dir = path.dirname(file);
+  if (!(await fs.promises.stat(dir).then((st) => st.isDirectory(), () => false))) throw new UserError(`--container file:${file}: the directory ${dir} does not exist`);
+  let fh: fs.promises.FileHandle | undefined;
   try {
-    fd = fs.openSync(file, 'wx', 0o600);
+    fh = await fs.promises.open(file, 'wx', 0o600);
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'EEXIST') throw new UserError(`--container file:${file} already exists`, 'name a new file: livesnap creates it and removes it after the backup');
+    if ((e as NodeJS.ErrnoException).code === 'EEXIST') {
+      throw new UserError(`--container file:${file} already exists`, 'name a new file: livesnap creates it and removes it after the backup (a file left by a backup that was killed can be removed)');
+    }
     throw e;
   }
   let dev: Device | undefined;
   try {
     const marker = crypto.randomBytes(blockSize);
-    fs.writeSync(fd, marker, 0, blockSize, 0);
-    fs.fsyncSync(fd);
-    fs.closeSync(fd);
-    fd = -1;
-    dev = Device.open(file, { write: true });
+    await fh.write(marker, 0, blockSize, 0);
+    await fh.sync();
+    await fh.close();
+    fh = undefined;
+    dev = await Device.openAsync(file, { write: true });
     try {
       await native().zeroRange(dev.fd, blockSize, bytes - blockSize);
     } catch (e) {
@@ -102,9 +108,9 @@ async function openFileContainer(file: string, size: number, protectedDevice: De
     dev = undefined;
     return c;
   } catch (e) {
-    if (fd >= 0) try { fs.closeSync(fd); } catch { /* closed */ }
+    await fh?.close().catch(() => {});
     try { dev?.close(); } catch { /* closed */ }
-    fs.rmSync(file, { force: true });
+    await fs.promises.rm(file, { force: true }).catch(() => {});
     throw e;
   }
 }

@@ -4,6 +4,7 @@ import { resolveControlPath, EXPORT_NAME } from '../../control/protocol';
 import * as t from 'typanion';
 import { WRITER_PRIORITIES } from '../../snapshot/writer-priority';
 import { UserError } from '../../util/errors';
+import { parseDuration } from '../../util/duration';
 import { formatBytes, formatRate, parseSize } from '../../util/size';
 import { LivesnapCommand } from '../base';
 
@@ -65,6 +66,7 @@ export class BackupCommand extends LivesnapCommand {
   freeze = Option.String('--freeze', { description: 'Online: mount point to freeze (FIFREEZE) for the instant of arming' });
   highWater = Option.String('--high-water', { description: 'Online: container fill (percent) above which writers are slowed down (default 80)' });
   writerPriority = Option.String('--writer-priority', { description: 'Online: auto (default) | high | normal | low: how much of the disk the backup leaves to clients while they write. auto keeps them at about half the write rate they had before the backup (or, when they start during it, slows down while they write without pause) and goes as fast as that allows; high: one 32 KiB read at a time (clients keep about half their speed, the backup may take 10x longer); low: full speed (the backup takes about its idle time, clients slow down a lot); normal: in between', validator: t.isEnum(WRITER_PRIORITIES) });
+  writeWaitLimit = Option.String('--write-wait-limit', { description: 'Online: the longest a client write may wait on the snapshot before the backup is abandoned and writers go on (default 30s; e.g. 10s, 2m)' });
   detach = Option.Boolean('--detach', false, { description: 'Online: return once armed; the job goes on in the daemon' });
   control = Option.String('--control', { description: 'Online: daemon control socket' });
   format = Option.String('--format', { description: 'raw | tar (default: from the target: .img raw; .tar, - and tape devices tar)', validator: t.isEnum(['raw', 'tar'] as const) });
@@ -92,6 +94,7 @@ export class BackupCommand extends LivesnapCommand {
       detach: this.detach,
       maxRate: this.maxRate !== undefined ? parseSize(this.maxRate, '--max-rate') : undefined,
       writerPriority: this.writerPriority,
+      writeWaitLimitMs: this.writeWaitLimit !== undefined ? parseDuration(this.writeWaitLimit, '--write-wait-limit') : undefined,
     }, this.reporter);
   }
 
@@ -100,8 +103,18 @@ export class BackupCommand extends LivesnapCommand {
   }
 
   async run(): Promise<number> {
-    if (!fs.existsSync(this.source) && EXPORT_NAME.test(this.source)) return this.online();
-    for (const [flag, v] of [['--container', this.container], ['--freeze', this.freeze], ['--high-water', this.highWater], ['--writer-priority', this.writerPriority], ['--control', this.control]] as const) {
+    // A name without a slash is an export of the daemon; a device or file is named by a path
+    // (/dev/sdb1, ./vol.img): the choice is never made by what happens to exist in this directory.
+    if (!this.source.includes('/')) {
+      if (!EXPORT_NAME.test(this.source)) throw new UserError(`"${this.source}" is neither a path nor an export name`, 'name a device or file by its path (e.g. ./vol.img or /dev/sdb1), or an export by its name');
+      return this.online().catch((e: unknown) => {
+        if (e instanceof UserError && fs.existsSync(this.source) && /no export named|no livesnap daemon/.test(e.message)) {
+          throw new UserError(e.message, `"${this.source}" is taken as an export name; to back up the file or device "${this.source}" in this directory, write ./${this.source}`, e.exitCode);
+        }
+        throw e;
+      });
+    }
+    for (const [flag, v] of [['--write-wait-limit', this.writeWaitLimit], ['--container', this.container], ['--freeze', this.freeze], ['--high-water', this.highWater], ['--writer-priority', this.writerPriority], ['--control', this.control]] as const) {
       if (v !== undefined) throw new UserError(`${flag} is for online backups of a served export, and ${this.source} is a device or file`, 'serve it with "livesnap serve" and back up the export by name, or drop the option');
     }
     if (this.detach) throw new UserError('--detach is for online backups of a served export');
@@ -112,6 +125,9 @@ export class BackupCommand extends LivesnapCommand {
     const { openSource, refuseTargetOnSource } = require('../../jobs/source') as typeof import('../../jobs/source');
     const { openBackupTarget } = require('../../sink/open-target') as typeof import('../../sink/open-target');
     /* eslint-enable @typescript-eslint/no-require-imports */
+    const { refuseServed } = require('../../jobs/served-check') as typeof import('../../jobs/served-check'); // eslint-disable-line @typescript-eslint/no-require-imports
+    await refuseServed(this.source, 'source');
+    await refuseServed(this.to, 'target');
     const source = openSource(this.source, this.method);
     try {
       refuseTargetOnSource(source, this.to);

@@ -36,6 +36,8 @@ export class RestoreCommand extends LivesnapCommand {
     const { restoreImage } = require('../../jobs/restore') as typeof import('../../jobs/restore');
     const { looksLikeArchive, restoreArchive } = require('../../jobs/archive-restore') as typeof import('../../jobs/archive-restore');
     /* eslint-enable @typescript-eslint/no-require-imports */
+    const { refuseServed } = require('../../jobs/served-check') as typeof import('../../jobs/served-check'); // eslint-disable-line @typescript-eslint/no-require-imports
+    await refuseServed(this.to, 'restore destination');
     const r = this.reporter;
     if (this.image === '-' || looksLikeArchive(this.image)) {
       if (this.image !== '-') refuseImageOnTarget(this.image, this.to);

@@ -59,7 +59,8 @@ export class ServeCommand extends LivesnapCommand {
   async run(): Promise<number> {
     /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
     const { call, isDaemonRunning } = require('../../control/client') as typeof import('../../control/client');
-    const { Daemon, loadKeys } = require('../../control/daemon') as typeof import('../../control/daemon');
+    const { Daemon } = require('../../control/daemon') as typeof import('../../control/daemon');
+    const { loadKeys } = require('../../export/served-export') as typeof import('../../export/served-export');
     const { checkTcpSecurity, parseListen, plaintextWarning } = require('../../control/listen') as typeof import('../../control/listen');
     const { startDaemon } = require('../../control/spawn') as typeof import('../../control/spawn');
     /* eslint-enable @typescript-eslint/no-require-imports */

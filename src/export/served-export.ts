@@ -1,0 +1,146 @@
+// One served volume, built in one place: everything the request names is checked before anything
+// is opened, then the device is opened and locked, the filter chain built in front of it (the
+// snapshot gate), and the NBD listeners started. Any failure on the way closes and removes what was
+// made, in reverse order, so a refused serve leaves no socket, no open descriptor and no lock.
+import { Device } from '../device/device';
+import { type Identity, identify, overlap } from '../device/identity';
+import { DeviceBackend } from '../nbd/device-backend';
+import { createNbdServer, type NbdServer } from '../nbd/server';
+import { loadPskFile, type PskKeys } from '../nbd/tls-psk';
+import type { SnapshotGate } from '../snapshot/cbw';
+import { interceptBackend } from '../snapshot/intercepting-backend';
+import { UserError } from '../util/errors';
+import { checkTcpSecurity, formatHostPort, type ListenAddress, parseListen, plaintextWarning } from '../control/listen';
+import { CACHE_MODES, type CacheMode, EXPORT_NAME, type ServeRequest } from '../control/protocol';
+import * as path from 'node:path';
+
+export interface ExportContext {
+  /** Exports already served by this daemon (a device is served once). */
+  served: Iterable<ServedExport>;
+  /** The unix socket for `name` when the request gives none. */
+  defaultSocket(name: string): string;
+  log(line: string): void;
+}
+
+export class ServedExport {
+  tcp?: string;
+  tcpUri?: string;
+  tls?: 'psk' | 'none';
+
+  private constructor(
+    readonly name: string,
+    readonly devicePath: string,
+    readonly identity: Identity,
+    /** The export's handle on the device (buffered with cache=writeback); holds the served lock. */
+    readonly device: Device,
+    /** What backups read and write the device through: always O_DIRECT (the same handle with cache=none). */
+    readonly directDevice: Device,
+    /** A loop device's backing file, opened only to hold the served lock on it too. */
+    private readonly backingLock: Device | undefined,
+    readonly cache: CacheMode,
+    readonly backend: DeviceBackend,
+    readonly gate: SnapshotGate,
+    readonly nbd: NbdServer,
+    readonly socket: string,
+    readonly keys: PskKeys | undefined,
+  ) {}
+
+  get uri(): string {
+    return `nbd+unix:///${this.name}?socket=${this.socket}`;
+  }
+
+  static async open(req: ServeRequest, ctx: ExportContext): Promise<ServedExport> {
+    // 1. Everything the request says, before anything is opened.
+    if (!EXPORT_NAME.test(req.name)) throw new UserError(`export name "${req.name}" is not allowed`, 'use letters, digits, ".", "_" and "-" (up to 64), starting with a letter or digit');
+    const served = [...ctx.served];
+    if (served.some((e) => e.name === req.name)) throw new UserError(`an export named "${req.name}" is already served`, `choose another --name, or "livesnap stop ${req.name}" first`);
+    const cache = req.cache ?? 'none';
+    if (!CACHE_MODES.includes(cache)) throw new UserError(`--cache ${cache}: not a cache mode`, `use one of: ${CACHE_MODES.join(', ')}`);
+    const listen: ListenAddress | undefined = req.listen !== undefined ? parseListen(req.listen) : undefined;
+    const security = checkTcpSecurity(req);
+    const keys = req.tlsPsk !== undefined ? loadKeys(path.resolve(req.tlsPsk)) : undefined;
+    const socket = req.socket ?? ctx.defaultSocket(req.name);
+    const identity = await identify(req.device);
+    for (const e of served) {
+      const why = overlap(identity, e.identity);
+      if (why) throw new UserError(`${req.device} is already served as "${e.name}" (${e.devicePath}: ${why})`, 'a volume is served once: every writer must go through that export');
+    }
+    if (identity.kind === 'file' && identity.devices.length) {
+      // A file with a loop device over it: writes through the loop would bypass the export.
+      const loops = identity.lockPaths.slice(1).join(', ');
+      throw new UserError(`${req.device} is attached to ${loops}: writes through it would bypass the export and its snapshots`, `detach it first ("losetup -d ${loops}")`);
+    }
+
+    // 2. Open and lock, undoing on any failure.
+    const undo: Array<() => void | Promise<void>> = [];
+    try {
+      const device = Device.open(req.device, { write: true, exclusive: true, direct: cache === 'none' });
+      undo.push(() => device.close());
+      if (!device.tryLock('exclusive')) {
+        throw new UserError(`${req.device} is already served by another livesnap daemon (it holds the device's lock)`, 'stop it there ("livesnap stop" with that daemon\'s --control), or back it up through that export');
+      }
+      let backingLock: Device | undefined;
+      const backing = identity.files.length ? identity.lockPaths.find((p) => p !== req.device) : undefined;
+      if (device.isBlockDevice && backing) {
+        backingLock = Device.open(backing, { write: false, direct: false });
+        undo.push(() => backingLock!.close());
+        if (!backingLock.tryLock('exclusive')) throw new UserError(`${backing}, the file behind ${req.device}, is served by another livesnap daemon`, 'serve it once');
+      }
+      let directDevice = device;
+      if (cache === 'writeback') {
+        directDevice = Device.open(req.device, { write: true, direct: true });
+        undo.push(() => directDevice.close());
+      }
+      const backend = new DeviceBackend(device, { description: `livesnap export of ${req.device}` });
+      undo.push(() => backend.dispose());
+      const { backend: chain, gate } = interceptBackend(backend);
+      const nbd = createNbdServer({ exports: { [req.name]: chain }, defaultExport: req.name, log: (level, m) => { if (level !== 'debug') ctx.log(`[${req.name}] ${m}`); } });
+      undo.push(() => nbd.close());
+      await nbd.listenUnix(socket).catch((e: Error) => {
+        throw new UserError(`cannot listen on ${socket}: ${e.message}`, 'give another --socket, or stop what listens there');
+      });
+      const exp = new ServedExport(req.name, req.device, identity, device, directDevice, backingLock, cache, backend, gate, nbd, socket, keys);
+      if (listen) {
+        const port = await nbd.listenTcp(listen.host, listen.port, { tls: keys }).catch((e: NodeJS.ErrnoException) => {
+          if (e.code === 'EADDRINUSE') throw new UserError(`--listen ${req.listen}: the address is already in use`, 'choose another port, or stop what listens there');
+          if (e.code === 'EADDRNOTAVAIL') throw new UserError(`--listen ${req.listen}: no interface of this machine has that address`, 'use an address of this machine, or :PORT for loopback');
+          throw e;
+        });
+        exp.tcp = formatHostPort({ host: listen.host, port });
+        exp.tls = keys ? 'psk' : 'none';
+        if (security === 'plaintext') ctx.log(`[${req.name}] ${plaintextWarning({ host: listen.host, port })}`);
+        exp.tcpUri = keys
+          ? `nbds://${encodeURIComponent(keys.identities[0]!)}@${exp.tcp}/${req.name}?tls-psk-file=${uriValue(req.tlsPsk!)}`
+          : `nbd://${exp.tcp}/${req.name}`;
+      }
+      return exp;
+    } catch (e) {
+      for (const f of undo.reverse()) { try { await f(); } catch { /* undoing: keep going */ } }
+      throw e;
+    }
+  }
+
+  /** Finishes in-flight requests, flushes, and releases everything (the lock last). */
+  async close(): Promise<void> {
+    await this.nbd.close();
+    await this.device.sync().catch(() => {});
+    this.backend.dispose();
+    if (this.directDevice !== this.device) this.directDevice.close();
+    this.backingLock?.close();
+    this.device.close();
+  }
+}
+
+/** The PSK file of --tls-psk, or a UserError saying what is wrong with it. */
+export function loadKeys(file: string): PskKeys {
+  try {
+    return loadPskFile(file);
+  } catch (e) {
+    throw new UserError(`--tls-psk ${(e as Error).message}`, 'make one with "livesnap keygen FILE" (mode 0600, one identity:hexkey line)');
+  }
+}
+
+/** A URI query value: percent-encoded, slashes kept (a path stays readable). */
+function uriValue(v: string): string {
+  return encodeURIComponent(v).replace(/%2F/g, '/');
+}
