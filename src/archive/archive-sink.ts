@@ -5,6 +5,7 @@
 // Every byte goes through one RecordWriter (large buffers, whole records out); chunks are hashed in
 // place in that buffer once complete, so the data is copied exactly once.
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import type { Writable } from 'node:stream';
 import { native } from '../device/native';
 import type { BackupSink, DataBatch, FinishInfo, VolumeInfo } from '../sink/sink';
@@ -92,8 +93,12 @@ export class ArchiveSink implements BackupSink {
     if (this.volumeSet) base = this.volumeSet;
     else if (this.opts.out === '-') base = new FdRecordOutput(1, r, false);
     else if (typeof this.opts.out === 'string') {
-      const o = await openRecordFile(this.opts.out, r);
-      if (o.regular) this.createdFile = this.opts.out;
+      // A file is written as "<target>.partial" and renamed when complete (as images are), so a
+      // backup killed mid-way never leaves something under the final name; devices are written as they are.
+      const st = await fs.promises.stat(this.opts.out).catch(() => undefined);
+      const toFile = !st || st.isFile();
+      const o = await openRecordFile(toFile ? `${this.opts.out}.partial` : this.opts.out, r);
+      if (o.regular) this.createdFile = toFile ? `${this.opts.out}.partial` : this.opts.out;
       base = o.out;
     } else {
       base = new WritableRecordOutput(this.opts.out, r, { end: this.opts.out !== process.stdout });
@@ -240,6 +245,11 @@ export class ArchiveSink implements BackupSink {
     await w.writeZeros(2 * BLOCK);
     await w.finish();
     await this.output!.close();
+    if (this.createdFile?.endsWith('.partial') && typeof this.opts.out === 'string') {
+      await fs.promises.rename(this.createdFile, this.opts.out);
+      await syncDirOf(this.opts.out);
+      this.createdFile = undefined;
+    }
     this.state = 'done';
   }
 
@@ -250,4 +260,11 @@ export class ArchiveSink implements BackupSink {
     // A partial archive file is removed; on a stream or tape there is no trailer, so it never reads as complete.
     if (this.createdFile) await fs.promises.rm(this.createdFile, { force: true }).catch(() => {});
   }
+}
+
+/** fsync of a file's directory, so a rename is durable (best effort: some file systems refuse it). */
+async function syncDirOf(file: string): Promise<void> {
+  const fh = await fs.promises.open(path.dirname(file), 'r').catch(() => undefined);
+  if (!fh) return;
+  try { await fh.sync(); } catch { /* not supported here */ } finally { await fh.close(); }
 }

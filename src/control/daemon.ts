@@ -7,7 +7,9 @@ import { Device } from '../device/device';
 import { ioRing } from '../device/io-ring';
 import { native } from '../device/native';
 import { runOnlineBackup, type OnlineBackupSummary } from '../jobs/online-backup';
+import { stateRoot } from '../config';
 import { ServedExport } from '../export/served-export';
+import type { JobRecord } from '../export/state-dir';
 import { identify, lockedPath, overlap } from '../device/identity';
 import { deviceHolding, fingerprintOf, fingerprintOfVolume } from '../export/on-volume';
 import { isTapeDevice, openBackupTarget } from '../sink/open-target';
@@ -135,6 +137,7 @@ export class Daemon {
     const e: Entry = await ServedExport.open(req, {
       served: this.exports.values(),
       defaultSocket: (name) => defaultExportSocket(this.controlPath, name),
+      stateRoot: stateRoot(),
       log: (l) => this.log(l),
     });
     if (this.exports.has(e.name) || this.stopping) {
@@ -147,7 +150,7 @@ export class Daemon {
     this.log(`serving ${e.devicePath} as "${e.name}" on ${e.socket}${e.tcp ? ` and tcp ${e.tcp} (${keys ? `TLS-PSK, identities ${keys.identities.join(', ')}` : 'NO TLS'})` : ''} (cache ${e.cache})`);
     return {
       name: e.name, device: e.devicePath, size: e.backend.size, socket: e.socket, tcp: e.tcp ?? null, tls: e.tls ?? null, cache: e.cache,
-      uri: e.uri, tcpUri: e.tcpUri ?? null, tlsIdentity: keys?.identities[0] ?? null,
+      uri: e.uri, tcpUri: e.tcpUri ?? null, tlsIdentity: keys?.identities[0] ?? null, state: e.state.dir, leftovers: e.leftovers,
     };
   }
 
@@ -196,6 +199,8 @@ export class Daemon {
         bytesWritten: c.bytesWritten,
         bytesRead: c.bytesRead,
         job: e.job ? this.jobInfo(e.job) : null,
+        state: e.state.dir,
+        leftovers: e.leftovers,
       };
     });
     const jobs = [...this.jobs.values()].map((j) => this.jobInfo(j));
@@ -295,6 +300,17 @@ export class Daemon {
     const job: Job = { id: `${e.name}-${++this.jobSeq}`, export: e.name, to: req.to, started: new Date(), state: 'running', abort: new AbortController(), progress: { bytesDone: 0, bytesTotal: 0, badBlocks: 0 }, detached: !!req.detach, writerPriority: req.writerPriority ?? DEFAULT_WRITER_PRIORITY };
     e.job = job;
     this.jobs.set(job.id, job);
+    // What this job will create, on record in the export's state directory until it ends: if the
+    // daemon is killed, the next serve finds and removes it.
+    const record: JobRecord = { job: job.id, export: e.name, pid: process.pid, started: job.started.toISOString(), to: req.to, files: await jobFiles(req) };
+    try {
+      await e.state.recordJob(record);
+    } catch (err) {
+      e.job = undefined;
+      this.jobs.delete(job.id);
+      await sink.abort(err as Error);
+      throw new UserError(`cannot write the job record in ${e.state.dir}: ${(err as Error).message}`, 'the state directory must be writable (serve --state DIR)');
+    }
     // Without --detach the job lives as long as the CLI that started it.
     const onClose = () => { if (!job.detached && job.state === 'running') { this.log(`job ${job.id}: client went away, cancelling`); job.abort.abort(); } };
     sock.once('close', onClose);
@@ -315,6 +331,7 @@ export class Daemon {
       onSession: (s) => (job.session = s),
       onEvent: (ev) => {
         if (ev.event === 'progress') job.progress = { bytesDone: ev.bytesDone, bytesTotal: ev.bytesTotal, badBlocks: ev.badBlocks };
+        if (ev.event === 'armed') void identifyJobFiles(record).then(() => e.state.recordJob(record)).catch((err: Error) => this.log(`job ${job.id}: job record: ${err.message}`));
         if (ev.event === 'done') return;
         const payload = ev.event === 'progress' ? { bytesDone: ev.bytesDone, bytesTotal: ev.bytesTotal, badBlocks: ev.badBlocks, writesWaiting: ev.stats.writesWaiting, containerUsedBytes: ev.stats.containerUsedBytes } : ev;
         send({ type: 'event', ...payload, event: ev.event, job: job.id });
@@ -335,8 +352,29 @@ export class Daemon {
       throw err;
     } finally {
       job.finished = new Date();
+      await e.state.dropJob(job.id).catch((err: Error) => this.log(`job ${job.id}: removing its record: ${err.message}`));
       sock.off('close', onClose);
       if (e.job === job) e.job = undefined;
     }
+  }
+}
+
+/** The files a backup creates: its partial target (a file target), and a container file. */
+async function jobFiles(req: BackupRequest): Promise<JobRecord['files']> {
+  const files: JobRecord['files'] = [];
+  if (req.to !== '-' && req.to !== '/dev/null' && !isTapeDevice(req.to)) {
+    const st = await fs.promises.stat(req.to).catch(() => undefined);
+    if (!st || st.isFile()) files.push({ path: `${req.to}.partial`, what: 'partial target' });
+  }
+  const c = req.container !== undefined ? parseContainer(req.container) : undefined;
+  if (c?.kind === 'file') files.push({ path: c.path, what: 'container file' });
+  return files;
+}
+
+/** Records the device and inode of each file the job has made by now. */
+async function identifyJobFiles(rec: JobRecord): Promise<void> {
+  for (const f of rec.files) {
+    const st = await fs.promises.stat(f.path).catch(() => undefined);
+    if (st) { f.dev = st.dev; f.ino = st.ino; }
   }
 }

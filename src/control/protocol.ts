@@ -25,6 +25,8 @@ export interface ServeRequest {
   /** TCP without TLS, asked for explicitly. */
   insecurePlaintext?: boolean;
   cache?: CacheMode;
+  /** The export's state directory (absolute); default <state root>/<name>. */
+  state?: string;
 }
 export interface StopRequest { op: 'stop'; name?: string }
 export interface StatusRequest { op: 'status' }

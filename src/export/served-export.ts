@@ -13,8 +13,11 @@ import { UserError } from '../util/errors';
 import { checkTcpSecurity, formatHostPort, type ListenAddress, parseListen, plaintextWarning } from '../control/listen';
 import { CACHE_MODES, type CacheMode, EXPORT_NAME, type ServeRequest } from '../control/protocol';
 import * as path from 'node:path';
+import { type Leftover, StateDir } from './state-dir';
 
 export interface ExportContext {
+  /** Where state directories go when the request names none. */
+  stateRoot: string;
   /** Exports already served by this daemon (a device is served once). */
   served: Iterable<ServedExport>;
   /** The unix socket for `name` when the request gives none. */
@@ -26,6 +29,8 @@ export class ServedExport {
   tcp?: string;
   tcpUri?: string;
   tls?: 'psk' | 'none';
+  /** What a killed daemon had left of this export's jobs, found and cleaned when it was served. */
+  leftovers: Leftover[] = [];
 
   private constructor(
     readonly name: string,
@@ -43,6 +48,7 @@ export class ServedExport {
     readonly nbd: NbdServer,
     readonly socket: string,
     readonly keys: PskKeys | undefined,
+    readonly state: StateDir,
   ) {}
 
   get uri(): string {
@@ -70,6 +76,8 @@ export class ServedExport {
       const loops = identity.lockPaths.slice(1).join(', ');
       throw new UserError(`${req.device} is attached to ${loops}: writes through it would bypass the export and its snapshots`, `detach it first ("losetup -d ${loops}")`);
     }
+
+    const state = await StateDir.open(req.state ?? path.join(ctx.stateRoot, req.name), req.device, identity.files[0] ?? identity.devices[0] ?? req.device);
 
     // 2. Open and lock, undoing on any failure.
     const undo: Array<() => void | Promise<void>> = [];
@@ -99,7 +107,10 @@ export class ServedExport {
       await nbd.listenUnix(socket).catch((e: Error) => {
         throw new UserError(`cannot listen on ${socket}: ${e.message}`, 'give another --socket, or stop what listens there');
       });
-      const exp = new ServedExport(req.name, req.device, identity, device, directDevice, backingLock, cache, backend, gate, nbd, socket, keys);
+      const exp = new ServedExport(req.name, req.device, identity, device, directDevice, backingLock, cache, backend, gate, nbd, socket, keys, state);
+      // Locked: this daemon alone owns the export now, so what a dead one left is ours to clean.
+      exp.leftovers = await state.collectLeftovers();
+      for (const l of exp.leftovers) ctx.log(`[${req.name}] found what a daemon that died left of job ${l.job} (pid ${l.pid}, started ${l.started}, to ${l.to}): ${l.cleaned.join('; ') || 'nothing'}`);
       if (listen) {
         const port = await nbd.listenTcp(listen.host, listen.port, { tls: keys }).catch((e: NodeJS.ErrnoException) => {
           if (e.code === 'EADDRINUSE') throw new UserError(`--listen ${req.listen}: the address is already in use`, 'choose another port, or stop what listens there');

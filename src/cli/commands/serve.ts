@@ -50,6 +50,7 @@ export class ServeCommand extends LivesnapCommand {
   name = Option.String('--name', { description: 'Export name (default: the device file name)' });
   socket = Option.String('--socket', { description: 'Unix socket path for the export' });
   listen = Option.String('--listen', { description: 'Also listen on TCP HOST:PORT (:PORT = 127.0.0.1); needs --tls-psk or --insecure-plaintext' });
+  state = Option.String('--state', { description: 'State directory of the export (default /var/lib/livesnap/<name>, or $LIVESNAP_STATE_DIR/<name>)' });
   tlsPsk = Option.String('--tls-psk', { description: 'PSK file (livesnap keygen): TCP clients must use TLS with this key' });
   insecurePlaintext = Option.Boolean('--insecure-plaintext', false, { description: 'Allow TCP without TLS (anyone who reaches the port can write the volume)' });
   cache = Option.String('--cache', { description: 'none (O_DIRECT, default) or writeback (page cache, flushed on NBD FLUSH)' });
@@ -79,6 +80,7 @@ export class ServeCommand extends LivesnapCommand {
       op: 'serve',
       device: path.resolve(this.device),
       name: this.name ?? path.basename(this.device).replace(/[^A-Za-z0-9._-]/g, '_'),
+      state: this.state !== undefined ? path.resolve(this.state) : undefined,
       socket: this.socket ? path.resolve(this.socket) : undefined,
       listen: this.listen,
       tlsPsk,
@@ -100,10 +102,13 @@ export class ServeCommand extends LivesnapCommand {
   }
 
   private print(res: Record<string, unknown>): void {
+    for (const l of (res.leftovers as Array<{ job: string; pid: number; started: string; to: string; cleaned: string[] }> | undefined) ?? []) {
+      this.reporter.info(`found what a livesnap daemon that died left of backup ${l.job} (pid ${l.pid}, started ${l.started}, to ${l.to}): ${l.cleaned.join('; ') || 'nothing'}`);
+    }
     if (this.json) process.stdout.write(JSON.stringify({ event: 'done', ...res }) + '\n');
     else {
       const tcp = res.tcp ? `  tcp         ${res.tcp} (${res.tls === 'psk' ? `TLS-PSK, identity ${res.tlsIdentity}` : 'NO TLS'})\n  tcp uri     ${res.tcpUri}\n` : '';
-      process.stdout.write(`serving ${res.device} as "${res.name}" (${formatBytes(res.size as number)})\n  unix socket ${res.socket}\n  uri         ${res.uri}\n  cache       ${res.cache}\n${tcp}`);
+      process.stdout.write(`serving ${res.device} as "${res.name}" (${formatBytes(res.size as number)})\n  unix socket ${res.socket}\n  uri         ${res.uri}\n  cache       ${res.cache}\n  state       ${res.state}\n${tcp}`);
     }
   }
 }

@@ -5,7 +5,7 @@ import { LivesnapCommand } from '../base';
 import { controlOption } from './serve';
 
 interface JobInfo { id: string; export: string; to: string; state: string; bytesDone: number; bytesTotal: number; badBlocks: number; containerUsedBytes: number | null; containerCapacityBytes: number | null; writesWaiting: number; worstWriteDelayMs: number; writerPriority?: string; error: string | null }
-interface ExportInfo { name: string; device: string; size: number; cache?: string; socket: string; tcp: string | null; tls?: string | null; connections: number; requests: number; bytesWritten: number; job: JobInfo | null }
+interface ExportInfo { name: string; device: string; size: number; cache?: string; socket: string; tcp: string | null; tls?: string | null; connections: number; requests: number; bytesWritten: number; job: JobInfo | null; leftovers?: Array<{ job: string; pid: number; started: string; to: string; cleaned: string[] }> }
 
 export class StatusCommand extends LivesnapCommand {
   static override paths = [['status']];
@@ -27,6 +27,7 @@ export class StatusCommand extends LivesnapCommand {
     const out: string[] = [`daemon pid ${res.pid}, control ${res.control}, I/O ${res.io ?? "?"}`];
     if (!exports.length) out.push('no exports');
     for (const e of exports) {
+      for (const l of e.leftovers ?? []) out.push(`  found at serve: what a daemon that died left of backup ${l.job} (pid ${l.pid}, started ${l.started}, to ${l.to}): ${l.cleaned.join('; ') || 'nothing'}`);
       out.push(`export ${e.name}: ${e.device} (${formatBytes(e.size)}, cache ${e.cache ?? 'none'}), ${e.socket}${e.tcp ? `, tcp ${e.tcp} (${e.tls === 'psk' ? 'TLS-PSK' : 'NO TLS'})` : ''}, ${e.connections} client(s), ${formatBytes(e.bytesWritten)} written`);
     }
     for (const j of jobs) {

@@ -1,0 +1,126 @@
+// An export's state directory (serve --state DIR): what must outlive the daemon. Every file is
+// versioned, checksummed (XXH3-128 of its JSON) and names the device it belongs to; anything that
+// does not match is not trusted and is reported. Here: "export.json" (whose directory this is) and
+// one record per running backup job ("jobs/<id>.json": its partial target and container file), so
+// that what a killed daemon left behind is found, reported and cleaned at the next serve.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { native } from '../device/native';
+import { UserError } from '../util/errors';
+
+const FORMAT = 'livesnap-state';
+const VERSION = 1;
+
+export interface JobRecord {
+  job: string;
+  export: string;
+  /** The daemon that ran it. */
+  pid: number;
+  started: string;
+  to: string;
+  /** Files the job creates, with their identity once made: removed if a dead daemon left them. */
+  files: Array<{ path: string; what: 'partial target' | 'container file'; dev?: number; ino?: number }>;
+}
+
+export interface Leftover extends JobRecord {
+  /** What was done about each file. */
+  cleaned: string[];
+}
+
+function seal(body: Record<string, unknown>): string {
+  const text = JSON.stringify({ format: FORMAT, version: VERSION, ...body });
+  return JSON.stringify({ ...JSON.parse(text), checksum: native().xxh128(Buffer.from(text)).toString('hex') }, null, 1) + '\n';
+}
+
+/** The body of a sealed file, or why it cannot be trusted. */
+function unseal(text: string): { body: Record<string, unknown> } | { bad: string } {
+  let j: Record<string, unknown>;
+  try { j = JSON.parse(text) as Record<string, unknown>; } catch { return { bad: 'not JSON (torn or overwritten)' }; }
+  if (j.format !== FORMAT) return { bad: `not a livesnap state file (format ${String(j.format)})` };
+  if (j.version !== VERSION) return { bad: `version ${String(j.version)}, this livesnap reads ${VERSION}` };
+  const { checksum, ...rest } = j;
+  if (checksum !== native().xxh128(Buffer.from(JSON.stringify(rest))).toString('hex')) return { bad: 'checksum mismatch' };
+  return { body: rest };
+}
+
+async function writeAtomic(file: string, text: string): Promise<void> {
+  const tmp = `${file}.tmp`;
+  const fh = await fs.promises.open(tmp, 'w', 0o600);
+  try { await fh.writeFile(text); await fh.sync(); } finally { await fh.close(); }
+  await fs.promises.rename(tmp, file);
+}
+
+const alive = (pid: number) => { try { process.kill(pid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; } };
+
+export class StateDir {
+  private constructor(readonly dir: string, readonly device: string) {}
+
+  /**
+   * Opens (creates, mode 0700) the state directory of the export of `device` (identified by `key`,
+   * its inode or device number). A directory that belongs to another device is refused.
+   */
+  static async open(dir: string, device: string, key: string): Promise<StateDir> {
+    try {
+      await fs.promises.mkdir(path.join(dir, 'jobs'), { recursive: true, mode: 0o700 });
+    } catch (e) {
+      throw new UserError(`cannot create the state directory ${dir}: ${(e as Error).message}`, 'give a writable one with --state DIR');
+    }
+    const file = path.join(dir, 'export.json');
+    const text = await fs.promises.readFile(file, 'utf8').catch(() => undefined);
+    if (text !== undefined) {
+      const r = unseal(text);
+      if ('body' in r && r.body.key !== key) {
+        throw new UserError(`the state directory ${dir} belongs to ${String(r.body.device)}, not to ${device}`, 'give this export its own --state DIR');
+      }
+      if ('bad' in r) await fs.promises.rename(file, `${file}.untrusted-${Date.now()}`).catch(() => {});
+    }
+    if (text === undefined || 'bad' in unseal(text)) await writeAtomic(file, seal({ kind: 'export', device, key, created: new Date().toISOString() }));
+    return new StateDir(dir, device);
+  }
+
+  private jobFile(id: string): string {
+    return path.join(this.dir, 'jobs', `${id}.json`);
+  }
+
+  async recordJob(rec: JobRecord): Promise<void> {
+    await writeAtomic(this.jobFile(rec.job), seal({ kind: 'job', device: this.device, ...rec }));
+  }
+
+  async dropJob(id: string): Promise<void> {
+    await fs.promises.rm(this.jobFile(id), { force: true });
+  }
+
+  /**
+   * Jobs of daemons that are gone: their partial targets and container files are removed (only if
+   * still the very file the job made: same device and inode), and the records dropped.
+   */
+  async collectLeftovers(): Promise<Leftover[]> {
+    const out: Leftover[] = [];
+    const names = await fs.promises.readdir(path.join(this.dir, 'jobs')).catch(() => [] as string[]);
+    for (const n of names.filter((x) => x.endsWith('.json'))) {
+      const file = path.join(this.dir, 'jobs', n);
+      const r = unseal(await fs.promises.readFile(file, 'utf8').catch(() => ''));
+      if ('bad' in r) {
+        out.push({ job: n.replace(/\.json$/, ''), export: '', pid: 0, started: '', to: '', files: [], cleaned: [`job record not trusted (${r.bad}): left as ${file}.untrusted`] });
+        await fs.promises.rename(file, `${file}.untrusted`).catch(() => {});
+        continue;
+      }
+      const rec = r.body as unknown as JobRecord;
+      if (rec.pid !== process.pid && alive(rec.pid)) continue; // another daemon's running job
+      const cleaned: string[] = [];
+      for (const f of rec.files ?? []) {
+        const st = await fs.promises.lstat(f.path).catch(() => undefined);
+        if (!st) { cleaned.push(`${f.what} ${f.path}: already gone`); continue; }
+        // Identified: the very file the job made. Not yet identified (the daemon died before it could
+        // say): a regular file made after the job started at the path it reserved.
+        const ours = st.isFile() && (f.ino !== undefined ? st.ino === f.ino && st.dev === f.dev : st.ctimeMs >= Date.parse(rec.started) - 1000);
+        if (!ours) { cleaned.push(`${f.what} ${f.path}: left alone (not the file the job made)`); continue; }
+        await fs.promises.rm(f.path, { force: true });
+        cleaned.push(`${f.what} ${f.path}: removed`);
+      }
+      out.push({ ...rec, cleaned });
+      await fs.promises.rm(file, { force: true });
+    }
+    return out;
+  }
+}
