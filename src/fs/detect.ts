@@ -60,6 +60,10 @@ export async function readFileSystem(reader: BlockReader, what = 'the device'): 
       if (e instanceof CorruptFileSystemError) {
         return allBlocksMap(reader.size, `${e.filesystem} metadata cannot be trusted (${e.message}): every block is copied`, 4096);
       }
+      // A reader that asked for bytes past the volume's end followed a pointer no check caught.
+      if (e instanceof RangeError) {
+        return allBlocksMap(reader.size, `${fs.kind} metadata points past the end of ${what} (${e.message}): every block is copied`, 4096);
+      }
       throw e;
     }
   }
