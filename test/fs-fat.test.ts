@@ -133,4 +133,14 @@ needs('FAT: a chain pointer past the last cluster, a free root cluster, and a de
   const m = await readMap(mixed);
   t.regex(m.notes.join('\n'), /FAT copies disagree on 1 entries/);
   t.true(m.bitmap.get(bpb.dataStart + (bpb.clusters - 7)), 'a cluster used only in the second FAT is copied');
+  // A bad cluster (in both FATs) holds no data: not copied, and counted.
+  const badAt = bpb.clusters - 3;
+  const withBad = patch(fatAt + badAt * 4, 0x0ffffff7);
+  const fd2 = fs.openSync(withBad, 'r+');
+  const v = Buffer.alloc(4); v.writeUInt32LE(0x0ffffff7);
+  fs.writeSync(fd2, v, 0, 4, fatAt + bpb.fatSectors * 512 + badAt * 4);
+  fs.closeSync(fd2);
+  const mb = await readMap(withBad);
+  t.regex(mb.notes.join('\n'), /1 clusters marked bad in the FAT: not copied/);
+  t.false(mb.bitmap.get(bpb.dataStart + badAt - 2));
 });

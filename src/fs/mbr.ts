@@ -87,9 +87,9 @@ export async function readMbr(reader: BlockReader): Promise<PartitionTable> {
     const logicals: Array<{ start: number; sectors: number; ebr: number }> = [];
     let ebr = ext.start;
     let number = 5;
-    for (;;) {
+    for (let links = 0; ; links++) {
       if (seen.has(ebr)) throw corrupt(`the extended partition's EBR chain loops back to sector ${ebr}`);
-      if (seen.size >= MAX_LOGICAL) throw corrupt(`the EBR chain has more than ${MAX_LOGICAL} links`);
+      if (links >= MAX_LOGICAL) throw corrupt(`the EBR chain has more than ${MAX_LOGICAL} links`);
       seen.add(ebr);
       const s = await reader.read(ebr * SECTOR, SECTOR);
       if (!hasSignature(s)) throw corrupt(`the EBR at sector ${ebr} has no signature (0x55aa)`);
