@@ -294,3 +294,30 @@ needs('GPT disk past 2 TiB: partitions and LVM extents beyond sector 2^32 are ma
     lvLoop.detach();
   }
 });
+
+needs('a PV on the whole device (no partition table): its LVs read through their mapping, backed up and restored intact', async (t) => {
+  const seed = seedFromEnv(t);
+  const dir = scratchDir(t, 'livesnap-disk-');
+  const disk = makeDisk(t, dir, {
+    label: 'none', sizeMiB: 128, seed, parts: [{ fs: 'lvm', sizeMiB: 128 }],
+    lvs: [{ name: 'root', fs: 'ext4', sizeMiB: 48, dataMiB: 4, twoSegments: true }],
+  });
+  const map = await withDevice(disk.file, (d) => readUsedBlockMap(d, disk.file));
+  t.is(map.filesystem, 'lvm2');
+  t.false(map.allBlocks, map.notes.join('; '));
+  const lv = find(map.layout!, (n) => n.kind === 'lvm-lv')[0]!;
+  t.is(lv.content, 'ext4');
+  t.true(find(map.layout!, (n) => n.kind === 'lvm-free')[0]!.size > 0, 'the extents no LV owns are free');
+  t.true(map.usedBlocks * map.blockSize < disk.size / 4, 'free extents are not copied');
+  const img = path.join(dir, 'backup.img');
+  const b = livesnap(['backup', disk.file, '--to', img]);
+  t.is(b.status, 0, b.stderr);
+  const lvImg = gatherLv(img, disk.lvs[0]!, path.join(dir, 'root.img'));
+  const loop = loopAt(t, lvImg, 0, disk.lvs[0]!.size, { readOnly: true });
+  try {
+    t.is(fsck(loop.dev, 'ext4'), undefined);
+    t.deepEqual(readFsChecksums(t, loop.dev, 'ext4', path.join(dir, 'check-root')), disk.lvs[0]!.checksums);
+  } finally {
+    loop.detach();
+  }
+});

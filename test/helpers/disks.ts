@@ -42,7 +42,8 @@ export interface LvSpec {
 }
 
 export interface DiskSpec {
-  label: 'gpt' | 'dos';
+  /** none: no partition table; the one part (a PV or a file system) is the whole device. */
+  label: 'gpt' | 'dos' | 'none';
   sizeMiB: number;
   /** dos: partitions after the first `primaries` go into an extended partition as logicals. */
   primaries?: number;
@@ -78,7 +79,7 @@ export interface BuiltLv {
 export interface BuiltDisk {
   file: string;
   size: number;
-  label: 'gpt' | 'dos';
+  label: DiskSpec['label'];
   parts: BuiltPart[];
   lvs: BuiltLv[];
   vg?: string;
@@ -317,8 +318,13 @@ export function makeDisk(t: ExecutionContext, dir: string, spec: DiskSpec): Buil
     const start = p.startSector !== undefined ? `start=${p.startSector}, ` : '';
     lines.push(`${start}size=${p.sizeMiB}M, type=${spec.label === 'gpt' ? GPT_TYPE[p.fs] : DOS_TYPE[p.fs]}`);
   });
-  run('sfdisk', ['-q', '--no-reread', '--no-tell-kernel', file], { input: lines.join('\n') + '\n' });
-  const table = partitionsOf(file).filter((p) => !['5', 'f', '85'].includes(p.type));
+  let table: Array<{ number: number; offset: number; size: number; type: string }>;
+  if (spec.label === 'none') {
+    table = [{ number: 0, offset: 0, size: spec.sizeMiB * MiB, type: '' }];
+  } else {
+    run('sfdisk', ['-q', '--no-reread', '--no-tell-kernel', file], { input: lines.join('\n') + '\n' });
+    table = partitionsOf(file).filter((p) => !['5', 'f', '85'].includes(p.type));
+  }
   if (table.length !== spec.parts.length) throw new Error(`sfdisk made ${table.length} partitions, ${spec.parts.length} asked`);
   const parts: BuiltPart[] = [];
   const pvLoops: Array<{ dev: string; offset: number; detach: () => void }> = [];
