@@ -7,6 +7,8 @@
 // was wrong) where a table cannot be trusted: never throw, never hang. The LVM text parser is
 // fuzzed on its own.
 import test, { type ExecutionContext } from 'ava';
+import { ArchiveError } from '../src/archive/errors';
+import { validateManifest } from '../src/archive/manifest';
 import { readUsedBlockMap } from '../src/fs/detect';
 import type { LayoutNode } from '../src/fs/layout';
 import { crc32, crc32Update, LVM_INITIAL_CRC } from '../src/fs/crc32';
@@ -423,4 +425,20 @@ discards = "passdown"
   t.throws(() => parseLvmText('x = 1\nx = 2'), { instanceOf: LvmTextError, message: /line 2: "x" is given twice/ });
   t.log(`3000 edited copies: ${ok} parsed, ${text} refused by the parser, ${shape} by the shape checks`);
   t.true(text > 100 && shape > 100);
+});
+
+test('manifest: an archive without a layout (written before it existed) still validates; a malformed layout is refused by name', (t) => {
+  const old: Record<string, unknown> = {
+    format: 'livesnap-archive', formatVersion: 1, toolVersion: '0.1.0', source: '/dev/sdb1', filesystem: 'ext4', snapshotTime: '2026-12-01T00:00:00.000Z',
+    volumeSize: 1 << 30, blockSize: 4096, totalBlocks: 262144, usedBlocks: 1000, storedBytes: 4096000, sparseRegions: 3,
+    sparseMapXxh128: '0'.repeat(32), checksum: 'xxh3-128', chunkSize: 1 << 20, recordSize: 10240, compression: 'none', notes: [],
+  };
+  t.notThrows(() => validateManifest(old, 0));
+  const good = { kind: 'device', name: 'disk', content: 'gpt', size: 1 << 30, usedBytes: 4096, allBlocks: false, notes: [], children: [
+    { kind: 'partition', name: 'partition 1', content: 'ext4', offset: 1 << 20, size: 1 << 29, usedBytes: 4096, allBlocks: false, notes: ['x'], children: [] },
+  ] };
+  t.notThrows(() => validateManifest({ ...old, layout: good }, 0));
+  const bad = { ...good, children: [{ ...good.children[0], kind: 'floppy' }] };
+  t.throws(() => validateManifest({ ...old, layout: bad }, 512), { instanceOf: ArchiveError, message: /manifest.json at archive offset 512 is invalid: bad "layout" \(unknown kind "floppy"\)/ });
+  t.throws(() => validateManifest({ ...old, layout: { ...good, size: -1 } }, 0), { instanceOf: ArchiveError, message: /bad size/ });
 });

@@ -187,6 +187,8 @@ async function checkDisk(t: ExecutionContext, spec: DiskSpec): Promise<void> {
   const b2 = livesnap(['backup', disk.file, '--to', tar]);
   t.is(b2.status, 0, b2.stderr);
   t.regex(b2.stdout + b2.stderr, /layout/);
+  const manifest = JSON.parse(runStatus('tar', ['-xOf', tar, 'manifest.json']).stdout) as { layout?: unknown };
+  t.deepEqual(manifest.layout, JSON.parse(JSON.stringify(layout)), 'the archive manifest carries the tree');
   const r = livesnap(['restore', tar, '--to', restored]);
   t.is(r.status, 0, r.stderr);
   t.is(runStatus('cmp', [img, restored]).status, 0, 'image backup and restored archive are identical');
