@@ -139,6 +139,7 @@ export class ArchiveSink implements BackupSink {
       recordSize: this.recordSize,
       compression: this.opts.compress === 'zstd' ? 'zstd' : 'none',
       notes: volume.notes,
+      ...(volume.layout ? { layout: volume.layout } : {}),
     };
 
     this.output = await this.openOutput();

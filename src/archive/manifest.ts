@@ -2,6 +2,7 @@
 // with a checksum field holding the XXH3-128 of the text before it, so a flipped byte in either is
 // reported as a corrupt manifest/trailer, never mistaken for corrupt data.
 import { native } from '../device/native';
+import { layoutProblem, type LayoutNode } from '../fs/layout';
 import type { FileSystemKind } from '../fs/used-map';
 import { ArchiveError } from './errors';
 
@@ -40,6 +41,8 @@ export interface Manifest {
   recordSize: number;
   compression: 'none' | 'zstd';
   notes: string[];
+  /** What the volume holds, as `inspect` shows it (absent in archives written before it existed). */
+  layout?: LayoutNode;
 }
 
 /** One row per chunk: [index, volume offset of its first byte, length, XXH3-128 hex]. */
@@ -106,6 +109,10 @@ export function validateManifest(o: Record<string, unknown>, archiveOffset: numb
   need(typeof o.snapshotTime === 'string' && !Number.isNaN(Date.parse(o.snapshotTime)), w, 'snapshotTime', archiveOffset);
   need(o.compression === 'none' || o.compression === 'zstd', w, 'compression', archiveOffset);
   need(o.checksum === 'xxh3-128', w, 'checksum', archiveOffset);
+  if (o.layout !== undefined) {
+    const why = layoutProblem(o.layout);
+    if (why) throw new ArchiveError(`${w} at archive offset ${archiveOffset} is invalid: bad "layout" (${why})`, archiveOffset);
+  }
   return o as unknown as Manifest;
 }
 

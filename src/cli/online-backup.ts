@@ -44,6 +44,8 @@ export async function runOnlineBackupViaDaemon(control: string, req: BackupReque
           `  copied        ${formatBytes(s.bytes)} in ${(s.copyMs / 1000).toFixed(2)} s (${formatRate(s.bytes, s.copyMs)})`,
           `  writers       worst delay ${s.worstWriteDelayMs.toFixed(1)} ms, ${s.writesDelayed} delayed, ${s.blocksSavedByWriters} originals saved to the container (peak ${formatBytes(s.containerPeakBytes)} of ${formatBytes(s.containerCapacityBytes)})`,
           `  bad blocks    ${s.badBlocks.length ? s.badBlocks.slice(0, 20).join(', ') : 'none'}`,
+          // eslint-disable-next-line @typescript-eslint/no-require-imports
+          ...(require('../fs/layout') as typeof import('../fs/layout')).layoutSummaryLines(m.layout as import('../fs/layout').LayoutNode | undefined),
         ]);
         return 0;
       } else if (m.type === 'error') {

@@ -1,8 +1,13 @@
 // The used-block map (seed 001, FIG. 13 step 1306): which blocks of a volume hold data and must
 // be copied. Read straight from the device's own structures, never through a mounted file system.
 import type { Bitset } from '../util/bitset';
+import type { LayoutNode } from './layout';
 
-export type FileSystemKind = 'ext2' | 'ext3' | 'ext4' | 'xfs' | 'unknown';
+/** What a map was read from: a file system, or a container of volumes (partition table, LVM PV). */
+export type FileSystemKind =
+  | 'ext2' | 'ext3' | 'ext4' | 'xfs' | 'btrfs' | 'ntfs' | 'fat12' | 'fat16' | 'fat32' | 'swap'
+  | 'gpt' | 'mbr' | 'lvm2'
+  | 'unknown';
 
 export interface UsedBlockMap {
   filesystem: FileSystemKind;
@@ -21,6 +26,11 @@ export interface UsedBlockMap {
   notes: string[];
   /** True when the map is not the file system's own but "everything" (unknown fs or a fallback). */
   allBlocks: boolean;
+  /**
+   * What the device holds, as a tree (disk -> partitions -> LVs -> file systems), each node with
+   * its used and total bytes. Set by detect.ts for every device it reads.
+   */
+  layout?: LayoutNode;
 }
 
 /**

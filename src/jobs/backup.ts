@@ -4,6 +4,7 @@
 import type { Device } from '../device/device';
 import { copyBlocks, type ErrorPolicy } from '../copy/block-copier';
 import { readUsedBlockMap } from '../fs/detect';
+import type { LayoutNode } from '../fs/layout';
 import type { UsedBlockMap } from '../fs/used-map';
 import { CompletenessCheck } from '../sink/completeness';
 import type { BackupSink, VolumeInfo } from '../sink/sink';
@@ -38,6 +39,8 @@ export interface CopySummary {
   durationMs: number;
   copyMs: number;
   notes: string[];
+  /** What the volume holds (disk -> partitions -> LVs -> file systems), with used and total bytes. */
+  layout?: LayoutNode;
 }
 
 export interface BackupSummary extends CopySummary {
@@ -53,7 +56,7 @@ export async function runBackup(opts: BackupOptions): Promise<BackupSummary> {
 
   const copy = async () => {
     const snapshotTime = new Date();
-    const map = await readUsedBlockMap(source);
+    const map = await readUsedBlockMap(source, source.path);
     opts.onMap?.(map);
     const volume: VolumeInfo = {
       source: source.path,
@@ -65,6 +68,7 @@ export async function runBackup(opts: BackupOptions): Promise<BackupSummary> {
       snapshotTime,
       notes: map.notes,
       toolVersion: TOOL_VERSION,
+      layout: map.layout,
     };
     await sink.begin(volume, map.bitmap);
     const result = await copyBlocks({
@@ -109,6 +113,7 @@ export async function runBackup(opts: BackupOptions): Promise<BackupSummary> {
       copyMs: result.durationMs,
       freezeMs,
       notes: map.notes,
+      layout: map.layout,
     };
   } catch (e) {
     await sink.abort(e as Error);

@@ -47,7 +47,7 @@ export interface OnlineBackupOptions {
   randomAccess?: boolean;
   signal?: AbortSignal;
   /** How the used-block map is read (default: src/fs/detect.ts readUsedBlockMap). */
-  readUsedMap?: (reader: BlockReader) => Promise<UsedBlockMap>;
+  readUsedMap?: (reader: BlockReader, name: string) => Promise<UsedBlockMap>;
   onEvent?: (e: OnlineBackupEvent) => void;
   /** Gets the session as soon as it exists (for `livesnap status`). */
   onSession?: (s: SnapshotSession) => void;
@@ -150,7 +150,7 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
 
     // 2. What the instant holds: the used map read through the snapshot view.
     const readUsed = opts.readUsedMap ?? (await import('../fs/detect')).readUsedBlockMap;
-    const map = await readUsed(session.view);
+    const map = await readUsed(session.view, opts.source ?? device.path);
     failIfFailed(session);
     const used = session.refine(map);
     const usedBlocks = used.count();
@@ -168,6 +168,7 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
       snapshotTime: session.armedAt!,
       notes,
       toolVersion: TOOL_VERSION,
+      layout: map.layout,
     };
     sinkBegun = true;
     await sink.begin(volume, used);
@@ -242,6 +243,7 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
       writerPriority: priority,
       ...(auto ? { autoPace: auto.stats } : {}),
       notes,
+      layout: map.layout,
     };
     opts.onEvent?.({ event: 'done', summary });
     return summary;

@@ -29,7 +29,7 @@ async function imageToSink(opts: ImageJobOptions, target: BackupSink): Promise<I
   const started = performance.now();
   const img = Device.open(opts.image, { write: false });
   try {
-    const map = await readUsedBlockMap(img);
+    const map = await readUsedBlockMap(img, opts.image);
     opts.onMap?.(map);
     await sink.begin(
       { source: opts.image, size: img.size, blockSize: map.blockSize, totalBlocks: map.totalBlocks, usedBlocks: map.usedBlocks, filesystem: map.filesystem, snapshotTime: new Date(), notes: map.notes, toolVersion: TOOL_VERSION },

@@ -1,6 +1,7 @@
 // Every writer of backup data (raw image, tar archive, stdout, tape, S3, appliance) is a sink
 // behind this one interface. Nothing here assumes the target can seek.
 import type { Bitset } from '../util/bitset';
+import type { LayoutNode } from '../fs/layout';
 import type { FileSystemKind } from '../fs/used-map';
 
 export interface VolumeInfo {
@@ -16,6 +17,8 @@ export interface VolumeInfo {
   snapshotTime: Date;
   notes: string[];
   toolVersion: string;
+  /** What the volume holds (disk -> partitions -> LVs -> file systems), when read. */
+  layout?: LayoutNode;
 }
 
 /**

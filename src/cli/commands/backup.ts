@@ -162,6 +162,7 @@ export class BackupCommand extends LivesnapCommand {
           `  copied        ${formatBytes(summary.bytes)} in ${(summary.copyMs / 1000).toFixed(2)} s (${formatRate(summary.bytes, summary.copyMs)})`,
           ...(summary.freezeMs !== undefined ? [`  frozen        ${summary.freezeMs.toFixed(0)} ms (${this.mount})`] : []),
           `  bad blocks    ${summary.badBlocks.length ? summary.badBlocks.slice(0, 20).join(', ') + (summary.badBlocks.length > 20 ? ', ...' : '') + ' (written as zeros)' : 'none'}`,
+          ...layoutLines(summary.layout),
         ],
       );
       return 0;
@@ -169,4 +170,10 @@ export class BackupCommand extends LivesnapCommand {
       source.close();
     }
   }
+}
+
+/** The disk's layout tree for the summary (loaded on use: startup time). */
+function layoutLines(layout: import('../../fs/layout').LayoutNode | undefined): string[] {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  return (require('../../fs/layout') as typeof import('../../fs/layout')).layoutSummaryLines(layout);
 }
