@@ -4,6 +4,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LIVESNAP=${LIVESNAP:-"node $ROOT/bin/livesnap.js"}
 WORK=${BENCH_DIR:-/var/tmp/livesnap-bench}
+# Exports served by a bench keep their state directories under WORK, not in /var/lib/livesnap.
+export LIVESNAP_STATE_DIR=${LIVESNAP_STATE_DIR:-$WORK/state}
 CLEANUP=()
 cleanup() { local i; for ((i=${#CLEANUP[@]}-1; i>=0; i--)); do eval "${CLEANUP[$i]}" >/dev/null 2>&1 || true; done; }
 trap cleanup EXIT INT TERM

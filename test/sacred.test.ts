@@ -209,3 +209,58 @@ test('stop during a backup: the job says its export was stopped; a stalled strea
   t.log(`${writes} writes, worst ${worst.toFixed(0)} ms; backup exit ${code}`);
   await sleep(10);
 });
+
+test('after kill -9 of the daemon mid-backup: nothing under the final name, and the next serve removes what the job left and says so', async (t) => {
+  const dir = scratchDir(t, 'sacred-left-');
+  const vol = sparseFile(path.join(dir, 'vol.raw'), 256 * MiB);
+  fs.writeFileSync(vol, crypto.randomBytes(256 * MiB));
+  const state = path.join(dir, 'state');
+  const served = await serveDevice(t, dir, vol, 'left', ['--state', state]);
+  const tar = path.join(dir, 'x.tar');
+  const cow = path.join(dir, 'cow.bin');
+  const b = startBackup(t, ['left', '--to', tar, '--container', `file:${cow}:16M`, '--max-rate', '10M', '--control', served.control]);
+  await b.armed;
+  await sleep(700);
+  t.true(fs.existsSync(`${tar}.partial`), 'the archive is written as .partial');
+  t.false(fs.existsSync(tar));
+  t.true(fs.existsSync(cow));
+  process.kill(served.pid, 'SIGKILL');
+  await b.exit;
+  t.false(fs.existsSync(tar), 'nothing under the final name');
+  // The next daemon, same state directory: it finds the dead job's files, removes them, reports them.
+  const again = await cli(['serve', vol, '--name', 'left', '--state', state, '--control', served.control, '--json']);
+  t.is(again.status, 0, again.stderr);
+  const res = lastJsonOf(again.stdout) as { leftovers: Array<{ job: string; cleaned: string[] }> };
+  t.is(res.leftovers.length, 1, again.stdout + again.stderr);
+  t.deepEqual(res.leftovers[0]!.cleaned.sort(), [`container file ${cow}: removed`, `partial target ${tar}.partial: removed`]);
+  t.false(fs.existsSync(`${tar}.partial`));
+  t.false(fs.existsSync(cow));
+  const st = await cli(['status', '--control', served.control]);
+  t.regex(st.stdout, /found at serve: what a daemon that died left of backup left-1 .*removed/);
+  // And a backup to the same names now simply works.
+  const ok = await cli(['backup', 'left', '--to', tar, '--container', `file:${cow}:16M`, '--control', served.control]);
+  t.is(ok.status, 0, ok.stderr);
+  t.true(fs.existsSync(tar) && !fs.existsSync(cow));
+  // A state directory is the export's own: another device is refused there.
+  const other = sparseFile(path.join(dir, 'other.raw'), 64 * MiB);
+  const wrong = await cli(['serve', other, '--name', 'other', '--state', state, '--control', served.control]);
+  t.is(wrong.status, 1);
+  t.regex(wrong.stderr, /the state directory .*state belongs to .*vol\.raw, not to .*other\.raw/);
+});
+
+test('an offline tar backup killed mid-way leaves only <target>.partial', async (t) => {
+  const dir = scratchDir(t, 'sacred-offtar-');
+  const vol = sparseFile(path.join(dir, 'vol.raw'), 256 * MiB);
+  fs.writeFileSync(vol, crypto.randomBytes(256 * MiB));
+  const { spawn } = require('node:child_process') as typeof import('node:child_process');
+  const tar = path.join(dir, 'off.tar');
+  const c = spawn(process.execPath, [require('./helpers/cli').BIN, 'backup', vol, '--to', tar, '--max-rate', '20M'], { stdio: 'ignore' });
+  t.teardown(() => { if (c.exitCode === null) c.kill('SIGKILL'); });
+  const end = Date.now() + 10_000;
+  while (!fs.existsSync(`${tar}.partial`) && Date.now() < end) await sleep(50);
+  await sleep(300);
+  c.kill('SIGKILL');
+  await new Promise((r) => c.once('close', r));
+  t.true(fs.existsSync(`${tar}.partial`));
+  t.false(fs.existsSync(tar));
+});

@@ -9,7 +9,7 @@ import { native } from '../device/native';
 import { runOnlineBackup, type OnlineBackupSummary } from '../jobs/online-backup';
 import { stateRoot } from '../config';
 import { ServedExport } from '../export/served-export';
-import type { JobRecord } from '../export/state-dir';
+import { type JobRecord, SELF } from '../export/state-dir';
 import { identify, lockedPath, overlap } from '../device/identity';
 import { deviceHolding, fingerprintOf, fingerprintOfVolume } from '../export/on-volume';
 import { isTapeDevice, openBackupTarget } from '../sink/open-target';
@@ -302,7 +302,7 @@ export class Daemon {
     this.jobs.set(job.id, job);
     // What this job will create, on record in the export's state directory until it ends: if the
     // daemon is killed, the next serve finds and removes it.
-    const record: JobRecord = { job: job.id, export: e.name, pid: process.pid, started: job.started.toISOString(), to: req.to, files: await jobFiles(req) };
+    const record: JobRecord = { job: job.id, export: e.name, pid: SELF.pid, pidStart: SELF.start, started: job.started.toISOString(), to: req.to, files: await jobFiles(req) };
     try {
       await e.state.recordJob(record);
     } catch (err) {

@@ -86,7 +86,7 @@ export async function runOnlineDemo(o: OnlineDemoOptions): Promise<OnlineDemoRes
     const daemon = new Daemon(control, () => {});
     await daemon.listen();
     undo.push(() => daemon.shutdown());
-    const served = await daemon.serve({ op: 'serve', device: volume, name: 'demo' });
+    const served = await daemon.serve({ op: 'serve', device: volume, name: 'demo', state: path.join(o.dir, 'state') });
     o.log(`serving it over NBD as "demo" on ${served.socket}`);
 
     const fuseFile = path.join(fuseDir, 'demo');

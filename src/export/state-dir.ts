@@ -14,8 +14,9 @@ const VERSION = 1;
 export interface JobRecord {
   job: string;
   export: string;
-  /** The daemon that ran it. */
+  /** The daemon that ran it: pid and its start time (see SELF). */
   pid: number;
+  pidStart?: string;
   started: string;
   to: string;
   /** Files the job creates, with their identity once made: removed if a dead daemon left them. */
@@ -50,7 +51,22 @@ async function writeAtomic(file: string, text: string): Promise<void> {
   await fs.promises.rename(tmp, file);
 }
 
-const alive = (pid: number) => { try { process.kill(pid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; } };
+/** The kernel's start time of process `pid` (clock ticks since boot), or undefined if it is gone or a zombie. */
+function processStart(pid: number): string | undefined {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return fields[0] === 'Z' ? undefined : fields[19];
+  } catch { return undefined; }
+}
+
+/** This daemon, as job records name it: a pid and its start time (a reused pid is another process). */
+export const SELF = { pid: process.pid, start: processStart(process.pid) ?? '' };
+
+const alive = (pid: number, start: string | undefined) => {
+  const s = processStart(pid);
+  return s !== undefined && (start === undefined || s === start);
+};
 
 export class StateDir {
   private constructor(readonly dir: string, readonly device: string) {}
@@ -106,7 +122,7 @@ export class StateDir {
         continue;
       }
       const rec = r.body as unknown as JobRecord;
-      if (rec.pid !== process.pid && alive(rec.pid)) continue; // another daemon's running job
+      if (rec.pid === process.pid || alive(rec.pid, rec.pidStart)) continue; // a running job of a live daemon
       const cleaned: string[] = [];
       for (const f of rec.files ?? []) {
         const st = await fs.promises.lstat(f.path).catch(() => undefined);

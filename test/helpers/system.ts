@@ -9,6 +9,14 @@ import type { ExecutionContext } from 'ava';
 
 export const isRoot = process.getuid?.() === 0;
 
+// Exports served by a test keep their state directories in a place of this test process, removed
+// when it exits, never in /var/lib/livesnap.
+if (!process.env.LIVESNAP_STATE_DIR) {
+  const stateRoot = fs.mkdtempSync(path.join(os.tmpdir(), 'livesnap-test-state-'));
+  process.env.LIVESNAP_STATE_DIR = stateRoot;
+  process.on('exit', () => { try { fs.rmSync(stateRoot, { recursive: true, force: true }); } catch { /* gone */ } });
+}
+
 export function which(cmd: string): boolean {
   return spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0;
 }

@@ -1,6 +1,7 @@
 import { Command, Option } from 'clipanion';
 import * as path from 'node:path';
 import { type CacheMode, resolveControlPath, type ServeRequest } from '../../control/protocol';
+import { stateRoot } from '../../config';
 import { UserError } from '../../util/errors';
 import { formatBytes } from '../../util/size';
 import { LivesnapCommand } from '../base';
@@ -80,7 +81,7 @@ export class ServeCommand extends LivesnapCommand {
       op: 'serve',
       device: path.resolve(this.device),
       name: this.name ?? path.basename(this.device).replace(/[^A-Za-z0-9._-]/g, '_'),
-      state: this.state !== undefined ? path.resolve(this.state) : undefined,
+      state: path.resolve(this.state ?? path.join(stateRoot(), this.name ?? path.basename(this.device).replace(/[^A-Za-z0-9._-]/g, '_'))),
       socket: this.socket ? path.resolve(this.socket) : undefined,
       listen: this.listen,
       tlsPsk,
