@@ -128,6 +128,7 @@ export class BackupCommand extends LivesnapCommand {
     const { refuseServed } = require('../../jobs/served-check') as typeof import('../../jobs/served-check'); // eslint-disable-line @typescript-eslint/no-require-imports
     await refuseServed(this.source, 'source');
     await refuseServed(this.to, 'target');
+    if (this.to !== '-' && fs.existsSync(`${this.to}.partial`)) this.reporter.info(`note: replacing ${this.to}.partial, left by a backup that did not finish`);
     const source = openSource(this.source, this.method);
     try {
       refuseTargetOnSource(source, this.to);
