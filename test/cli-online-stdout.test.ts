@@ -14,7 +14,7 @@ testIf({ root: true, commands: ['mkfs.ext4', 'tar', 'dd'] })('online backup --to
   fs.closeSync(fs.openSync(vol, 'w'));
   fs.truncateSync(vol, 96 << 20);
   run('mkfs.ext4', ['-q', '-F', '-d', path.resolve(__dirname, '../../src'), vol]);
-  const s = livesnap(['serve', vol, '--name', 'v', '--control', control]);
+  const s = livesnap(['serve', vol, '--name', 'v', '--control', control, '--state', path.join(dir, 'state')]);
   t.is(s.status, 0, s.stderr);
   t.teardown(() => { livesnap(['stop', '--control', control]); });
   const out = execFileSync('sh', ['-c', `node ${BIN} backup v --control ${control} --to - --record-size 32K --json 2>${dir}/events | dd bs=32K iflag=fullblock of=${dir}/s.tar 2>&1`], { encoding: 'utf8' });

@@ -206,7 +206,7 @@ testIf({ commands: ['nbdinfo'] }, { serial: true })('serve --listen: TCP without
     [['--listen', ':0', '--tls-psk', path.join(dir, 'none.psk')], /--tls-psk .*none\.psk: no such file[\s\S]*keygen/],
     [['--listen', ':0', '--tls-psk', path.join(dir, 'none.psk'), '--insecure-plaintext'], /contradict/],
   ] as Array<[string[], RegExp]>) {
-    const r = await cli(['serve', vol, '--name', 'v', '--socket', sock, '--control', control, ...args]);
+    const r = await cli(['serve', vol, '--name', 'v', '--socket', sock, '--control', control, '--state', path.join(dir, 'state'), ...args]);
     t.is(r.status, 1, args.join(' '));
     t.regex(r.stderr, why, args.join(' '));
     t.false(fs.existsSync(sock), `${args.join(' ')}: no export socket`);
@@ -237,7 +237,7 @@ test('the warning is printed by the CLI on stderr', async (t) => {
   const vol = sparseFile(path.join(dir, 'vol.img'), 8 * MiB);
   const control = path.join(dir, 'run', 'control.sock');
   fs.mkdirSync(path.dirname(control), { mode: 0o700 });
-  const r = await cli(['serve', vol, '--name', 'v', '--control', control, '--listen', ':0', '--insecure-plaintext']);
+  const r = await cli(['serve', vol, '--name', 'v', '--control', control, '--state', path.join(dir, 'state'), '--listen', ':0', '--insecure-plaintext']);
   t.teardown(async () => { await cli(['stop', '--control', control]); });
   t.is(r.status, 0, r.stderr);
   t.regex(r.stderr, /WARNING: NBD on tcp 127\.0\.0\.1:0 WITHOUT TLS \(--insecure-plaintext\): any user or host/);

@@ -78,6 +78,7 @@ export class ServedExport {
     }
 
     const state = await StateDir.open(req.state ?? path.join(ctx.stateRoot, req.name), req.device, identity.files[0] ?? identity.devices[0] ?? req.device);
+    if (state.adoptedFrom) ctx.log(`[${req.name}] the state directory ${state.dir} belonged to ${state.adoptedFrom}, which is gone: taken over for ${req.device}`);
 
     // 2. Open and lock, undoing on any failure.
     const undo: Array<() => void | Promise<void>> = [];

@@ -5,6 +5,7 @@
 // that what a killed daemon left behind is found, reported and cleaned at the next serve.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { identify } from '../device/identity';
 import { native } from '../device/native';
 import { UserError } from '../util/errors';
 
@@ -69,6 +70,9 @@ const alive = (pid: number, start: string | undefined) => {
 };
 
 export class StateDir {
+  /** The device this directory belonged to before, when it was taken over from one that is gone. */
+  adoptedFrom: string | undefined;
+
   private constructor(readonly dir: string, readonly device: string) {}
 
   /**
@@ -82,16 +86,26 @@ export class StateDir {
       throw new UserError(`cannot create the state directory ${dir}: ${(e as Error).message}`, 'give a writable one with --state DIR');
     }
     const file = path.join(dir, 'export.json');
+    let adopted: string | undefined;
     const text = await fs.promises.readFile(file, 'utf8').catch(() => undefined);
     if (text !== undefined) {
       const r = unseal(text);
       if ('body' in r && r.body.key !== key) {
-        throw new UserError(`the state directory ${dir} belongs to ${String(r.body.device)}, not to ${device}`, 'give this export its own --state DIR');
+        // Another device's directory: refused while that device is still there; adopted (and said
+        // so) once it is gone, as when a disk is replaced and served again under its name.
+        const owner = String(r.body.device);
+        if (await identityKey(owner) === r.body.key) {
+          throw new UserError(`the state directory ${dir} belongs to ${owner}, not to ${device}`, 'give this export its own --state DIR');
+        }
+        await fs.promises.rename(file, `${file}.previous-${Date.now()}`).catch(() => {});
+        adopted = owner;
       }
       if ('bad' in r) await fs.promises.rename(file, `${file}.untrusted-${Date.now()}`).catch(() => {});
     }
-    if (text === undefined || 'bad' in unseal(text)) await writeAtomic(file, seal({ kind: 'export', device, key, created: new Date().toISOString() }));
-    return new StateDir(dir, device);
+    if (text === undefined || adopted !== undefined || 'bad' in unseal(text)) await writeAtomic(file, seal({ kind: 'export', device, key, created: new Date().toISOString() }));
+    const sd = new StateDir(dir, device);
+    sd.adoptedFrom = adopted;
+    return sd;
   }
 
   private jobFile(id: string): string {
@@ -139,4 +153,10 @@ export class StateDir {
     }
     return out;
   }
+}
+
+/** The key a device is recorded under (its file's dev:ino, or its major:minor), if it exists now. */
+export async function identityKey(p: string): Promise<string | undefined> {
+  const id = await identify(p);
+  return id.files[0] ?? id.devices[0];
 }

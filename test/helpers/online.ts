@@ -80,7 +80,8 @@ export async function serveDevice(t: ExecutionContext, dir: string, device: stri
     if (r.status !== 0) throw new Error(`livesnap status failed (${r.status}): ${r.stderr}`);
     return lastJsonOf(r.stdout) as unknown as StatusReply;
   };
-  const r = await cli(['serve', device, '--name', name, '--control', control, '--json', ...serveArgs], env);
+  const state = serveArgs.includes('--state') ? [] : ['--state', path.join(runDir, `state-${name}`)];
+  const r = await cli(['serve', device, '--name', name, '--control', control, '--json', ...state, ...serveArgs], env);
   let pid = 0;
   t.teardown(async () => {
     if (!pid) {
