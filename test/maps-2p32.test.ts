@@ -4,7 +4,7 @@
 // are checked against their own tools in scale.test.ts.
 import test from 'ava';
 import { sparseMapFromBitset, encodeSparseMap } from '../src/archive/sparse-map';
-import { CopyMap } from '../src/snapshot/copy-map';
+import { CopyMap } from '../src/copy/copy-map';
 import { Bitset } from '../src/util/bitset';
 
 const TWO32 = 2 ** 32;
@@ -39,11 +39,11 @@ test('copy map: claims, waits and the walk past 2^32 never touch the block 2^32 
 
   // A save above 2^32: kept by block number, found by the walk, given back exactly.
   const save = map.claimRun(3 * TWO32 + 10, 3 * TWO32 + 11, 'save')!;
-  map.markSaved(3 * TWO32 + 10, 7);
+  map.markSaved(3 * TWO32 + 10);
   map.unlock(save);
   t.true(map.saved.get(3 * TWO32 + 10) && !map.saved.get(10));
   t.is(map.nextWork(TWO32, TOTAL), 3 * TWO32 + 10);
-  t.is(map.unsave(3 * TWO32 + 10), 7);
+  t.is(map.unsave(3 * TWO32 + 10), 'held');
   t.is(map.nextWork(TWO32, TOTAL), 3 * TWO32 + 11, 'the last pending block');
   t.is(map.savedCount, 0);
 });

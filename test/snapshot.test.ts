@@ -12,7 +12,7 @@ import { runOnlineBackup, type OnlineBackupOptions, type OnlineBackupSummary } f
 import { ImageSink } from '../src/sink/image-sink';
 import type { BackupSink, DataBatch, FinishInfo, VolumeInfo } from '../src/sink/sink';
 import { SnapshotGate } from '../src/snapshot/cbw';
-import { CopyMap } from '../src/snapshot/copy-map';
+import { CopyMap } from '../src/copy/copy-map';
 import { SlotAllocator } from '../src/snapshot/container';
 import { parseContainer } from '../src/snapshot/parse-container';
 import { throttleDelay } from '../src/snapshot/throttle';

@@ -2,14 +2,12 @@
 // into a sink. With --method freeze the whole read (map and data) happens inside FIFREEZE/FITHAW,
 // so the image is one instant of a mounted file system.
 import type { Device } from '../device/device';
-import { copyBlocks, type ErrorPolicy } from '../copy/block-copier';
-import { readUsedBlockMap } from '../fs/detect';
-import type { LayoutNode } from '../fs/layout';
+import type { ErrorPolicy } from '../copy/errors';
 import type { UsedBlockMap } from '../fs/used-map';
-import { CompletenessCheck } from '../sink/completeness';
-import type { BackupSink, VolumeInfo } from '../sink/sink';
-import { checkFreezeMount, withFrozen } from './freeze';
-import { TOOL_VERSION } from './version';
+import type { BackupSink } from '../sink/sink';
+import { FreezeMethod, OfflineMethod } from '../snapshot/method';
+import { runBackupJob } from './backup-job';
+import type { LayoutNode } from '../fs/layout';
 
 export interface BackupOptions {
   source: Device;
@@ -49,74 +47,37 @@ export interface BackupSummary extends CopySummary {
 }
 
 export async function runBackup(opts: BackupOptions): Promise<BackupSummary> {
-  const started = performance.now();
   const { source } = opts;
-  const sink = new CompletenessCheck(opts.sink);
-  if (opts.method === 'freeze') await checkFreezeMount(opts.mount!, source);
-
-  const copy = async () => {
-    const snapshotTime = new Date();
-    const map = await readUsedBlockMap(source, source.path);
-    opts.onMap?.(map);
-    const volume: VolumeInfo = {
-      source: source.path,
-      size: source.size,
-      blockSize: map.blockSize,
-      totalBlocks: map.totalBlocks,
-      usedBlocks: map.usedBlocks,
-      filesystem: map.filesystem,
-      snapshotTime,
-      notes: map.notes,
-      toolVersion: TOOL_VERSION,
-      layout: map.layout,
-    };
-    await sink.begin(volume, map.bitmap);
-    const result = await copyBlocks({
-      source,
-      blocks: map.bitmap,
-      blockSize: map.blockSize,
-      sink,
-      onError: opts.onError,
-      signal: opts.signal,
-      maxRate: opts.maxRate,
-      onProgress: (p) => opts.onProgress?.(p.bytesDone, p.bytesTotal, p.badBlocks),
-    });
-    await sink.finish({ badBlocks: result.badBlocks });
-    return { map, result };
+  // An offline backup runs in the CLI, which serves nothing: it may thaw synchronously on exit.
+  const method = opts.method === 'freeze' ? new FreezeMethod(source, opts.mount!, { processGuard: true }) : new OfflineMethod(source);
+  const r = await runBackupJob({
+    method,
+    sink: opts.sink,
+    source: source.path,
+    volumeSize: source.size,
+    onError: opts.onError,
+    maxRate: opts.maxRate,
+    signal: opts.signal,
+    batchBytes: 8 << 20,
+    onMap: (m) => opts.onMap?.(m),
+    onProgress: (p) => opts.onProgress?.(p.bytesDone, p.bytesTotal, p.badBlocks),
+  });
+  return {
+    source: source.path,
+    target: opts.sink.description,
+    method: opts.method,
+    filesystem: r.map.filesystem,
+    blockSize: r.blockSize,
+    totalBlocks: r.totalBlocks,
+    usedBlocks: r.usedBlocks,
+    size: source.size,
+    bytes: r.copy.bytes,
+    blocks: r.copy.blocks,
+    badBlocks: r.copy.badBlocks,
+    durationMs: r.durationMs,
+    copyMs: r.copy.durationMs,
+    freezeMs: r.facts.freezeMs,
+    notes: r.notes,
+    layout: r.map.layout,
   };
-
-  try {
-    let freezeMs: number | undefined;
-    let out: Awaited<ReturnType<typeof copy>>;
-    if (opts.method === 'freeze') {
-      // An offline backup runs in the CLI, which serves nothing: it may thaw synchronously on exit.
-      const r = await withFrozen(opts.mount!, copy, { processGuard: true });
-      out = r.result;
-      freezeMs = r.frozenMs;
-    } else {
-      out = await copy();
-    }
-    const { map, result } = out;
-    return {
-      source: source.path,
-      target: sink.description,
-      method: opts.method,
-      filesystem: map.filesystem,
-      blockSize: map.blockSize,
-      totalBlocks: map.totalBlocks,
-      usedBlocks: map.usedBlocks,
-      size: source.size,
-      bytes: result.bytes,
-      blocks: result.blocks,
-      badBlocks: result.badBlocks,
-      durationMs: performance.now() - started,
-      copyMs: result.durationMs,
-      freezeMs,
-      notes: map.notes,
-      layout: map.layout,
-    };
-  } catch (e) {
-    await sink.abort(e as Error);
-    throw e;
-  }
 }

@@ -1,25 +1,20 @@
-// Online backup of a served volume (seed 001 FIG. 13): open the container, prepare the map (every
-// block pending), [freeze] arm [thaw], let in-flight writes land, read the used-block map THROUGH the
-// snapshot view, refine, copy (copier + copy-before-write), finish, disarm, release. Any failure or a
-// cancel disarms first — writers are released at once and never see an error — then cleans up.
-import type { ErrorPolicy } from '../copy/block-copier';
+// Online backup of a served volume: the backup job (backup-job.ts) with the copy-before-write method
+// (snapshot/cbw-method.ts), its events, and the summary the CLI and the daemon report.
+import type { ErrorPolicy } from '../copy/errors';
 import type { BlockReader, Device } from '../device/device';
 import type { UsedBlockMap } from '../fs/used-map';
-import { ImageSink } from '../sink/image-sink';
-import { CompletenessCheck } from '../sink/completeness';
-import type { BackupSink, VolumeInfo } from '../sink/sink';
+import type { BackupSink } from '../sink/sink';
+import type { AutoPaceStats } from '../snapshot/auto-pace';
 import type { SnapshotGate } from '../snapshot/cbw';
+import { CopyBeforeWriteMethod, DEFAULT_WRITE_WAIT_LIMIT_MS } from '../snapshot/cbw-method';
 import type { Container } from '../snapshot/container';
-import { Copier } from '../snapshot/copier';
-import { busyOverridden, busyPace, DEFAULT_WRITER_PRIORITY, type WriterPriority } from '../snapshot/writer-priority';
-import { AutoPace, type AutoPaceStats } from '../snapshot/auto-pace';
-import { type ContainerSpec, openContainer, parseContainer } from '../snapshot/parse-container';
-import { SnapshotSession, type SnapshotStats } from '../snapshot/session';
+import type { ContainerSpec } from '../snapshot/parse-container';
+import type { SnapshotSession, SnapshotStats } from '../snapshot/session';
 import type { ThrottlePolicy } from '../snapshot/throttle';
+import { DEFAULT_WRITER_PRIORITY, type WriterPriority } from '../snapshot/writer-priority';
 import { UserError } from '../util/errors';
 import type { CopySummary } from './backup';
-import { checkFreezeMount, withFrozen } from './freeze';
-import { TOOL_VERSION } from './version';
+import { runBackupJob } from './backup-job';
 
 export type OnlineBackupEvent =
   | { event: 'armed'; time: string; freezeMs: number; presyncMs: number; prepareMs: number; drainMs: number; container: string }
@@ -43,7 +38,7 @@ export interface OnlineBackupOptions {
   freeze?: string;
   onError?: ErrorPolicy;
   throttle?: Partial<ThrottlePolicy>;
-  /** Sink accepts batches in any order. Default: sink.randomAccess, else true for ImageSink. */
+  /** Sink accepts batches in any order. Default: sink.randomAccess. */
   randomAccess?: boolean;
   signal?: AbortSignal;
   /** How the used-block map is read (default: src/fs/detect.ts readUsedBlockMap). */
@@ -84,188 +79,82 @@ export interface OnlineBackupSummary extends CopySummary {
   autoPace?: AutoPaceStats;
 }
 
-export const DEFAULT_WRITE_WAIT_LIMIT_MS = 30_000;
+export { DEFAULT_WRITE_WAIT_LIMIT_MS };
 
 export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<OnlineBackupSummary> {
-  const started = performance.now();
   const { device } = opts;
   const bs = opts.blockSize ?? 4096;
-  const onError = opts.onError ?? 'abort';
-  const randomAccess = opts.randomAccess ?? opts.sink.randomAccess ?? opts.sink instanceof ImageSink;
-  const sink = new CompletenessCheck(opts.sink);
-  if (opts.signal?.aborted) throw cancelled(opts.signal);
-
-  const c = opts.container;
-  const container: Container = c !== undefined && typeof c === 'object' && 'save' in c
-    ? c
-    : await openContainer(typeof c === 'object' ? c : parseContainer(c), device, bs);
-
-  let session: SnapshotSession;
-  try {
-    session = new SnapshotSession({ device, gate: opts.gate, container, onError, throttle: opts.throttle });
-  } catch (e) {
-    await container.close();
-    throw e;
-  }
-  opts.onSession?.(session);
-  const onAbort = () => session.fail(cancelled(opts.signal!));
-  opts.signal?.addEventListener('abort', onAbort, { once: true });
-  let sinkBegun = false;
-  let watchdog: NodeJS.Timeout | undefined;
-  try {
-    // 1. The instant. With --freeze the window is freeze + attach + thaw: O(1) whatever the size.
-    let drained: Promise<void>;
-    let freezeMs: number;
-    let presyncMs = 0;
-    const priority = opts.writerPriority ?? DEFAULT_WRITER_PRIORITY;
-    // Before the instant: the clients' rate with the disk to themselves is auto's baseline.
-    const auto = priority === 'auto' && !busyOverridden() ? new AutoPace(opts.gate.activity) : undefined;
-    if (opts.freeze) {
-      await checkFreezeMount(opts.freeze, device);
-      // Wrapped so the drain of in-flight writes is awaited after the thaw, not inside the window.
-      const r = await withFrozen(opts.freeze, async () => ({ drained: session.arm() }));
-      drained = r.result.drained;
-      freezeMs = r.frozenMs;
-      presyncMs = r.presyncMs;
-    } else {
-      const t = performance.now();
-      drained = session.arm();
-      freezeMs = performance.now() - t;
-    }
-    session.freezeMs = freezeMs;
-    const td = performance.now();
-    await drained;
-    const drainMs = performance.now() - td;
-    const limit = opts.writeWaitLimitMs ?? DEFAULT_WRITE_WAIT_LIMIT_MS;
-    watchdog = setInterval(() => {
-      const waited = session.cbw.longestWaitMs();
-      if (waited <= limit) return;
-      session.fail(new UserError(
-        `a write to the export was held ${(waited / 1000).toFixed(1)} s by the snapshot (the container was full and the copier could not free it fast enough): the snapshot was released so writers go on, and this backup is abandoned`,
-        `give a larger --container, a target that is not a stream (an image file), or a larger --write-wait-limit (now ${limit / 1000} s)`,
-      ));
-    }, Math.min(250, limit / 4));
-    opts.onEvent?.({ event: 'armed', time: session.armedAt!.toISOString(), freezeMs, presyncMs, prepareMs: session.prepareMs, drainMs, container: container.description });
-    failIfFailed(session);
-
-    // 2. What the instant holds: the used map read through the snapshot view.
-    const readUsed = opts.readUsedMap ?? (await import('../fs/detect')).readUsedBlockMap;
-    const map = await readUsed(session.view, opts.source ?? device.path);
-    failIfFailed(session);
-    const used = session.refine(map);
-    const usedBlocks = used.count();
-    opts.onEvent?.({ event: 'map', filesystem: map.filesystem, usedBlocks, totalBlocks: session.totalBlocks, blockSize: bs, notes: map.notes });
-    const notes = [...map.notes];
-    if (container.kind === 'inside') notes.push(`the container file ${(container as { path?: string }).path ?? ''} is inside the volume: its blocks are not in the image (the file reads as zeros there)`);
-
-    const volume: VolumeInfo = {
-      source: opts.source ?? device.path,
-      size: device.size,
-      blockSize: bs,
-      totalBlocks: session.totalBlocks,
-      usedBlocks,
-      filesystem: map.filesystem,
-      snapshotTime: session.armedAt!,
-      notes,
-      toolVersion: TOOL_VERSION,
-      layout: map.layout,
-    };
-    sinkBegun = true;
-    await sink.begin(volume, used);
-
-    // 3. Copy.
-    const copyStart = performance.now();
-    let lastProgress = 0;
-    const interval = opts.progressIntervalMs ?? 250;
-    const copier = new Copier({
-      map: session.map,
-      device,
-      container,
-      slots: session.slots,
-      blockSize: bs,
-      volumeSize: device.size,
-      used,
-      sink,
-      randomAccess,
-      onError,
-      // Writers share the device queue with the copier: while any wrote in the last 50 ms the copier
-      // uses the batches of --writer-priority (writer-priority.ts, auto-pace.ts); otherwise it reads
-      // at full speed.
-      busy: auto ? () => auto.pace() : busyPace(priority),
-      batchBytes: opts.batchBytes,
-      depth: opts.depth,
-      maxRate: opts.maxRate,
-      writersActive: () => performance.now() - opts.gate.activity.lastEnterAt < 50,
-      writersStarved: () => session.cbw.waitingForSpace > 0,
-      failed: () => session.failure,
-      onProgress: (p) => {
-        const now = performance.now();
-        if (now - lastProgress < interval) return;
-        lastProgress = now;
-        opts.onEvent?.({ event: 'progress', bytesDone: p.bytesDone, bytesTotal: p.bytesTotal, badBlocks: p.badBlocks, stats: session.stats() });
-      },
-    });
-    session.copier = copier;
-    session.state = 'copying';
-    const result = await copier.run();
-    failIfFailed(session);
-    const copyMs = performance.now() - copyStart;
-    await sink.finish({ badBlocks: result.badBlocks });
-    const stats = session.stats();
-    session.disarm();
-    await session.release();
-
-    const summary: OnlineBackupSummary = {
-      source: opts.source ?? device.path,
-      target: sink.description,
-      method: 'online',
-      filesystem: map.filesystem,
-      blockSize: bs,
-      totalBlocks: session.totalBlocks,
-      usedBlocks,
-      size: device.size,
-      bytes: result.bytes,
-      blocks: result.blocks,
-      badBlocks: result.badBlocks,
-      durationMs: performance.now() - started,
-      copyMs,
-      freezeMs,
-      prepareMs: session.prepareMs,
-      snapshotTime: session.armedAt!.toISOString(),
-      worstWriteDelayMs: stats.worstWriteDelayMs,
-      writesDelayed: stats.writesDelayed,
-      writesThrottled: stats.writesThrottled,
-      blocksSavedByWriters: stats.blocksSaved,
-      blocksCopiedForWaitingWriters: stats.urgentBlocks,
-      container: container.description,
-      containerCapacityBytes: stats.containerCapacityBytes,
-      containerPeakBytes: stats.containerPeakBytes,
-      writerPriority: priority,
-      ...(auto ? { autoPace: auto.stats } : {}),
-      notes,
-      layout: map.layout,
-    };
-    opts.onEvent?.({ event: 'done', summary });
-    return summary;
-  } catch (e) {
-    // Writers first: disarm releases every held write and makes the hook a no-op.
-    const err = session.failure ?? (e as Error);
-    session.fail(err);
-    await session.release().catch(() => {});
-    if (sinkBegun) await sink.abort(err);
-    throw err;
-  } finally {
-    clearInterval(watchdog);
-    opts.signal?.removeEventListener('abort', onAbort);
-  }
+  const priority = opts.writerPriority ?? DEFAULT_WRITER_PRIORITY;
+  let session: SnapshotSession | undefined;
+  const method = new CopyBeforeWriteMethod({
+    device, gate: opts.gate, container: opts.container, blockSize: bs, freeze: opts.freeze, onError: opts.onError,
+    throttle: opts.throttle, writerPriority: priority, writeWaitLimitMs: opts.writeWaitLimitMs,
+    onSession: (s) => { session = s; opts.onSession?.(s); },
+  });
+  let lastProgress = 0;
+  const interval = opts.progressIntervalMs ?? 250;
+  const r = await runBackupJob({
+    method,
+    sink: opts.sink,
+    randomAccess: opts.randomAccess,
+    source: opts.source ?? device.path,
+    volumeSize: device.size,
+    onError: opts.onError,
+    maxRate: opts.maxRate,
+    signal: opts.signal,
+    cancelled: () => cancelled(opts.signal!),
+    readUsedMap: opts.readUsedMap,
+    batchBytes: opts.batchBytes,
+    depth: opts.depth,
+    onArmed: (pit) => {
+      const f = pit.facts();
+      opts.onEvent?.({ event: 'armed', time: pit.instant.toISOString(), freezeMs: f.freezeMs ?? 0, presyncMs: f.presyncMs ?? 0, prepareMs: Number(f.prepareMs), drainMs: Number(f.drainMs), container: String(f.container) });
+    },
+    onMap: (map, usedBlocks) => opts.onEvent?.({ event: 'map', filesystem: map.filesystem, usedBlocks, totalBlocks: Math.ceil(device.size / bs), blockSize: bs, notes: map.notes }),
+    onProgress: (p) => {
+      const now = performance.now();
+      if (now - lastProgress < interval || !session) return;
+      lastProgress = now;
+      opts.onEvent?.({ event: 'progress', bytesDone: p.bytesDone, bytesTotal: p.bytesTotal, badBlocks: p.badBlocks, stats: session.stats() });
+    },
+  });
+  const f = r.facts;
+  const summary: OnlineBackupSummary = {
+    source: opts.source ?? device.path,
+    target: opts.sink.description,
+    method: 'online',
+    filesystem: r.map.filesystem,
+    blockSize: bs,
+    totalBlocks: r.totalBlocks,
+    usedBlocks: r.usedBlocks,
+    size: device.size,
+    bytes: r.copy.bytes,
+    blocks: r.copy.blocks,
+    badBlocks: r.copy.badBlocks,
+    durationMs: r.durationMs,
+    copyMs: r.copy.durationMs,
+    freezeMs: f.freezeMs ?? 0,
+    prepareMs: Number(f.prepareMs),
+    snapshotTime: r.instant.toISOString(),
+    worstWriteDelayMs: Number(f.worstWriteDelayMs),
+    writesDelayed: Number(f.writesDelayed),
+    writesThrottled: Number(f.writesThrottled),
+    blocksSavedByWriters: Number(f.blocksSavedByWriters),
+    blocksCopiedForWaitingWriters: Number(f.blocksCopiedForWaitingWriters),
+    container: String(f.container),
+    containerCapacityBytes: Number(f.containerCapacityBytes),
+    containerPeakBytes: Number(f.containerPeakBytes),
+    writerPriority: priority,
+    ...(f.autoPace ? { autoPace: f.autoPace as AutoPaceStats } : {}),
+    notes: r.notes,
+    layout: r.map.layout,
+  };
+  opts.onEvent?.({ event: 'done', summary });
+  return summary;
 }
 
-function failIfFailed(s: SnapshotSession): void {
-  if (s.failure) throw s.failure;
-}
-
-function cancelled(signal: AbortSignal): Error {
-  const r = signal.reason;
+function cancelled(signal: AbortSignal | undefined): Error {
+  const r = signal?.reason;
   if (r instanceof Error && r.name !== 'AbortError') return r;
   return new UserError('the backup was cancelled', 'the export kept serving; no write was lost', 130);
 }

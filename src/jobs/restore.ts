@@ -2,14 +2,12 @@
 // used-block map (read from the image exactly as the backup read it from the device) names the
 // blocks the backup stored.
 import { Device } from '../device/device';
-import { copyBlocks } from '../copy/block-copier';
-import { readUsedBlockMap } from '../fs/detect';
 import type { UsedBlockMap } from '../fs/used-map';
 import { CompareSink } from '../sink/compare-sink';
 import { ImageSink } from '../sink/image-sink';
-import { CompletenessCheck } from '../sink/completeness';
 import type { BackupSink } from '../sink/sink';
-import { TOOL_VERSION } from './version';
+import { OfflineMethod } from '../snapshot/method';
+import { runBackupJob } from './backup-job';
 
 export interface ImageJobOptions {
   image: string;
@@ -24,23 +22,21 @@ export interface ImageJobResult {
   durationMs: number;
 }
 
-async function imageToSink(opts: ImageJobOptions, target: BackupSink): Promise<ImageJobResult> {
-  const sink = new CompletenessCheck(target);
-  const started = performance.now();
+async function imageToSink(opts: ImageJobOptions, sink: BackupSink): Promise<ImageJobResult> {
   const img = Device.open(opts.image, { write: false });
   try {
-    const map = await readUsedBlockMap(img, opts.image);
-    opts.onMap?.(map);
-    await sink.begin(
-      { source: opts.image, size: img.size, blockSize: map.blockSize, totalBlocks: map.totalBlocks, usedBlocks: map.usedBlocks, filesystem: map.filesystem, snapshotTime: new Date(), notes: map.notes, toolVersion: TOOL_VERSION },
-      map.bitmap,
-    );
-    const r = await copyBlocks({ source: img, blocks: map.bitmap, blockSize: map.blockSize, sink, onError: 'abort', signal: opts.signal, onProgress: (p) => opts.onProgress?.(p.bytesDone, p.bytesTotal) });
-    await sink.finish({ badBlocks: [] });
-    return { map, bytes: r.bytes, durationMs: performance.now() - started };
-  } catch (e) {
-    await sink.abort(e as Error);
-    throw e;
+    const r = await runBackupJob({
+      method: new OfflineMethod(img),
+      sink,
+      source: opts.image,
+      volumeSize: img.size,
+      onError: 'abort',
+      signal: opts.signal,
+      batchBytes: 8 << 20,
+      onMap: (m) => opts.onMap?.(m),
+      onProgress: (p) => opts.onProgress?.(p.bytesDone, p.bytesTotal),
+    });
+    return { map: r.map, bytes: r.copy.bytes, durationMs: r.durationMs };
   } finally {
     img.close();
   }

@@ -13,8 +13,8 @@
 // the backup (or aborts the backup, per policy); a failed container or a disarm lets writes go.
 import type { Device } from '../device/device';
 import type { ChangeKind, WriteInterceptor } from '../nbd/backend';
-import type { Container, SlotAllocator } from './container';
-import { type CopyMap, nextSet } from './copy-map';
+import { type Container, roundUp512 } from './container';
+import { type CopyMap, nextSet } from '../copy/copy-map';
 import { type Sleepers, type ThrottlePolicy, throttleDelay } from './throttle';
 import { WriteActivity } from './write-activity';
 
@@ -52,13 +52,11 @@ export class CopyBeforeWrite {
   waitingForSpace = 0;
   /** When each write now held by the snapshot started waiting (performance.now()). */
   private readonly heldSince = new Set<number>();
-  private readonly slotBuf = new Int32Array(MAX_SAVE_BLOCKS);
 
   constructor(
     readonly map: CopyMap,
     readonly device: Device,
     readonly container: Container,
-    readonly slots: SlotAllocator,
     readonly blockSize: number,
     readonly volumeSize: number,
     readonly throttle: ThrottlePolicy,
@@ -102,7 +100,7 @@ export class CopyBeforeWrite {
         const start = nextSet(map.pending, first, end);
         if (start >= end) return; // every block copied, saved, free or excluded
         if (!throttled) {
-          const ms = throttleDelay(this.throttle, this.slots.fill);
+          const ms = throttleDelay(this.throttle, this.fill);
           if (ms > 0) {
             throttled = true;
             st.writesThrottled++;
@@ -111,8 +109,8 @@ export class CopyBeforeWrite {
             continue;
           }
         }
-        const want = Math.min(end - start, MAX_SAVE_BLOCKS);
-        const got = this.slots.take(want, this.slotBuf);
+        const want = Math.min(end - start, this.maxSave);
+        const got = this.container.reserve(want);
         if (got === 0) {
           // Container full (FIG. 12): the copier copies these blocks or frees space; then look again.
           this.hooks.urge(first, end);
@@ -122,13 +120,12 @@ export class CopyBeforeWrite {
         }
         const task = map.claimRun(start, Math.min(end, start + got), 'save');
         if (!task) {
-          for (let i = 0; i < got; i++) this.slots.give(this.slotBuf[i]!);
+          this.container.unreserve(got);
           continue;
         }
         const n = task.end - task.start;
-        const mySlots = this.slotBuf.slice(0, n);
-        for (let i = n; i < got; i++) this.slots.give(this.slotBuf[i]!);
-        await this.save(task.start, n, mySlots);
+        if (n < got) this.container.unreserve(got - n);
+        await this.save(task.start, n);
         map.unlock(task);
       }
     } finally {
@@ -139,30 +136,51 @@ export class CopyBeforeWrite {
     }
   }
 
-  /** Copies the originals of blocks [start, start+n) into `slots`; records them in the map. */
-  private async save(start: number, n: number, slots: Int32Array): Promise<void> {
-    const blocks = new Float64Array(n);
-    const lengths = new Float64Array(n);
-    for (let i = 0; i < n; i++) {
-      blocks[i] = start + i;
-      lengths[i] = Math.min(this.blockSize, this.volumeSize - (start + i) * this.blockSize);
-    }
+  /** Fraction of the container in use (held or reserved), 0..1. */
+  get fill(): number {
+    return this.container.capacity === 0 ? 1 : this.container.used / this.container.capacity;
+  }
+
+  /** Most blocks one save reads at once (a storage container stages them in one buffer). */
+  private get maxSave(): number {
+    const staged = (this.container as { maxStagedBlocks?: number }).maxStagedBlocks;
+    return Math.min(MAX_SAVE_BLOCKS, staged ?? MAX_SAVE_BLOCKS);
+  }
+
+  /** Reads the originals of blocks [start, start+n) (room reserved) into the container; records them in the map. */
+  private async save(start: number, n: number): Promise<void> {
+    const bs = this.blockSize;
     this.activeSaves++;
     try {
-      const res = await this.container.save(this.device, blocks, lengths, slots, n);
+      const staging = await this.container.staging(n);
+      const blocks = new Float64Array(n);
+      const segs = new Float64Array(n * 3);
       for (let i = 0; i < n; i++) {
-        if (res[i] === 0) {
-          this.map.markSaved(start + i, slots[i]!);
+        blocks[i] = start + i;
+        segs[i * 3] = (start + i) * bs;
+        segs[i * 3 + 1] = roundUp512(Math.min(bs, this.volumeSize - (start + i) * bs));
+        segs[i * 3 + 2] = staging.offsets[i]!;
+      }
+      // A writer is held until this read lands: urgent (the real-time I/O class on the ring).
+      const res = await this.device.readBatch(staging.buffer, segs, { urgent: true });
+      const ok = new Array<boolean>(n);
+      for (let i = 0; i < n; i++) {
+        const want = Math.min(bs, this.volumeSize - (start + i) * bs);
+        ok[i] = res[i]! >= want;
+      }
+      await this.container.put(staging, blocks, ok, n);
+      for (let i = 0; i < n; i++) {
+        if (ok[i]) {
+          this.map.markSaved(start + i);
           this.stats.blocksSaved++;
         } else {
-          this.slots.give(slots[i]!);
-          this.map.markSaved(start + i, -1);
-          this.hooks.badBlock(start + i, res[i]!);
+          this.map.markSaved(start + i, true);
+          this.hooks.badBlock(start + i, res[i]! < 0 ? -res[i]! : 5);
         }
       }
     } catch (e) {
-      // The container failed: the backup is lost, the write is not. Slots are not reused.
-      for (let i = 0; i < n; i++) this.map.markSaved(start + i, -1);
+      // The container failed: the backup is lost, the write is not.
+      for (let i = 0; i < n; i++) this.map.markSaved(start + i, true);
       this.hooks.fail(e instanceof Error ? e : new Error(String(e)));
     } finally {
       this.activeSaves--;

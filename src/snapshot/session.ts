@@ -1,16 +1,13 @@
 // One snapshot of one served volume, from arming to release (seed 001 FIG. 13): prepare the map
 // (every block pending: allocated and filled BEFORE any freeze), arm (O(1): attach the write hook),
 // refine the pending set with the used-block map read through the snapshot view, copy, disarm.
-import type { ErrorPolicy } from '../copy/block-copier';
-import { UnreadableBlockError } from '../copy/block-copier';
+import { type ErrorPolicy, UnreadableBlockError } from '../copy/errors';
 import type { Device } from '../device/device';
 import type { UsedBlockMap } from '../fs/used-map';
 import { Bitset } from '../util/bitset';
 import { type CbwStats, CopyBeforeWrite, type SnapshotGate } from './cbw';
 import type { Container } from './container';
-import { SlotAllocator } from './container';
-import type { Copier } from './copier';
-import { CopyMap } from './copy-map';
+import { CopyMap } from '../copy/copy-map';
 import { SnapshotView } from './snapshot-view';
 import { DEFAULT_THROTTLE, Sleepers, type ThrottlePolicy } from './throttle';
 
@@ -44,17 +41,17 @@ export class SnapshotSession {
   readonly totalBlocks: number;
   readonly volumeSize: number;
   readonly map: CopyMap;
-  readonly slots: SlotAllocator;
   readonly cbw: CopyBeforeWrite;
   readonly view: SnapshotView;
   readonly sleepers = new Sleepers();
   readonly prepareMs: number;
   /** Blocks of the device the container occupies (inside container): never copied, never CoW. */
   readonly excluded: Bitset;
-  copier: Copier | undefined;
-  state: SnapshotStats['state'] = 'prepared';
-  armedAt: Date | undefined;
-  freezeMs: number | undefined;
+  /** The copy engine once it runs: blocks writers wait on are urged to it. */
+  private copier: { urge(first: number, end: number): void; readonly urgentBlocks: number } | undefined;
+  private stateNow: SnapshotStats['state'] = 'prepared';
+  private armedAtNow: Date | undefined;
+  private freezeMsNow: number | undefined;
   private error: Error | undefined;
   private readonly onError: ErrorPolicy;
   private released = false;
@@ -73,9 +70,8 @@ export class SnapshotSession {
       this.excluded.setRange(Math.floor(r.offset / this.blockSize), Math.floor((r.offset + r.length) / this.blockSize));
     }
     this.map.pending.andNot(this.excluded);
-    this.slots = new SlotAllocator(container.capacity);
     const throttle = { ...DEFAULT_THROTTLE, ...opts.throttle };
-    this.cbw = new CopyBeforeWrite(this.map, device, container, this.slots, this.blockSize, this.volumeSize, throttle, this.sleepers, {
+    this.cbw = new CopyBeforeWrite(this.map, device, container, this.blockSize, this.volumeSize, throttle, this.sleepers, {
       urge: (f, e) => this.copier?.urge(f, e),
       badBlock: (block, errno) => {
         if (this.onError === 'abort') this.fail(new UnreadableBlockError(block, block * this.blockSize, device.path, errno));
@@ -91,11 +87,23 @@ export class SnapshotSession {
    * resolves when the writes that were already in flight have landed.
    */
   arm(): Promise<void> {
-    if (this.state !== 'prepared') throw new Error(`cannot arm a snapshot that is ${this.state}`);
+    if (this.stateNow !== 'prepared') throw new Error(`cannot arm a snapshot that is ${this.stateNow}`);
     const drained = this.opts.gate.attach(this.cbw);
-    this.armedAt = new Date();
-    this.state = 'armed';
+    this.armedAtNow = new Date();
+    this.stateNow = 'armed';
     return drained;
+  }
+
+  get state(): SnapshotStats['state'] { return this.stateNow; }
+  get armedAt(): Date | undefined { return this.armedAtNow; }
+
+  /** How long the freeze window around arm() lasted (set by whoever froze). */
+  recordFreeze(ms: number): void { this.freezeMsNow = ms; }
+
+  /** The copy engine starts: from now on it copies the blocks writers wait on first. */
+  copying(engine: { urge(first: number, end: number): void; readonly urgentBlocks: number }): void {
+    this.copier = engine;
+    if (this.stateNow === 'armed') this.stateNow = 'copying';
   }
 
   /**
@@ -112,8 +120,12 @@ export class SnapshotSession {
     used.andNot(this.excluded);
     this.map.pending.andWith(used);
     // Originals saved before the map was known that the backup does not hold: give the space back.
-    for (const [blk, slot] of [...this.map.slots]) {
-      if (!used.get(blk)) { this.map.unsave(blk); this.slots.give(slot); }
+    const c = this.opts.container;
+    for (const blk of [...c.blocks()]) {
+      if (!used.get(blk)) { this.map.unsave(blk); c.drop(blk); }
+    }
+    for (let blk = this.map.bad.next(0, true); blk < this.totalBlocks; blk = this.map.bad.next(blk + 1, true)) {
+      if (!used.get(blk)) this.map.unsave(blk);
     }
     this.map.changed.notify();
     return used;
@@ -131,8 +143,8 @@ export class SnapshotSession {
 
   /** Writes stop being intercepted at once; every held write is released. */
   disarm(): void {
-    if (this.state === 'disarmed') return;
-    this.state = 'disarmed';
+    if (this.stateNow === 'disarmed') return;
+    this.stateNow = 'disarmed';
     this.opts.gate.detach(this.cbw);
   }
 
@@ -149,18 +161,18 @@ export class SnapshotSession {
     const c = this.opts.container;
     return {
       ...this.cbw.stats,
-      state: this.state,
-      armedAt: this.armedAt?.toISOString(),
+      state: this.stateNow,
+      armedAt: this.armedAtNow?.toISOString(),
       blockSize: this.blockSize,
       totalBlocks: this.totalBlocks,
-      pendingBlocks: this.state === 'disarmed' ? 0 : this.map.pending.setCount,
+      pendingBlocks: this.stateNow === 'disarmed' ? 0 : this.map.pending.setCount,
       containerKind: c.kind,
       containerCapacityBytes: c.capacity * this.blockSize,
-      containerUsedBytes: this.slots.used * this.blockSize,
-      containerPeakBytes: this.slots.peak * this.blockSize,
+      containerUsedBytes: c.used * this.blockSize,
+      containerPeakBytes: c.peak * this.blockSize,
       urgentBlocks: this.copier?.urgentBlocks ?? 0,
       prepareMs: this.prepareMs,
-      freezeMs: this.freezeMs,
+      freezeMs: this.freezeMsNow,
     };
   }
 }

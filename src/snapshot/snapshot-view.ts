@@ -6,7 +6,7 @@
 import type { BlockReader, Device } from '../device/device';
 import { native } from '../device/native';
 import type { Container } from './container';
-import type { CopyMap } from './copy-map';
+import type { CopyMap } from '../copy/copy-map';
 
 export class SnapshotView implements BlockReader {
   constructor(
@@ -46,14 +46,12 @@ export class SnapshotView implements BlockReader {
     try {
       const out = Buffer.from(await this.device.read(offset, length));
       let scratch: ArrayBuffer | undefined;
-      for (let blk = first; blk < end; blk++) {
-        const slot = map.slots.get(blk);
-        if (slot === undefined) continue;
+      for (let blk = map.saved.next(first, true, end); blk < end; blk = map.saved.next(blk + 1, true, end)) {
         const bStart = blk * bs;
         const from = Math.max(offset, bStart), to = Math.min(offset + length, bStart + bs);
-        if (slot < 0) { out.fill(0, from - offset, to - offset); continue; }
+        if (map.bad.get(blk)) { out.fill(0, from - offset, to - offset); continue; }
         scratch ??= native().allocAligned(bs, 4096);
-        await this.container.load([slot], scratch, [0], 1);
+        await this.container.get([blk], scratch, [0], 1);
         Buffer.from(scratch, from - bStart, to - from).copy(out, from - offset);
       }
       return out;

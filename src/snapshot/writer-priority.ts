@@ -11,11 +11,8 @@ export type WriterPriority = (typeof WRITER_PRIORITIES)[number];
 export type FixedWriterPriority = Exclude<WriterPriority, 'auto'>;
 export const DEFAULT_WRITER_PRIORITY: WriterPriority = 'auto';
 
-/** The copier's batches while clients write: bytes per batch and batches in flight. */
-export interface BusyPace {
-  batchBytes: number;
-  depth: number;
-}
+import type { BusyPace } from '../copy/engine';
+export type { BusyPace };
 
 const KiB = 1024;
 export const WRITER_PACES: Readonly<Record<FixedWriterPriority, BusyPace>> = {

@@ -69,12 +69,21 @@ async function thaw(mountPoint: string): Promise<void> {
   }
 }
 
+/** A frozen file system: thaw() ends the window and says how long it lasted. */
+export interface Frozen {
+  readonly mountPoint: string;
+  /** The write-back before the freeze (writers were not stopped then), in ms. */
+  readonly presyncMs: number;
+  /** Thaws (on the thread pool); resolves with the frozen window in ms. Idempotent. */
+  thaw(): Promise<number>;
+}
+
 /**
- * Runs `work` with the file system frozen; returns its result, how long it was frozen, and how long
- * the write-back before the freeze took (writers were not stopped then). Thaws always, on the thread
- * pool; an error of `work` wins over one of the thaw.
+ * Freezes the file system at `mountPoint` after a syncfs that writes back what is dirty while
+ * writers still run. The window counts from the FIFREEZE call (it blocks new writers while it syncs)
+ * to the end of FITHAW.
  */
-export async function withFrozen<T>(mountPoint: string, work: () => Promise<T>, opts: FreezeOptions = {}): Promise<{ result: T; frozenMs: number; presyncMs: number }> {
+export async function freezeFs(mountPoint: string, opts: FreezeOptions = {}): Promise<Frozen> {
   let frozen = false;
   const thawNow = () => {
     if (!frozen) return;
@@ -86,6 +95,13 @@ export async function withFrozen<T>(mountPoint: string, work: () => Promise<T>, 
     process.stderr.write(`\nlivesnap: ${sig}: ${mountPoint} thawed, backup cancelled\n`);
     process.exit(sig === 'SIGINT' ? 130 : 143);
   };
+  const unguard = () => {
+    if (!opts.processGuard) return;
+    process.off('exit', thawNow);
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    process.off('SIGHUP', onSignal);
+  };
   if (opts.processGuard) {
     process.on('exit', thawNow);
     process.on('SIGINT', onSignal);
@@ -93,32 +109,46 @@ export async function withFrozen<T>(mountPoint: string, work: () => Promise<T>, 
     process.on('SIGHUP', onSignal);
   }
   const presyncMs = await presync(mountPoint);
-  // The window counts from the FIFREEZE call (it blocks new writers while it syncs) to the end of FITHAW.
   const t0 = performance.now();
   try {
-    try {
-      await native().freeze(mountPoint);
-    } catch (e) {
-      throw new UserError(`cannot freeze ${mountPoint}: ${(e as Error).message}`, 'the file system must support FIFREEZE (ext4, xfs, btrfs) and not be frozen already');
-    }
-    frozen = true;
-    let result: T;
-    try {
-      result = await work();
-    } catch (e) {
-      frozen = false;
-      await thaw(mountPoint).catch(() => { /* the work's error is the one to report */ });
-      throw e;
-    }
-    frozen = false;
-    await thaw(mountPoint);
-    return { result, frozenMs: performance.now() - t0, presyncMs };
-  } finally {
-    if (opts.processGuard) {
-      process.off('exit', thawNow);
-      process.off('SIGINT', onSignal);
-      process.off('SIGTERM', onSignal);
-      process.off('SIGHUP', onSignal);
-    }
+    await native().freeze(mountPoint);
+  } catch (e) {
+    unguard();
+    throw new UserError(`cannot freeze ${mountPoint}: ${(e as Error).message}`, 'the file system must support FIFREEZE (ext4, xfs, btrfs) and not be frozen already');
   }
+  frozen = true;
+  let thawed: Promise<number> | undefined;
+  return {
+    mountPoint,
+    presyncMs,
+    thaw: () => {
+      thawed ??= (async () => {
+        frozen = false;
+        try {
+          await thaw(mountPoint);
+        } finally {
+          unguard();
+        }
+        return performance.now() - t0;
+      })();
+      return thawed;
+    },
+  };
+}
+
+/**
+ * Runs `work` with the file system frozen; returns its result, how long it was frozen, and how long
+ * the write-back before the freeze took. Thaws always, on the thread pool; an error of `work` wins
+ * over one of the thaw.
+ */
+export async function withFrozen<T>(mountPoint: string, work: () => Promise<T>, opts: FreezeOptions = {}): Promise<{ result: T; frozenMs: number; presyncMs: number }> {
+  const f = await freezeFs(mountPoint, opts);
+  let result: T;
+  try {
+    result = await work();
+  } catch (e) {
+    await f.thaw().catch(() => { /* the work's error is the one to report */ });
+    throw e;
+  }
+  return { result, frozenMs: await f.thaw(), presyncMs: f.presyncMs };
 }

@@ -3,7 +3,7 @@
 //   pending  the block's original is still only on the device: someone must copy it before it changes
 //   busy     a task holds the block: the copier's read or a copy-before-write save is in flight, or a
 //            snapshot-view read of a still-pending block; whoever meets a busy block waits for it
-//   saved    the original is in the intermediate container (or the block is bad: slot -1, zeros)
+//   saved    the original is in the intermediate container (or the block is bad: `bad` too, zeros)
 // A block that is none of these is done (copied to the sink) or not part of the backup (free,
 // excluded): writes to it go straight through.
 // Claiming is "pending and not busy -> busy, not pending" in one synchronous step (JS runs one thing at
@@ -49,8 +49,8 @@ export class CopyMap {
   readonly pending: Bitset;
   readonly busy: Bitset;
   readonly saved: Bitset;
-  /** block -> container slot for saved blocks; -1 = bad block (read failed), emitted as zeros. */
-  readonly slots = new Map<number, number>();
+  /** Saved blocks whose original could not be read: emitted as zeros and listed as bad. */
+  readonly bad: Bitset;
   private readonly tasks = new Set<TaskImpl>();
   /** Woken whenever a task ends, container space is freed, or the snapshot is disarmed. */
   readonly changed = new Notifier();
@@ -60,6 +60,7 @@ export class CopyMap {
     this.pending = new Bitset(totalBlocks, allPending);
     this.busy = new Bitset(totalBlocks);
     this.saved = new Bitset(totalBlocks);
+    this.bad = new Bitset(totalBlocks);
   }
 
   /** A write to [first, end) must take the slow path (some block still pending or held). */
@@ -68,7 +69,7 @@ export class CopyMap {
   }
 
   get savedCount(): number {
-    return this.slots.size;
+    return this.saved.setCount;
   }
 
   get taskCount(): number {
@@ -86,11 +87,11 @@ export class CopyMap {
    * they stop being pending and become busy under one task. Returns undefined when `start` is not claimable.
    */
   claimRun(start: number, limit: number, kind: 'copy' | 'save'): Task | undefined {
-    const p = this.pending, b = this.busy;
-    let e = start;
-    while (e < limit && p.get(e) && !b.get(e)) e++;
-    if (e === start) return undefined;
-    p.clearRange(start, e);
+    // The run ends at the first block that is not pending, or is busy (whichever comes first).
+    let e = this.pending.next(start, false, limit);
+    e = this.busy.next(start, true, e);
+    if (e <= start) return undefined;
+    this.pending.clearRange(start, e);
     return this.lock(start, e, kind);
   }
 
@@ -122,19 +123,19 @@ export class CopyMap {
     return ps.length === 1 ? ps[0]! : Promise.all(ps).then(() => undefined);
   }
 
-  /** Records that block `b` (claimed by a save) now lives in container slot `slot` (-1: bad). */
-  markSaved(b: number, slot: number): void {
+  /** Block `b` (claimed by a save) is in the container now; bad: its original could not be read. */
+  markSaved(b: number, bad = false): void {
     this.saved.set(b);
-    this.slots.set(b, slot);
+    if (bad) this.bad.set(b);
   }
 
-  /** Forgets a saved block (its data went to the sink or is not needed); returns its slot. */
-  unsave(b: number): number | undefined {
-    const s = this.slots.get(b);
-    if (s === undefined) return undefined;
-    this.slots.delete(b);
+  /** Forgets a saved block (its data went to the sink or is not needed): 'held', 'bad' or undefined. */
+  unsave(b: number): 'held' | 'bad' | undefined {
+    if (!this.saved.get(b)) return undefined;
     this.saved.clear(b);
-    return s;
+    if (!this.bad.get(b)) return 'held';
+    this.bad.clear(b);
+    return 'bad';
   }
 
   /** First block in [from, end) that is pending, busy or saved; `end` if none. */
