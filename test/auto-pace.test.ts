@@ -4,7 +4,7 @@
 // exactness tests (online-exact.test.ts, default priority) and measured by bench/online-frontier.
 import test from 'ava';
 import { AUTO_LADDER, AutoPace, autoStep, TARGET, THINK_DOWN, THINK_UP, UP_AT, WINDOW_MS } from '../src/snapshot/auto-pace';
-import { BASELINE_WINDOW_MS, THINK_GAP_MS, WriteActivity } from '../src/snapshot/write-activity';
+import { BASELINE_WINDOW_MS, THINK_GAP_MS, WriteActivity } from '../src/export/write-activity';
 
 test('autoStep: think time speeds up; under the target without think time slows down; between holds', (t) => {
   t.is(autoStep(100, THINK_UP, 1000), 1, 'clients idle a third of the time are not held back');

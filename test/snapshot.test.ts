@@ -11,7 +11,8 @@ import type { UsedBlockMap } from '../src/fs/used-map';
 import { runOnlineBackup, type OnlineBackupOptions, type OnlineBackupSummary } from '../src/jobs/online-backup';
 import { ImageSink } from '../src/sink/image-sink';
 import type { BackupSink, DataBatch, FinishInfo, VolumeInfo } from '../src/sink/sink';
-import { SnapshotGate } from '../src/snapshot/cbw';
+import { SnapshotFilter } from '../src/export/snapshot-filter';
+import { DeviceBackend } from '../src/nbd/device-backend';
 import { CopyMap } from '../src/copy/copy-map';
 import { SlotAllocator } from '../src/snapshot/container';
 import { parseContainer } from '../src/snapshot/parse-container';
@@ -68,6 +69,13 @@ function makeVolumeFile(file: string, size: number): void {
  * Writers: async loops issuing self-describing writes through the gate (as the NBD backend wrapper
  * does) and then the device. Every write is recorded with its start and completion time.
  */
+/** The export's snapshot filter over a real device backend, as a served export has it. */
+function filterOn(t: ExecutionContext, dev: Device): SnapshotFilter {
+  const backend = new DeviceBackend(dev);
+  t.teardown(() => backend.dispose());
+  return new SnapshotFilter(backend);
+}
+
 class Writers {
   readonly log: WriteRec[] = [];
   private seq = 1;
@@ -78,7 +86,7 @@ class Writers {
 
   constructor(
     private readonly dev: Device,
-    private readonly gate: SnapshotGate,
+    private readonly gate: SnapshotFilter,
     private readonly r: () => number,
     private readonly opts: { region?: Array<[number, number]>; maxLen?: number; pauseMs?: number } = {},
   ) {}
@@ -101,7 +109,7 @@ class Writers {
       for (let s = 0; s < len; s += SECTOR) fillSector(buf, s, offset + s, seq);
       const rec: WriteRec = { seq, offset, length: len, start: performance.now(), end: Infinity };
       this.log.push(rec);
-      const w = this.gate.beforeChange(offset, len, 'write');
+      const w = this.gate.beforeChange(offset, len);
       if (w) await w;
       const lat = performance.now() - rec.start;
       if (lat > this.maxLatencyMs) this.maxLatencyMs = lat;
@@ -110,7 +118,8 @@ class Writers {
         const res = await this.dev.writeBatch(mem, Float64Array.of(offset, len, 0));
         if (res[0] !== len) { this.failures++; err = new Error(`write failed ${res[0]}`); }
       } finally {
-        this.gate.afterChange(offset, len, 'write', err);
+        this.gate.afterChange();
+        void err;
       }
       rec.end = performance.now();
       if (this.opts.pauseMs) await new Promise((r) => setTimeout(r, this.opts.pauseMs));
@@ -223,7 +232,7 @@ async function exactness(t: ExecutionContext, sc: Scenario): Promise<{ summary: 
   makeVolumeFile(volFile, size);
   const dev = Device.open(volFile, { write: true });
   t.teardown(() => dev.close());
-  const gate = new SnapshotGate();
+  const gate = filterOn(t, dev);
   let armT = NaN;
   const attach = gate.attach.bind(gate);
   gate.attach = (c) => { armT = performance.now(); return attach(c); };
@@ -244,7 +253,7 @@ async function exactness(t: ExecutionContext, sc: Scenario): Promise<{ summary: 
     await writers.halt();
   }
   t.is(writers.failures, 0, 'no write failed');
-  t.is(gate.active, undefined, 'disarmed after the backup');
+  t.is(gate.attachedGuard, undefined, 'disarmed after the backup');
   const img = fs.readFileSync(image);
   t.is(img.length, size);
   const res = checkInstant(t, img, writers.log, armT);
@@ -305,8 +314,12 @@ test('arming cost: the all-pending map for 1 TiB at 4 KiB blocks is built outsid
   const ms = performance.now() - t0;
   t.log(`32 MiB all-pending map: ${ms.toFixed(1)} ms (done before the freeze; arming itself is O(1))`);
   t.true(m.pending.get(0) && m.pending.get(m.totalBlocks - 1));
-  const gate = new SnapshotGate();
-  t.is(gate.beforeChange(0, 4096, 'write'), undefined, 'unarmed: the hook costs one check');
+  const dir = scratchDir(t);
+  makeVolumeFile(path.join(dir, 'v.img'), 1 << 20);
+  const dev = Device.open(path.join(dir, 'v.img'), { write: true });
+  t.teardown(() => dev.close());
+  const gate = filterOn(t, dev);
+  t.is(gate.beforeChange(0, 4096), undefined, 'unarmed: the filter costs one check');
 });
 
 // ---------------------------------------------------------------- exactness under concurrency
@@ -347,7 +360,7 @@ test.serial('cancel mid-backup: held writes released at once, later writes not d
   makeVolumeFile(volFile, size);
   const dev = Device.open(volFile, { write: true });
   t.teardown(() => dev.close());
-  const gate = new SnapshotGate();
+  const gate = filterOn(t, dev);
   const writers = new Writers(dev, gate, rng(seed));
   writers.start(6);
   const ac = new AbortController();
@@ -361,7 +374,7 @@ test.serial('cancel mid-backup: held writes released at once, later writes not d
   const waitingBefore = session!.stats().writesWaiting;
   const t0 = performance.now();
   ac.abort();
-  t.is(gate.active, undefined, 'disarmed synchronously by the cancel');
+  t.is(gate.attachedGuard, undefined, 'disarmed synchronously by the cancel');
   await new Promise((r) => setImmediate(r));
   t.is(session!.cbw.stats.writesWaiting, 0, `all ${waitingBefore} held writes released`);
   await t.throwsAsync(job, { message: /cancelled/ });
@@ -386,12 +399,12 @@ testIf({ root: true, commands: ['mkfs.ext4', 'losetup'] })('failing target (ENOS
   makeVolumeFile(volFile, 32 << 20);
   const dev = Device.open(volFile, { write: true });
   t.teardown(() => dev.close());
-  const gate = new SnapshotGate();
+  const gate = filterOn(t, dev);
   const writers = new Writers(dev, gate, rng(seed));
   writers.start(4);
   const err = await t.throwsAsync(runOnlineBackup({ device: dev, gate, sink: new ImageSink(path.join(mnt, 'out.img')), container: 'memory:256K', readUsedMap: everyBlock }));
   t.regex(err!.message, /no space left/);
-  t.is(gate.active, undefined);
+  t.is(gate.attachedGuard, undefined);
   writers.maxLatencyMs = 0;
   await new Promise((r) => setTimeout(r, 100));
   await writers.halt();
@@ -426,7 +439,7 @@ testIf({ root: true, commands: ['mkfs.ext4', 'e2fsck', 'losetup'] })('ext4: used
   const vol = makeVolume(t, dir, { sizeMiB: 64, mkfs: ['mkfs.ext4', '-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0'], seed, dataMiB: 12 });
   const dev = Device.open(vol.loop, { write: true });
   t.teardown(() => dev.close());
-  const gate = new SnapshotGate();
+  const gate = filterOn(t, dev);
   // After the instant, writers trash the first 4 MiB (superblock, descriptors, bitmaps, inode tables)
   // and random blocks everywhere: the map and every file must still come from the instant.
   const writers = new Writers(dev, gate, rng(seed), { region: [[0, 4 << 20], [0, 64 << 20]] });
@@ -461,7 +474,7 @@ testIf({ root: true, commands: ['mkfs.ext4', 'e2fsck', 'losetup'] })('container 
   for (let i = 0; i < ext.length; i += 4) regions.push([ext[i + 1]!, ext[i + 1]! + ext[i + 2]!]);
   const dev = Device.open(vol.loop, { write: true });
   t.teardown(() => dev.close());
-  const gate = new SnapshotGate();
+  const gate = filterOn(t, dev);
   const writers = new Writers(dev, gate, rng(seed), { region: regions, maxLen: 16 << 10 });
   const image = path.join(dir, 'out.img');
   const cow = path.join(mnt, 'livesnap-cow.bin');

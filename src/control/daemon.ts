@@ -14,7 +14,7 @@ import { identify, lockedPath, overlap } from '../device/identity';
 import { deviceHolding, fingerprintOf, fingerprintOfVolume } from '../export/on-volume';
 import { isTapeDevice, openBackupTarget } from '../sink/open-target';
 import { parseContainer } from '../snapshot/parse-container';
-import type { SnapshotGate } from '../snapshot/cbw';
+import type { SnapshotFilter } from '../export/snapshot-filter';
 import type { SnapshotSession } from '../snapshot/session';
 import { DEFAULT_WRITER_PRIORITY, type WriterPriority } from '../snapshot/writer-priority';
 import { loadPskFile, type PskKeys } from '../nbd/tls-psk';

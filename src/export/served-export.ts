@@ -7,8 +7,7 @@ import { type Identity, identify, overlap } from '../device/identity';
 import { DeviceBackend } from '../nbd/device-backend';
 import { createNbdServer, type NbdServer } from '../nbd/server';
 import { loadPskFile, type PskKeys } from '../nbd/tls-psk';
-import type { SnapshotGate } from '../snapshot/cbw';
-import { interceptBackend } from '../snapshot/intercepting-backend';
+import { SnapshotFilter } from './snapshot-filter';
 import { UserError } from '../util/errors';
 import { checkTcpSecurity, formatHostPort, type ListenAddress, parseListen, plaintextWarning } from '../control/listen';
 import { CACHE_MODES, type CacheMode, EXPORT_NAME, type ServeRequest } from '../control/protocol';
@@ -44,7 +43,7 @@ export class ServedExport {
     private readonly backingLock: Device | undefined,
     readonly cache: CacheMode,
     readonly backend: DeviceBackend,
-    readonly gate: SnapshotGate,
+    readonly gate: SnapshotFilter,
     readonly nbd: NbdServer,
     readonly socket: string,
     readonly keys: PskKeys | undefined,
@@ -102,7 +101,9 @@ export class ServedExport {
       }
       const backend = new DeviceBackend(device, { description: `livesnap export of ${req.device}` });
       undo.push(() => backend.dispose());
-      const { backend: chain, gate } = interceptBackend(backend);
+      // The filter chain in front of the device: the snapshot filter (copy-before-write attaches here).
+      const gate = new SnapshotFilter(backend);
+      const chain = gate;
       const nbd = createNbdServer({ exports: { [req.name]: chain }, defaultExport: req.name, log: (level, m) => { if (level !== 'debug') ctx.log(`[${req.name}] ${m}`); } });
       undo.push(() => nbd.close());
       await nbd.listenUnix(socket).catch((e: Error) => {

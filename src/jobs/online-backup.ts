@@ -5,7 +5,7 @@ import type { BlockReader, Device } from '../device/device';
 import type { UsedBlockMap } from '../fs/used-map';
 import type { BackupSink } from '../sink/sink';
 import type { AutoPaceStats } from '../snapshot/auto-pace';
-import type { SnapshotGate } from '../snapshot/cbw';
+import type { SnapshotFilter } from '../export/snapshot-filter';
 import { CopyBeforeWriteMethod, DEFAULT_WRITE_WAIT_LIMIT_MS } from '../snapshot/cbw-method';
 import type { Container } from '../snapshot/container';
 import type { ContainerSpec } from '../snapshot/parse-container';
@@ -26,7 +26,7 @@ export interface OnlineBackupOptions {
   /** The served device (the export's backing device). Writable if the container is inside it. */
   device: Device;
   /** The export's write hook (see snapshot/intercepting-backend.ts). */
-  gate: SnapshotGate;
+  gate: SnapshotFilter;
   sink: BackupSink;
   /** Name shown in the image's metadata (export name). Default: the device path. */
   source?: string;

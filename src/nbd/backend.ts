@@ -3,10 +3,7 @@
 // calls with 0 <= offset, 0 < length, offset + length <= size, and length <= maxBlockSize for
 // read/write. Calls may overlap in time (several connections, pipelined requests); a backend must
 // accept that. Overlapping writes in flight at the same time have no defined order (as in NBD).
-//
-// Copy-on-write hook: every call that changes bytes (write, trim, writeZeroes) goes through
-// withWriteInterceptor() when the snapshot layer wraps the device backend, so the copy-before-write
-// decision lives in ONE place (the interceptor's beforeChange) and every write path calls it.
+// Filters (src/export) stack on this same interface; the server does not know they exist.
 
 import type { AllocationExtent } from './allocation';
 
@@ -68,61 +65,6 @@ export class NbdError extends Error {
     super(message);
     this.name = 'NbdError';
   }
-}
-
-export type ChangeKind = 'write' | 'trim' | 'zero';
-
-/**
- * The copy-on-write hook. beforeChange runs before the bytes of [offset, offset+length) change and
- * the change waits for it; return undefined (not a promise) on the fast path so an unarmed snapshot
- * costs no extra turn of the event loop. afterChange (optional) runs once the change is done or failed.
- */
-export interface WriteInterceptor {
-  beforeChange(offset: number, length: number, kind: ChangeKind): void | Promise<void>;
-  afterChange?(offset: number, length: number, kind: ChangeKind, error: unknown): void;
-}
-
-/** Wraps a backend so every mutating call passes through `interceptor` first; reads pass straight. */
-export function withWriteInterceptor(inner: NbdBackend, interceptor: WriteInterceptor): NbdBackend {
-  // No async wrapper: with nothing armed beforeChange returns undefined and the write starts in the
-  // same turn, with no promise of its own beyond the backend's.
-  const guard = (offset: number, length: number, kind: ChangeKind, op: () => Promise<void>): Promise<void> => {
-    const pending = interceptor.beforeChange(offset, length, kind);
-    const run = (): Promise<void> => {
-      const after = interceptor.afterChange;
-      let p: Promise<void>;
-      try {
-        p = op();
-      } catch (e) {
-        after?.call(interceptor, offset, length, kind, e);
-        return Promise.reject(e);
-      }
-      if (!after) return p;
-      return p.then(
-        () => after.call(interceptor, offset, length, kind, undefined),
-        (e: unknown) => { after.call(interceptor, offset, length, kind, e); throw e; },
-      );
-    };
-    return pending ? pending.then(run) : run();
-  };
-  const wrapped: NbdBackend = {
-    get size() { return inner.size; },
-    get minBlockSize() { return inner.minBlockSize; },
-    get preferredBlockSize() { return inner.preferredBlockSize; },
-    get maxBlockSize() { return inner.maxBlockSize; },
-    get readOnly() { return inner.readOnly; },
-    get multiConn() { return inner.multiConn; },
-    get description() { return inner.description; },
-    read: (o, l) => inner.read(o, l),
-    write: (o, d, fua) => guard(o, d.length, 'write', () => inner.write(o, d, fua)),
-    flush: () => inner.flush(),
-    trim: (o, l, fua) => guard(o, l, 'trim', () => inner.trim(o, l, fua)),
-    writeZeroes: (o, l, fua, noHole) => guard(o, l, 'zero', () => inner.writeZeroes(o, l, fua, noHole)),
-  };
-  if (inner.allocPayload) wrapped.allocPayload = (l) => inner.allocPayload!(l);
-  if (inner.stats) wrapped.stats = () => inner.stats!();
-  if (inner.extents) wrapped.extents = (o, l) => inner.extents!(o, l);
-  return wrapped;
 }
 
 /** A plain heap buffer wrapped as an NbdBuffer (release does nothing). */

@@ -15,7 +15,7 @@
 
 import * as fs from 'node:fs';
 import type { BusyPace } from './writer-priority';
-import type { WriteActivity } from './write-activity';
+import type { WriteActivity } from '../export/write-activity';
 
 const KiB = 1024;
 export const AUTO_LADDER: readonly BusyPace[] = [

@@ -7,7 +7,7 @@ import type { ErrorPolicy } from '../copy/errors';
 import type { Device } from '../device/device';
 import { UserError } from '../util/errors';
 import { AutoPace, type AutoPaceStats } from './auto-pace';
-import type { SnapshotGate } from './cbw';
+import type { SnapshotFilter } from '../export/snapshot-filter';
 import type { Container } from './container';
 import { checkFreezeMount, withFrozen } from './freeze';
 import type { PointInTime, SnapshotMethod } from './method';
@@ -23,7 +23,7 @@ export interface CbwOptions {
   /** The served device (the export's backing device); writable if the container is inside it. */
   device: Device;
   /** The export's snapshot filter. */
-  gate: SnapshotGate;
+  gate: SnapshotFilter;
   /** --container: spec text, a parsed spec, or an open container. */
   container?: string | ContainerSpec | Container;
   /** Snapshot block size (default 4096). */

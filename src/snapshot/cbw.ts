@@ -1,6 +1,6 @@
 // THE copy-before-write decision (seed 001 FIG. 9-12 and 14; QEMU's block/copy-before-write.c).
-// Every path that changes bytes of a served volume — NBD WRITE, TRIM, WRITE_ZEROES — calls
-// SnapshotGate.beforeChange, which calls CopyBeforeWrite.beforeWrite while a snapshot is armed.
+// Every path that changes bytes of a served volume — NBD WRITE, TRIM, WRITE_ZEROES — passes the
+// export's snapshot filter (export/snapshot-filter.ts), which asks this guard while it is attached.
 // The rule, for the blocks the change touches (whole blocks, even for a partial-block write):
 //   - no snapshot armed ........................................ go now (one property check)
 //   - every block done, free or excluded (not pending, not busy)  go now (a bit test per block)
@@ -12,11 +12,10 @@
 // Nothing here ever fails the client's write: a failed read of an original marks the block bad for
 // the backup (or aborts the backup, per policy); a failed container or a disarm lets writes go.
 import type { Device } from '../device/device';
-import type { ChangeKind, WriteInterceptor } from '../nbd/backend';
+import type { ChangeGuard } from '../export/snapshot-filter';
 import { type Container, roundUp512 } from './container';
 import { type CopyMap, nextSet } from '../copy/copy-map';
 import { type Sleepers, type ThrottlePolicy, throttleDelay } from './throttle';
-import { WriteActivity } from './write-activity';
 
 export interface CbwStats {
   /** Writes held by the snapshot right now. */
@@ -41,7 +40,7 @@ export interface CbwHooks {
 
 const MAX_SAVE_BLOCKS = 64;
 
-export class CopyBeforeWrite {
+export class CopyBeforeWrite implements ChangeGuard {
   armed = false;
   /** Set while writes that entered before arming are still landing: CBW reads wait for them. */
   ready: Promise<void> | undefined;
@@ -64,8 +63,21 @@ export class CopyBeforeWrite {
     private readonly hooks: CbwHooks,
   ) {}
 
+  attached(drained: Promise<void> | undefined): void {
+    this.armed = true;
+    // Changes that entered before the instant must land before any original is read.
+    if (drained) this.ready = drained.then(() => { this.ready = undefined; });
+  }
+
+  detached(): void {
+    this.armed = false;
+    this.ready = undefined;
+    this.sleepers.wakeAll();
+    this.map.releaseAllWaiters();
+  }
+
   /** undefined: the write may go now. A promise: the write goes when it resolves (it never rejects). */
-  beforeWrite(offset: number, length: number): Promise<void> | undefined {
+  beforeChange(offset: number, length: number): Promise<void> | undefined {
     if (!this.armed || length <= 0) return undefined;
     const bs = this.blockSize;
     const first = Math.floor(offset / bs);
@@ -190,77 +202,4 @@ export class CopyBeforeWrite {
 
 function anyBusy(map: CopyMap, first: number, end: number): boolean {
   return map.busy.any(first, end);
-}
-
-/**
- * The permanent write hook of one export: the NBD backend is wrapped with it once (see
- * intercepting-backend.ts) and a backup attaches / detaches its CopyBeforeWrite. It also counts
- * writes in flight, so arming can wait for the writes that passed before the instant to land before
- * any original is read (no torn block).
- */
-export class SnapshotGate implements WriteInterceptor {
-  private cbw: CopyBeforeWrite | undefined;
-  private entered = 0;
-  private completed = 0;
-  private drainTarget = 0;
-  private drainResolve: (() => void) | undefined;
-
-  /** When clients last wrote, their write rate and think time: the copier yields the device to them. */
-  readonly activity = new WriteActivity();
-
-  beforeChange(offset: number, length: number, _kind: ChangeKind): void | Promise<void> {
-    this.entered++;
-    this.activity.enter(performance.now());
-    const c = this.cbw;
-    if (c === undefined) return undefined;
-    return c.beforeWrite(offset, length);
-  }
-
-  afterChange(_offset: number, _length: number, _kind: ChangeKind, _error: unknown): void {
-    this.completed++;
-    this.activity.exit(performance.now());
-    if (this.drainResolve !== undefined && this.completed >= this.drainTarget) {
-      const r = this.drainResolve;
-      this.drainResolve = undefined;
-      r();
-    }
-  }
-
-  get active(): CopyBeforeWrite | undefined {
-    return this.cbw;
-  }
-
-  /** Writes between beforeChange and afterChange right now. */
-  get inFlight(): number {
-    return this.entered - this.completed;
-  }
-
-  /**
-   * Arms: from now on every change goes through `cbw`. Returns a promise that resolves once every
-   * write that entered before this call has completed (CBW reads wait for it too). Synchronous part
-   * is O(1): it is what runs inside the freeze window.
-   */
-  attach(cbw: CopyBeforeWrite): Promise<void> {
-    if (this.cbw) throw new Error('a snapshot is already armed on this export');
-    this.cbw = cbw;
-    cbw.armed = true;
-    this.activity.setArmed(true, performance.now());
-    if (this.completed >= this.entered) return Promise.resolve();
-    this.drainTarget = this.entered;
-    // Every later write waits in cbw.slow for `ready`, so none completes before the older ones.
-    const drained = new Promise<void>((resolve) => { this.drainResolve = resolve; });
-    cbw.ready = drained.then(() => { cbw.ready = undefined; });
-    return cbw.ready;
-  }
-
-  /** Disarms: the hook becomes a no-op at once and every held write is released. */
-  detach(cbw: CopyBeforeWrite): void {
-    if (this.cbw !== cbw) return;
-    this.cbw = undefined;
-    cbw.armed = false;
-    this.activity.setArmed(false, performance.now());
-    if (this.drainResolve) { const r = this.drainResolve; this.drainResolve = undefined; r(); }
-    cbw.sleepers.wakeAll();
-    cbw.map.releaseAllWaiters();
-  }
 }

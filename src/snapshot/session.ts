@@ -5,7 +5,8 @@ import { type ErrorPolicy, UnreadableBlockError } from '../copy/errors';
 import type { Device } from '../device/device';
 import type { UsedBlockMap } from '../fs/used-map';
 import { Bitset } from '../util/bitset';
-import { type CbwStats, CopyBeforeWrite, type SnapshotGate } from './cbw';
+import type { SnapshotFilter } from '../export/snapshot-filter';
+import { type CbwStats, CopyBeforeWrite } from './cbw';
 import type { Container } from './container';
 import { CopyMap } from '../copy/copy-map';
 import { SnapshotView } from './snapshot-view';
@@ -13,7 +14,7 @@ import { DEFAULT_THROTTLE, Sleepers, type ThrottlePolicy } from './throttle';
 
 export interface SessionOptions {
   device: Device;
-  gate: SnapshotGate;
+  gate: SnapshotFilter;
   container: Container;
   onError?: ErrorPolicy;
   throttle?: Partial<ThrottlePolicy>;
