@@ -11,8 +11,9 @@ import { VerifyCommand } from './commands/verify';
 import { VersionCommand } from './commands/version';
 import { DaemonCommand, ServeCommand, StopCommand } from './commands/serve';
 import { CancelCommand, StatusCommand } from './commands/status';
+import { SnapshotCommand } from './commands/snapshot';
 
-const COMMANDS = [InspectCommand, BackupCommand, RestoreCommand, VerifyCommand, ServeCommand, StatusCommand, CancelCommand, StopCommand, KeygenCommand, DaemonCommand, DemoCommand, VersionCommand];
+const COMMANDS = [InspectCommand, BackupCommand, RestoreCommand, VerifyCommand, ServeCommand, SnapshotCommand, StatusCommand, CancelCommand, StopCommand, KeygenCommand, DaemonCommand, DemoCommand, VersionCommand];
 
 export function buildCli(): Cli {
   // No colours unless standard output is a terminal: clipanion's help ("--help", no arguments) otherwise

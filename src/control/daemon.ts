@@ -8,7 +8,11 @@ import { ioRing } from '../device/io-ring';
 import { native } from '../device/native';
 import { runOnlineBackup, type OnlineBackupSummary } from '../jobs/online-backup';
 import { stateRoot } from '../config';
+import { PointInTimeBackend } from '../export/point-in-time-backend';
 import { ServedExport } from '../export/served-export';
+import { createNbdServer, type NbdServer } from '../nbd/server';
+import { CopyBeforeWriteMethod } from '../snapshot/cbw-method';
+import type { PointInTime } from '../snapshot/method';
 import { type JobRecord, SELF } from '../export/state-dir';
 import { identify, lockedPath, overlap } from '../device/identity';
 import { deviceHolding, fingerprintOf, fingerprintOfVolume } from '../export/on-volume';
@@ -20,12 +24,13 @@ import { DEFAULT_WRITER_PRIORITY, type WriterPriority } from '../snapshot/writer
 import { loadPskFile, type PskKeys } from '../nbd/tls-psk';
 import { errorText, UserError } from '../util/errors';
 import { checkTcpSecurity, formatHostPort, parseListen, plaintextWarning } from './listen';
-import { type BackupRequest, CACHE_MODES, type CacheMode, type ControlReply, type ControlRequest, defaultExportSocket, EXPORT_NAME, type ServeRequest } from './protocol';
+import { type SnapshotRequest, type BackupRequest, CACHE_MODES, type CacheMode, type ControlReply, type ControlRequest, defaultExportSocket, EXPORT_NAME, type ServeRequest } from './protocol';
 
 /** A served export and the backup running on it, if any. */
 type Entry = ServedExport & { job?: Job };
 
 interface Job {
+  kind: 'backup' | 'snapshot';
   id: string;
   export: string;
   to: string;
@@ -39,6 +44,8 @@ interface Job {
   finished?: Date;
   detached: boolean;
   writerPriority: WriterPriority;
+  /** A snapshot job's read-only export of the instant. */
+  view?: { name: string; socket: string; uri: string; backend: PointInTimeBackend };
 }
 
 export type DaemonLog = (line: string) => void;
@@ -128,6 +135,7 @@ export class Daemon {
       case 'status': return this.status();
       case 'cancel': return this.cancel(req.job);
       case 'backup': return this.backup(req, send, sock);
+      case 'snapshot': return this.snapshot(req, send, sock);
       case 'data': return undefined;
       default: throw new UserError(`unknown control request "${(req as { op?: string }).op}"`);
     }
@@ -227,6 +235,8 @@ export class Daemon {
       worstWriteDelayMs: s?.worstWriteDelayMs ?? j.summary?.worstWriteDelayMs ?? 0,
       writerPriority: j.writerPriority,
       error: j.error ?? null,
+      kind: j.kind,
+      ...(j.view ? { view: j.view.name, uri: j.view.uri, socket: j.view.socket, bytesRead: j.view.backend.bytesRead, livedMs: (j.finished ?? new Date()).getTime() - j.started.getTime() } : {}),
     };
   }
 
@@ -284,6 +294,73 @@ export class Daemon {
     }
   }
 
+  /**
+   * `livesnap snapshot`: arms copy-before-write on the export with no copier, and serves the instant
+   * READ-ONLY as a second export until the CLI goes away (or `cancel`, with --detach). Writers to
+   * blocks not yet overwritten go straight through; the first write to a used block saves its
+   * original, which the view then reads from the container.
+   */
+  private async snapshot(req: SnapshotRequest, send: (r: ControlReply) => void, sock: net.Socket): Promise<Record<string, unknown> | undefined> {
+    const e = this.exports.get(req.export);
+    if (!e) throw new UserError(`no export named "${req.export}"`, 'see "livesnap status"');
+    if (e.job) throw new UserError(`export "${e.name}" already has a job running (${e.job.id})`, `wait for it, or "livesnap cancel ${e.job.id}"`);
+    await this.checkBackupPaths({ op: 'backup', export: req.export, to: '/dev/null', container: req.container, onError: 'abort' });
+    const id = `${e.name}-${++this.jobSeq}`;
+    const viewName = `${e.name}.snapshot-${this.jobSeq}`;
+    const job: Job = { kind: 'snapshot', id, export: e.name, to: viewName, started: new Date(), state: 'running', abort: new AbortController(), progress: { bytesDone: 0, bytesTotal: 0, badBlocks: 0 }, detached: !!req.detach, writerPriority: DEFAULT_WRITER_PRIORITY };
+    e.job = job;
+    this.jobs.set(id, job);
+    const record: JobRecord = { job: id, export: e.name, pid: SELF.pid, pidStart: SELF.start, started: job.started.toISOString(), to: viewName, files: await jobFiles({ op: 'backup', export: e.name, to: '-', container: req.container, onError: 'abort' }) };
+    const onClose = () => { if (!job.detached && job.state === 'running') { this.log(`job ${id}: client went away, ending the snapshot`); job.abort.abort(); } };
+    sock.once('close', onClose);
+    let view: NbdServer | undefined;
+    let pit: PointInTime | undefined;
+    try {
+      await e.state.recordJob(record);
+      const method = new CopyBeforeWriteMethod({ device: e.directDevice, gate: e.gate, container: req.container, freeze: req.freeze, onError: req.onError, writeWaitLimitMs: req.writeWaitLimitMs, onSession: (s) => (job.session = s) });
+      pit = await method.arm();
+      const { readUsedBlockMap } = await import('../fs/detect');
+      const map = await readUsedBlockMap(pit.reader, e.name);
+      const r = pit.restrict(map);
+      const backend = new PointInTimeBackend(pit.reader, r.used, r.blockSize, e.directDevice.size, `livesnap point-in-time view of "${e.name}" at ${pit.instant.toISOString()}`);
+      view = createNbdServer({ exports: { [viewName]: backend }, defaultExport: viewName, log: (level, m) => { if (level !== 'debug') this.log(`[${viewName}] ${m}`); } });
+      const socket = defaultExportSocket(this.controlPath, viewName);
+      await view.listenUnix(socket);
+      const uri = `nbd+unix:///${viewName}?socket=${socket}`;
+      job.view = { name: viewName, socket, uri, backend };
+      void identifyJobFiles(record).then(() => e.state.recordJob(record)).catch(() => {});
+      const f = pit.facts();
+      this.log(`job ${id}: snapshot of "${e.name}" at ${pit.instant.toISOString()} served read-only as "${viewName}" on ${socket}`);
+      send({ type: 'event', event: 'armed', job: id, time: pit.instant.toISOString(), freezeMs: f.freezeMs ?? 0, presyncMs: f.presyncMs ?? 0, container: String(f.container), export: viewName, uri, socket, filesystem: map.filesystem, usedBlocks: r.used.setCount, blockSize: r.blockSize });
+      if (job.detached) { send({ type: 'result', detached: true, job: id, export: viewName, uri }); sock.end(); }
+      // Until cancelled (or the CLI goes away), or the snapshot breaks (a writer held too long).
+      await new Promise<void>((resolve) => {
+        const done = () => { clearInterval(timer); resolve(); };
+        const timer = setInterval(() => { if (pit!.failure()) done(); }, 200);
+        job.abort.signal.addEventListener('abort', done, { once: true });
+      });
+      const failure = pit.failure();
+      if (failure) throw failure;
+      job.state = 'done';
+      const facts = pit.facts();
+      return { job: id, export: viewName, ended: 'cancelled', livedMs: Date.now() - job.started.getTime(), bytesRead: backend.bytesRead, containerPeakBytes: facts.containerPeakBytes, blocksSavedByWriters: facts.blocksSavedByWriters, worstWriteDelayMs: facts.worstWriteDelayMs };
+    } catch (err) {
+      job.state = job.abort.signal.aborted ? 'cancelled' : 'failed';
+      job.error = errorText(err);
+      this.log(`job ${id}: ${job.state}: ${job.error}`);
+      throw err;
+    } finally {
+      // The view goes first (no reader may see a released instant), then the instant itself.
+      await view?.close().catch(() => {});
+      pit?.fail(new UserError('the snapshot ended'));
+      await pit?.release().catch(() => {});
+      job.finished = new Date();
+      await e.state.dropJob(id).catch(() => {});
+      sock.off('close', onClose);
+      if (e.job === job) e.job = undefined;
+    }
+  }
+
   cancel(idOrExport: string): Record<string, unknown> {
     const j = this.jobs.get(idOrExport) ?? this.exports.get(idOrExport)?.job;
     if (!j || j.state !== 'running') throw new UserError(`no running backup "${idOrExport}"`, 'see "livesnap status" for job ids');
@@ -297,7 +374,7 @@ export class Daemon {
     if (e.job) throw new UserError(`export "${e.name}" already has a backup running (${e.job.id})`, `wait for it, or "livesnap cancel ${e.job.id}"`);
     await this.checkBackupPaths(req);
     const sink = req.to === '-' ? await this.stdoutSink(req, send) : openBackupTarget(req.to, { force: req.force, format: req.format, recordSize: req.recordSize, compress: req.compress, tapeSize: req.tapeSize, nextVolumeCommand: req.nextVolumeCommand });
-    const job: Job = { id: `${e.name}-${++this.jobSeq}`, export: e.name, to: req.to, started: new Date(), state: 'running', abort: new AbortController(), progress: { bytesDone: 0, bytesTotal: 0, badBlocks: 0 }, detached: !!req.detach, writerPriority: req.writerPriority ?? DEFAULT_WRITER_PRIORITY };
+    const job: Job = { kind: 'backup', id: `${e.name}-${++this.jobSeq}`, export: e.name, to: req.to, started: new Date(), state: 'running', abort: new AbortController(), progress: { bytesDone: 0, bytesTotal: 0, badBlocks: 0 }, detached: !!req.detach, writerPriority: req.writerPriority ?? DEFAULT_WRITER_PRIORITY };
     e.job = job;
     this.jobs.set(job.id, job);
     // What this job will create, on record in the export's state directory until it ends: if the

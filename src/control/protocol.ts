@@ -53,7 +53,17 @@ export interface BackupRequest {
   /** --write-wait-limit in ms. */
   writeWaitLimitMs?: number;
 }
-export type ControlRequest = ServeRequest | StopRequest | StatusRequest | CancelRequest | BackupRequest | DataRequest;
+/** `livesnap snapshot`: arm a snapshot of an export and serve the instant read-only. */
+export interface SnapshotRequest {
+  op: 'snapshot';
+  export: string;
+  container?: string;
+  freeze?: string;
+  onError?: 'abort' | 'ignore';
+  detach?: boolean;
+  writeWaitLimitMs?: number;
+}
+export type ControlRequest = SnapshotRequest | ServeRequest | StopRequest | StatusRequest | CancelRequest | BackupRequest | DataRequest;
 
 export type ControlReply =
   | { type: 'event'; event: string; [k: string]: unknown }

@@ -4,7 +4,7 @@ import { formatBytes } from '../../util/size';
 import { LivesnapCommand } from '../base';
 import { controlOption } from './serve';
 
-interface JobInfo { id: string; export: string; to: string; state: string; bytesDone: number; bytesTotal: number; badBlocks: number; containerUsedBytes: number | null; containerCapacityBytes: number | null; writesWaiting: number; worstWriteDelayMs: number; writerPriority?: string; error: string | null }
+interface JobInfo { id: string; export: string; to: string; state: string; bytesDone: number; bytesTotal: number; badBlocks: number; containerUsedBytes: number | null; containerCapacityBytes: number | null; writesWaiting: number; worstWriteDelayMs: number; writerPriority?: string; error: string | null; kind?: string; view?: string; uri?: string; livedMs?: number; bytesRead?: number }
 interface ExportInfo { name: string; device: string; size: number; cache?: string; socket: string; tcp: string | null; tls?: string | null; connections: number; requests: number; bytesWritten: number; job: JobInfo | null; leftovers?: Array<{ job: string; pid: number; started: string; to: string; cleaned: string[] }> }
 
 export class StatusCommand extends LivesnapCommand {
@@ -31,6 +31,11 @@ export class StatusCommand extends LivesnapCommand {
       out.push(`export ${e.name}: ${e.device} (${formatBytes(e.size)}, cache ${e.cache ?? 'none'}), ${e.socket}${e.tcp ? `, tcp ${e.tcp} (${e.tls === 'psk' ? 'TLS-PSK' : 'NO TLS'})` : ''}, ${e.connections} client(s), ${formatBytes(e.bytesWritten)} written`);
     }
     for (const j of jobs) {
+      if (j.kind === 'snapshot') {
+        const fill = j.containerCapacityBytes ? `container ${formatBytes(j.containerUsedBytes ?? 0)}/${formatBytes(j.containerCapacityBytes)}` : '';
+        out.push(`snapshot ${j.id} of ${j.export}: ${j.state}${j.view ? `, read-only export "${j.view}" (${j.uri})` : ''}, ${((j.livedMs ?? 0) / 1000).toFixed(0)} s old, ${fill}, clients read ${formatBytes(j.bytesRead ?? 0)}, writes waiting ${j.writesWaiting}${j.error ? ` (${j.error})` : ''}`);
+        continue;
+      }
       const pct = j.bytesTotal ? ((100 * j.bytesDone) / j.bytesTotal).toFixed(1) : '0.0';
       const fill = j.containerCapacityBytes ? `container ${formatBytes(j.containerUsedBytes ?? 0)}/${formatBytes(j.containerCapacityBytes)}` : '';
       out.push(`job ${j.id} -> ${j.to}: ${j.state} ${pct}% ${fill} writes waiting ${j.writesWaiting}, worst write delay ${j.worstWriteDelayMs.toFixed(1)} ms${j.writerPriority && j.writerPriority !== 'auto' ? `, writer priority ${j.writerPriority}` : ''}${j.badBlocks ? `, ${j.badBlocks} bad blocks` : ''}${j.error ? ` (${j.error})` : ''}`);
