@@ -79,12 +79,7 @@ node_glibc="$(objdump -T "$basenode" | max_version GLIBC)"; node_glibcxx="$(objd
 say "base: node v$NODE_VERSION, $(stat -c %s "$base/node") bytes, stripped $(stat -c %s "$basenode") bytes, glibc <= $node_glibc, libstdc++ <= GLIBCXX_$node_glibcxx"
 
 # --- 3. the bundle ---------------------------------------------------------------------------------
-cli_main="${LIVESNAP_RELEASE_MAIN:-$root/src/cli/main.ts}"
-if [ ! -f "$cli_main" ]; then
-  say "warning: src/cli/main.ts is missing: bundling release/dev-main-stub.ts instead"
-  cli_main="$here/dev-main-stub.ts"
-fi
-node "$here/bundle.mjs" "$work/livesnap.cjs" "$cli_main" "$basenode"
+node "$here/bundle.mjs" "$work/livesnap.cjs" "$root/src/cli/main.ts" "$basenode"
 strip --strip-unneeded -o "$work/livesnap_native.node" "$addon"
 
 # --- 4. the blob, made by the same node that runs it -----------------------------------------------

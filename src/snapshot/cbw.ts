@@ -199,11 +199,6 @@ export class SnapshotGate implements WriteInterceptor {
     return this.cbw;
   }
 
-  /** Writes between beforeChange and afterChange right now. */
-  get inFlight(): number {
-    return this.entered - this.completed;
-  }
-
   /**
    * Arms: from now on every change goes through `cbw`. Returns a promise that resolves once every
    * write that entered before this call has completed (CBW reads wait for it too). Synchronous part

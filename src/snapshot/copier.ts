@@ -108,8 +108,6 @@ export class Copier {
   readonly bytesTotal: number;
   /** Blocks read because a writer waited on them. */
   urgentBlocks = 0;
-  /** Blocks drained from the container. */
-  drainedBlocks = 0;
 
   constructor(private readonly o: CopierOptions) {
     this.bs = o.blockSize;
@@ -128,11 +126,6 @@ export class Copier {
     if (this.urgent.length >= MAX_URGENT) return;
     this.urgent.push([first, end]);
     this.o.map.changed.notify();
-  }
-
-  /** A block a writer could not save (its read failed): it is emitted as zeros and listed as bad. */
-  get bad(): readonly number[] {
-    return this.badBlocks;
   }
 
   async run(): Promise<CopierResult> {
@@ -319,7 +312,6 @@ export class Copier {
       b.contSlots[b.nCont] = slot;
       b.contOffs[b.nCont] = b.used;
       b.nCont++;
-      this.drainedBlocks++;
     }
     this.addSink(b, blk * this.bs, len, b.used);
     b.used += this.bs;
