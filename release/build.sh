@@ -38,7 +38,7 @@ for c in strip objdump sha256sum; do command -v "$c" >/dev/null || die "needs '$
 addon="$root/build/Release/livesnap_native.node"
 if [ ! -f "$addon" ]; then
   say "addon not built: running node-gyp rebuild"
-  npx --no-install node-gyp rebuild
+  node "$root/scripts/node-gyp.js" rebuild
 fi
 # glibc symbol versions: the binary must run on Debian 11 (glibc 2.31), RHEL 8 (2.28) and newer.
 max_version() { grep -o "$1_[0-9][0-9.]*" | sed "s/^$1_//" | sort -uV | tail -1; }
