@@ -135,6 +135,11 @@ test('setup decides: Debian 12 with NodeSource Node 20 keeps it and never adds n
   t.false(d.install.includes('npm'), 'npm conflicts with NodeSource nodejs');
 });
 
+test("setup decides: Debian 12 without Node but with NodeSource's repository takes its nodejs, npm and all", (t) => {
+  const d = dryRun(t, { osRelease: osRelease.debian12, apt: { nodejs: ['(none)', '20.20.2-1nodesource1'], npm: ['(none)', '9.2.0~ds1-1'] } });
+  t.deepEqual(d, { node: 'distro', npm: 'included', fetch: 'none', install: [...PRODUCT, 'nodejs'] });
+});
+
 test('setup decides: Debian 12 without Node takes the registry Node, with curl to fetch it', (t) => {
   const d = dryRun(t, { osRelease: osRelease.debian12, apt: { nodejs: deb12nodejs18 } });
   t.deepEqual(d, { node: 'registry', npm: 'registry', fetch: 'curl', install: [...PRODUCT, 'curl'] });
@@ -168,12 +173,14 @@ test('setup decides: Node 18 present (Debian 12 nodejs + npm 9) is replaced by t
   t.deepEqual(d, { node: 'registry', npm: 'registry', fetch: 'npm-pack', install: PRODUCT });
 });
 
-test('setup decides: the engines floor is exact (20.18.3 is replaced, 20.19.0 is kept)', (t) => {
+test('setup decides: the engines floor is exact (20.18.3 and 20.19.0-pre are replaced, 20.19.0 is kept)', (t) => {
   t.is(pkg.engines.node, '>=20.19', 'the floor these cases assume');
   const below = dryRun(t, { osRelease: osRelease.debian13, node: 'v20.18.3', npm: '10.8.2', apt: { nodejs: ['(none)', '20.19.2+dfsg-1'] } });
   t.is(below.node, 'distro');
   const at = dryRun(t, { osRelease: osRelease.debian13, node: 'v20.19.0', npm: '10.8.2', apt: { nodejs: ['(none)', '20.19.2+dfsg-1'] } });
   t.is(at.node, 'keep');
+  const pre = dryRun(t, { osRelease: osRelease.debian13, node: 'v20.19.0-rc.1', npm: '10.8.2', apt: { nodejs: ['(none)', '20.19.2+dfsg-1'] } });
+  t.is(pre.node, 'distro');
 });
 
 test("setup decides: Debian 13's nodejs installed without npm gets the distribution's npm", (t) => {
