@@ -11,7 +11,6 @@ Napi::Value Close(const Napi::CallbackInfo&);
 Napi::Value Stat(const Napi::CallbackInfo&);
 Napi::Value AllocAligned(const Napi::CallbackInfo&);
 Napi::Value Fdatasync(const Napi::CallbackInfo&);
-Napi::Value FlushBuffers(const Napi::CallbackInfo&);
 Napi::Value Discard(const Napi::CallbackInfo&);
 Napi::Value ZeroRange(const Napi::CallbackInfo&);
 Napi::Value ReadBatch(const Napi::CallbackInfo&);
@@ -35,7 +34,6 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("stat", Napi::Function::New(env, Stat));
   exports.Set("allocAligned", Napi::Function::New(env, AllocAligned));
   exports.Set("fdatasync", Napi::Function::New(env, Fdatasync));
-  exports.Set("flushBuffers", Napi::Function::New(env, FlushBuffers));
   exports.Set("discard", Napi::Function::New(env, Discard));
   exports.Set("zeroRange", Napi::Function::New(env, ZeroRange));
   exports.Set("readBatch", Napi::Function::New(env, ReadBatch));

@@ -140,12 +140,6 @@ Napi::Value Fdatasync(const Napi::CallbackInfo& info) {
   return CallWorker::Start(info.Env(), "fdatasync", "", [fd] { return fdatasync(fd) == 0 ? 0 : errno; });
 }
 
-// BLKFLSBUF: drop the kernel's buffer cache for the device so reads see what is on the medium.
-Napi::Value FlushBuffers(const Napi::CallbackInfo& info) {
-  int fd = info[0].As<Napi::Number>().Int32Value();
-  return CallWorker::Start(info.Env(), "ioctl(BLKFLSBUF)", "", [fd] { return ioctl(fd, BLKFLSBUF, 0) == 0 ? 0 : errno; });
-}
-
 static int RangeOp(int fd, uint64_t off, uint64_t len, bool zero) {
   struct stat st;
   if (FStat(fd, &st) != 0) return errno;

@@ -38,7 +38,7 @@ for c in strip objdump sha256sum; do command -v "$c" >/dev/null || die "needs '$
 addon="$root/build/Release/livesnap_native.node"
 if [ ! -f "$addon" ]; then
   say "addon not built: running node-gyp rebuild"
-  npx --no-install node-gyp rebuild
+  node "$root/scripts/node-gyp.js" rebuild
 fi
 # glibc symbol versions: the binary must run on Debian 11 (glibc 2.31), RHEL 8 (2.28) and newer.
 max_version() { grep -o "$1_[0-9][0-9.]*" | sed "s/^$1_//" | sort -uV | tail -1; }
@@ -79,12 +79,7 @@ node_glibc="$(objdump -T "$basenode" | max_version GLIBC)"; node_glibcxx="$(objd
 say "base: node v$NODE_VERSION, $(stat -c %s "$base/node") bytes, stripped $(stat -c %s "$basenode") bytes, glibc <= $node_glibc, libstdc++ <= GLIBCXX_$node_glibcxx"
 
 # --- 3. the bundle ---------------------------------------------------------------------------------
-cli_main="${LIVESNAP_RELEASE_MAIN:-$root/src/cli/main.ts}"
-if [ ! -f "$cli_main" ]; then
-  say "warning: src/cli/main.ts is missing: bundling release/dev-main-stub.ts instead"
-  cli_main="$here/dev-main-stub.ts"
-fi
-node "$here/bundle.mjs" "$work/livesnap.cjs" "$cli_main" "$basenode"
+node "$here/bundle.mjs" "$work/livesnap.cjs" "$root/src/cli/main.ts" "$basenode"
 strip --strip-unneeded -o "$work/livesnap_native.node" "$addon"
 
 # --- 4. the blob, made by the same node that runs it -----------------------------------------------

@@ -16,7 +16,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { native, setAddonLoader, type NativeAddon } from '../src/device/native';
-// Resolved by build.sh to src/cli/main.ts (or to release/dev-main-stub.ts while that is missing).
+// Resolved by build.sh to src/cli/main.ts.
 import { main } from '@livesnap/cli-main';
 
 const ASSET = 'livesnap_native.node';

@@ -4,18 +4,15 @@
 // there), copies the binary in as /livesnap and drives it with chroot. The binary is built with
 // release/build.sh when missing (LIVESNAP_RELEASE_REBUILD=1 forces a rebuild).
 import test, { type ExecutionContext } from 'ava';
-import { execFile } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { exec, mountsUnder, removeRoot, unpackRoot, type Chroot } from './helpers/debian-root';
 import { requirements } from './helpers/skip';
 import { run, runStatus, sparseFile } from './helpers/system';
 
 const repo = path.resolve(__dirname, '../..');
 const binary = path.join(repo, 'release/out/livesnap-linux-x64');
-const cacheDir = process.env.LIVESNAP_DEBOOTSTRAP_CACHE ?? '/var/cache/livesnap-test';
-const rootTar = path.join(cacheDir, 'debootstrap-bookworm-minbase.tar');
-const scratchBase = process.env.LIVESNAP_TEST_DIR ?? '/var/tmp';
 const pkg = JSON.parse(fs.readFileSync(path.join(repo, 'package.json'), 'utf8')) as { version: string };
 const needs = { root: true, commands: ['debootstrap', 'chroot', 'mkfs.ext4', 'tar', 'mount', 'umount'] };
 
@@ -31,77 +28,10 @@ function serialIf(title: string, fn: (t: ExecutionContext) => Promise<void> | vo
   }
 }
 
-/** Async so a slow first debootstrap does not block the worker. */
-function exec(cmd: string, args: string[], timeoutMs = 15 * 60_000): Promise<string> {
-  return new Promise((resolve, reject) => {
-    execFile(cmd, args, { encoding: 'utf8', maxBuffer: 64 << 20, timeout: timeoutMs }, (err, stdout, stderr) => {
-      if (err) reject(new Error(`${cmd} ${args.join(' ')} failed: ${err.message}\n${stderr}`));
-      else resolve(stdout);
-    });
-  });
-}
-
-/** The Debian mirror apt uses on this machine (the only one the network reaches). */
-export function aptMirror(): string {
-  const files: string[] = [];
-  if (fs.existsSync('/etc/apt/sources.list')) files.push('/etc/apt/sources.list');
-  const d = '/etc/apt/sources.list.d';
-  if (fs.existsSync(d)) for (const f of fs.readdirSync(d).sort()) if (/\.(list|sources)$/.test(f)) files.push(path.join(d, f));
-  for (const f of files) {
-    const text = fs.readFileSync(f, 'utf8');
-    if (f.endsWith('.sources')) {
-      for (const stanza of text.split(/\n\s*\n/)) {
-        const field = (k: string) => new RegExp(`^${k}:\\s*(.+)$`, 'mi').exec(stanza)?.[1].trim();
-        if (/^enabled:\s*no/mi.test(stanza)) continue;
-        const suites = (field('Suites') ?? '').split(/\s+/);
-        const uri = (field('URIs') ?? '').split(/\s+/)[0];
-        if (uri && suites.includes('bookworm') && /(^|\s)deb(\s|$)/.test(field('Types') ?? '')) return uri;
-      }
-    } else {
-      for (const line of text.split('\n')) {
-        const m = /^\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+bookworm\s/.exec(line);
-        if (m) return m[1];
-      }
-    }
-  }
-  return 'http://deb.debian.org/debian';
-}
-
-/** Makes (once) and caches the minbase root as a tar. */
-async function cachedRootTar(t: ExecutionContext): Promise<string> {
-  if (fs.existsSync(rootTar)) return rootTar;
-  fs.mkdirSync(cacheDir, { recursive: true });
-  const tmp = fs.mkdtempSync(path.join(cacheDir, 'debootstrap-'));
-  try {
-    const mirror = aptMirror();
-    t.log(`debootstrap --variant=minbase bookworm from ${mirror} (first run only; cached in ${rootTar})`);
-    const t0 = Date.now();
-    await exec('debootstrap', ['--variant=minbase', 'bookworm', path.join(tmp, 'root'), mirror]);
-    await exec('tar', ['-C', path.join(tmp, 'root'), '--numeric-owner', '-cf', path.join(tmp, 'root.tar'), '.']);
-    fs.renameSync(path.join(tmp, 'root.tar'), rootTar);
-    t.log(`debootstrap took ${((Date.now() - t0) / 1000).toFixed(0)} s`);
-  } finally {
-    fs.rmSync(tmp, { recursive: true, force: true });
-  }
-  return rootTar;
-}
-
-function mountsUnder(dir: string): string[] {
-  const unescape = (s: string) => s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
-  return fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n')
-    .map((l) => l.split(' ')[4]).filter((m): m is string => !!m).map(unescape)
-    .filter((m) => m === dir || m.startsWith(dir + '/'));
-}
-
-interface Chroot { root: string; mounts: string[] }
 let chroot: Chroot | undefined;
 
 test.after.always(() => {
-  if (!chroot) return;
-  for (const m of chroot.mounts.reverse()) if (runStatus('umount', [m]).status !== 0) runStatus('umount', ['-l', m]);
-  // Never delete through a mount that is still there.
-  if (mountsUnder(chroot.root).length === 0) fs.rmSync(chroot.root, { recursive: true, force: true });
-  else console.log(`# left ${chroot.root} in place: still mounted: ${mountsUnder(chroot.root).join(', ')}`);
+  if (chroot) removeRoot(chroot);
 });
 
 /** Why the binary must be (re)built, or undefined when it is newer than everything it is made of. */
@@ -130,11 +60,8 @@ async function setUp(t: ExecutionContext): Promise<Chroot> {
     t.log(`building the binary (${stale}): bash release/build.sh`);
     await exec('bash', [path.join(repo, 'release/build.sh')]);
   }
-  const tar = await cachedRootTar(t);
-  fs.mkdirSync(scratchBase, { recursive: true });
-  const root = fs.mkdtempSync(path.join(scratchBase, 'livesnap-test-chroot-'));
-  chroot = { root, mounts: [] };
-  await exec('tar', ['-C', root, '--numeric-owner', '-xf', tar]);
+  chroot = await unpackRoot(t);
+  const root = chroot.root;
   fs.copyFileSync(binary, path.join(root, 'livesnap'));
   fs.chmodSync(path.join(root, 'livesnap'), 0o755);
   fs.mkdirSync(path.join(root, 'work'));

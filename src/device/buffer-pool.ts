@@ -17,10 +17,6 @@ export class BufferPool {
     return new Promise((resolve) => this.waiters.push(resolve));
   }
 
-  tryAcquire(): ArrayBuffer | undefined {
-    return this.free.pop();
-  }
-
   release(b: ArrayBuffer): void {
     const w = this.waiters.shift();
     if (w) w(b);

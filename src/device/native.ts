@@ -66,8 +66,6 @@ export interface NativeAddon {
   readBatch(fd: number, buffer: ArrayBuffer, segments: Float64Array): Promise<Int32Array>;
   writeBatch(fd: number, buffer: ArrayBuffer, segments: Float64Array): Promise<Int32Array>;
   fdatasync(fd: number): Promise<void>;
-  /** BLKFLSBUF (block devices only). */
-  flushBuffers(fd: number): Promise<void>;
   /** BLKDISCARD on a device, punch hole on a file. */
   discard(fd: number, offset: number, length: number): Promise<void>;
   /** BLKZEROOUT on a device, FALLOC_FL_ZERO_RANGE (or punch hole) on a file. */

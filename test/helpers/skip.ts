@@ -5,7 +5,7 @@ import { isRoot, which } from './system';
 /** Registers `title` as skipped (with its reason printed) when a requirement is missing. */
 export function requirements(needs: { root?: boolean; commands?: string[] }): string | undefined {
   if (needs.root && !isRoot) return 'needs root (loop devices, mounts)';
-  for (const c of needs.commands ?? []) if (!which(c)) return `needs the command "${c}" (see .ci/run for the package)`;
+  for (const c of needs.commands ?? []) if (!which(c)) return `needs the command "${c}" (scripts/setup --test installs it)`;
   return undefined;
 }
 
