@@ -16,6 +16,7 @@ Napi::Value ZeroRange(const Napi::CallbackInfo&);
 Napi::Value ReadBatch(const Napi::CallbackInfo&);
 Napi::Value WriteBatch(const Napi::CallbackInfo&);
 Napi::Value IoEngine(const Napi::CallbackInfo&);
+Napi::Value UseThreadpool(const Napi::CallbackInfo&);
 Napi::Value Freeze(const Napi::CallbackInfo&);
 Napi::Value Thaw(const Napi::CallbackInfo&);
 Napi::Value SyncFs(const Napi::CallbackInfo&);
@@ -39,6 +40,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("readBatch", Napi::Function::New(env, ReadBatch));
   exports.Set("writeBatch", Napi::Function::New(env, WriteBatch));
   exports.Set("ioEngine", Napi::Function::New(env, IoEngine));
+  exports.Set("useThreadpool", Napi::Function::New(env, UseThreadpool));
   exports.Set("freeze", Napi::Function::New(env, Freeze));
   exports.Set("thaw", Napi::Function::New(env, Thaw));
   exports.Set("syncfs", Napi::Function::New(env, SyncFs));

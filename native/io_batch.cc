@@ -73,4 +73,10 @@ Napi::Value ReadBatch(const Napi::CallbackInfo& info) { return Batch(info, false
 Napi::Value WriteBatch(const Napi::CallbackInfo& info) { return Batch(info, true); }
 Napi::Value IoEngine(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), EngineName()); }
 
+// useThreadpool(on): batches never use io_uring (the caller's configuration decides; call it first).
+Napi::Value UseThreadpool(const Napi::CallbackInfo& info) {
+  SetForceThreadpool(info.Length() > 0 && info[0].ToBoolean());
+  return info.Env().Undefined();
+}
+
 }  // namespace livesnap

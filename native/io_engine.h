@@ -19,6 +19,9 @@ void RunBatchSync(int fd, bool write, uint8_t* base, const std::vector<Segment>&
 // seccomp, or LIVESNAP_IO_ENGINE=threadpool); the caller then runs the batch with RunBatchSync.
 bool RunBatchUring(int fd, bool write, uint8_t* base, const std::vector<Segment>& segs, std::vector<int32_t>& results);
 
+// Batches use the thread pool only (no io_uring), whatever the kernel offers: call before the first batch.
+void SetForceThreadpool(bool on);
+
 // "io_uring" or "threadpool": what batches will use, probed once.
 const char* EngineName();
 

@@ -2,6 +2,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <atomic>
 #include <mutex>
 #include <unistd.h>
 
@@ -11,10 +12,10 @@
 
 namespace livesnap {
 
-static bool ForcedThreadpool() {
-  const char* e = getenv("LIVESNAP_IO_ENGINE");
-  return e && strcmp(e, "threadpool") == 0;
-}
+// Set once by the caller (src/config.ts decides) before any batch runs.
+static std::atomic<bool> gForceThreadpool{false};
+void SetForceThreadpool(bool on) { gForceThreadpool = on; }
+static bool ForcedThreadpool() { return gForceThreadpool.load(); }
 
 #ifdef LIVESNAP_HAVE_URING
 static constexpr unsigned kRingDepth = 128;

@@ -12,11 +12,11 @@
 // reported as "records of the wrong size or truncated". After the end-of-archive blocks and the record
 // padding the reader stops reading (a tape may hold more after a file mark).
 import type { Readable } from 'node:stream';
-import { native } from '../device/native';
+import { xxh128 } from '../device/hash';
 import { ZSTD_MAGIC, zstdDecompress } from './compress';
 import { ArchiveError } from './errors';
 import {
-  IMAGE_NAME, MANIFEST_NAME, TRAILER_NAME, hex, unsealJson, validateManifest, validateTrailer, type Manifest, type Trailer,
+  IMAGE_NAME, MANIFEST_NAME, MAX_MANIFEST_BYTES, TRAILER_NAME, hex, maxTrailerBytes, unsealJson, validateManifest, validateTrailer, type Manifest, type Trailer,
 } from './manifest';
 import { BLOCK, isZeroBlock, padTo512, parsePaxRecords, parseUstarHeader } from './pax-header';
 import type { SparseMap } from './sparse-map';
@@ -122,20 +122,22 @@ async function readMember(src: ByteSource, context: string): Promise<Member | nu
 
 const displayName = (m: Member) => m.pax.get('GNU.sparse.name') ?? m.name.replace(/^\.\//, '');
 
-async function readJsonMember(src: ByteSource, m: Member): Promise<{ body: Buffer; offset: number }> {
-  if (m.size > 1 << 30) throw new ArchiveError(`${m.name} at archive offset ${m.headerOffset} is implausibly large (${m.size} bytes)`, m.headerOffset);
+async function readJsonMember(src: ByteSource, m: Member, limit: number): Promise<{ body: Buffer; offset: number }> {
+  if (m.size > limit) throw new ArchiveError(`${m.name} at archive offset ${m.headerOffset} is implausibly large (${m.size} bytes; a valid one is at most ${limit})`, m.headerOffset);
   const offset = src.offset;
   const all = await src.exact(m.size + padTo512(m.size), `member ${m.name}`);
   return { body: Buffer.from(all.subarray(0, m.size)), offset };
 }
 
-async function parseSparseMapText(src: ByteSource, realSize: number, memberSize: number, mapStart: number): Promise<{ map: SparseMap; bytes: Buffer }> {
+async function parseSparseMapText(src: ByteSource, realSize: number, memberSize: number, mapStart: number, manifestRegions: number): Promise<{ map: SparseMap; bytes: Buffer }> {
   const blocks: Buffer[] = [];
-  const nums: number[] = [];
   let expected = -1;
+  let regions = new Float64Array(0);
+  let got = 0; // numbers after the count
   let partial = '';
   const bad = (why: string) => new ArchiveError(`the GNU sparse map of ${IMAGE_NAME} at archive offset ${mapStart} is corrupt: ${why}`, mapStart);
-  while (expected < 0 || nums.length < 1 + expected * 2) {
+  const complete = () => expected >= 0 && got === expected * 2;
+  while (!complete()) {
     if (blocks.length * BLOCK >= memberSize) throw bad('it runs past the end of the member');
     const b = Buffer.from(await src.exact(BLOCK, `the sparse map of ${IMAGE_NAME}`));
     blocks.push(b);
@@ -144,26 +146,31 @@ async function parseSparseMapText(src: ByteSource, realSize: number, memberSize:
     partial = lines.pop()!;
     for (const line of lines) {
       if (!/^[0-9]{1,16}$/.test(line)) throw bad(`"${line.slice(0, 20)}" is not a decimal number`);
-      nums.push(Number(line));
-      if (nums.length === 1) {
-        expected = nums[0]!;
-        if (expected > memberSize / 2) throw bad(`${expected} entries cannot fit`);
+      const v = Number(line);
+      if (expected < 0) {
+        // The count is checked against the (sealed) manifest before anything is allocated for it.
+        if (v !== manifestRegions && v !== manifestRegions + 1) throw bad(`it has ${v} entries, the manifest says ${manifestRegions} regions`);
+        if (v > memberSize / 2) throw bad(`${v} entries cannot fit`);
+        expected = v;
+        regions = new Float64Array(expected * 2);
+      } else {
+        regions[got++] = v;
       }
-      if (expected >= 0 && nums.length === 1 + expected * 2) break;
+      if (complete()) break;
     }
-    if (expected >= 0 && nums.length === 1 + expected * 2) break;
-    if (partial.length > 40) throw bad('a line is too long');
+    if (!complete() && partial.length > 40) throw bad('a line is too long');
   }
   // The rest of the last block is padding: zeros.
-  const regions = new Float64Array(expected * 2);
   let count = 0, stored = 0, end = 0;
   for (let k = 0; k < expected; k++) {
-    const off = nums[1 + k * 2]!, size = nums[2 + k * 2]!;
+    const off = regions[k * 2]!, size = regions[k * 2 + 1]!;
     if (off < end || off + size > realSize) throw bad(`entry ${k} (${off}, ${size}) is out of order or beyond the image size ${realSize}`);
     if (size === 0) {
       if (k !== expected - 1) throw bad(`entry ${k} is empty but not last`);
       continue;
     }
+    // Regions are whole 512-byte sectors; only the one that ends the image may end inside one.
+    if (off % BLOCK !== 0 || (size % BLOCK !== 0 && off + size !== realSize)) throw bad(`entry ${k} (${off}, ${size}) is not aligned to 512-byte sectors`);
     regions[count * 2] = off;
     regions[count * 2 + 1] = size;
     count++;
@@ -243,7 +250,7 @@ async function readTar(src: ByteSource, handler: ArchiveHandler, compressed: boo
   if (m1.name !== MANIFEST_NAME) {
     throw new ArchiveError(`not a livesnap archive: first member is '${displayName(m1)}', expected ${MANIFEST_NAME}`, m1.headerOffset);
   }
-  const mj = await readJsonMember(src, m1);
+  const mj = await readJsonMember(src, m1, MAX_MANIFEST_BYTES);
   const manifest = validateManifest(unsealJson(mj.body, MANIFEST_NAME, mj.offset), mj.offset);
   if (manifest.compression === 'zstd' && !compressed) {
     // Fine for reading (someone ran zstd -d first), but the record check then applies to the tar stream.
@@ -264,8 +271,8 @@ async function readTar(src: ByteSource, handler: ArchiveHandler, compressed: boo
     throw new ArchiveError(`${IMAGE_NAME} at archive offset ${m2.headerOffset}: GNU.sparse.realsize ${px.get('GNU.sparse.realsize')} does not match the manifest's volume size ${manifest.volumeSize}`, m2.headerOffset);
   }
   const mapStart = src.offset;
-  const { map, bytes: mapBytes } = await parseSparseMapText(src, realSize, m2.size, mapStart);
-  if (hex(native().xxh128(mapBytes)) !== manifest.sparseMapXxh128) {
+  const { map, bytes: mapBytes } = await parseSparseMapText(src, realSize, m2.size, mapStart, manifest.sparseRegions);
+  if (hex(xxh128(mapBytes)) !== manifest.sparseMapXxh128) {
     throw new ArchiveError(`the GNU sparse map of ${IMAGE_NAME} at archive offset ${mapStart} is corrupt: its checksum does not match the manifest`, mapStart);
   }
   if (map.storedBytes !== manifest.storedBytes || m2.size !== mapBytes.length + map.storedBytes) {
@@ -296,13 +303,13 @@ async function readTar(src: ByteSource, handler: ArchiveHandler, compressed: boo
       if (inChunk === 0) chunkOffsets[chunk] = off;
       const chunkLen = Math.min(C, map.storedBytes - chunk * C);
       if (inChunk === 0 && p.length === chunkLen) {
-        native().xxh128(p).copy(hashes, chunk * 16);
+        xxh128(p).copy(hashes, chunk * 16);
         chunk++;
       } else {
         p.copy(staging, stagingFill);
         stagingFill += p.length;
         if (stagingFill === chunkLen) {
-          native().xxh128(staging.subarray(0, chunkLen)).copy(hashes, chunk * 16);
+          xxh128(staging.subarray(0, chunkLen)).copy(hashes, chunk * 16);
           chunk++;
           stagingFill = 0;
         }
@@ -319,7 +326,7 @@ async function readTar(src: ByteSource, handler: ArchiveHandler, compressed: boo
     const at = m3?.headerOffset ?? src.offset - BLOCK;
     throw new ArchiveError(`member missing: expected ${TRAILER_NAME} after ${IMAGE_NAME} at archive offset ${at}, found ${m3 ? `'${displayName(m3)}'` : 'the end of the archive'} (the backup did not complete)`, at);
   }
-  const tj = await readJsonMember(src, m3);
+  const tj = await readJsonMember(src, m3, maxTrailerBytes(nChunks));
   const trailer = validateTrailer(unsealJson(tj.body, TRAILER_NAME, tj.offset), manifest, tj.offset);
   for (let i = 0; i < nChunks; i++) {
     const row = trailer.chunks[i]!;

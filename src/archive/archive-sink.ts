@@ -7,13 +7,14 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { Writable } from 'node:stream';
-import { native } from '../device/native';
+import { xxh128 } from '../device/hash';
 import type { BackupSink, DataBatch, FinishInfo, VolumeInfo } from '../sink/sink';
 import type { Bitset } from '../util/bitset';
+import { UserError } from '../util/errors';
 import { ZstdRecordOutput } from './compress';
 import {
   ARCHIVE_FORMAT, FORMAT_VERSION, IMAGE_NAME, IMAGE_PAX_NAME, IMAGE_USTAR_NAME, MANIFEST_NAME, TRAILER_NAME,
-  defaultChunkSize, hex, sealJson, type ChunkRow, type Manifest, type Trailer,
+  MAX_BAD_BLOCKS, archiveLimitProblem, defaultChunkSize, hex, sealJson, type ChunkRow, type Manifest, type Trailer,
 } from './manifest';
 import { VolumeSetOutput } from './multi-volume';
 import { BLOCK, USTAR_MAX_SIZE, padTo512, paxRecords, smallMember, ustarHeader, type Owner } from './pax-header';
@@ -26,6 +27,8 @@ export interface ArchiveSinkOptions {
    * writev(2) on fd 1, faster than process.stdout; do not write anything else to stdout), or a Writable.
    */
   out: string | Writable;
+  /** What a Writable `out` is, for errors (default "the archive stream"). */
+  outName?: string;
   /** Bytes per write to the target; multiple of 512, 512..1 MiB. Default 10240. */
   recordSize?: number;
   compress?: 'zstd';
@@ -101,7 +104,7 @@ export class ArchiveSink implements BackupSink {
       if (o.regular) this.createdFile = toFile ? `${this.opts.out}.partial` : this.opts.out;
       base = o.out;
     } else {
-      base = new WritableRecordOutput(this.opts.out, r, { end: this.opts.out !== process.stdout });
+      base = new WritableRecordOutput(this.opts.out, r, { end: this.opts.out !== process.stdout, where: this.opts.outName });
     }
     if (this.opts.compress === 'zstd') return new ZstdRecordOutput(base, r, this.opts.compressLevel ?? 1);
     return base;
@@ -113,6 +116,8 @@ export class ArchiveSink implements BackupSink {
     this.map = sparseMapFromBitset(used, volume.blockSize, volume.size);
     const mapBytes = encodeSparseMap(this.map);
     this.chunkSize = this.opts.chunkSize ?? defaultChunkSize(this.map.storedBytes);
+    const limit = archiveLimitProblem(this.map.storedBytes, this.chunkSize, this.map.count);
+    if (limit) throw new UserError(`cannot write this volume as a livesnap archive: ${limit}`, 'write a raw image instead (--format raw)');
     const chunks = Math.ceil(this.map.storedBytes / this.chunkSize);
     this.chunkHashes = Buffer.alloc(chunks * 16);
     this.chunkOffsets = new Float64Array(chunks);
@@ -133,7 +138,7 @@ export class ArchiveSink implements BackupSink {
       usedBlocks: volume.usedBlocks,
       storedBytes: this.map.storedBytes,
       sparseRegions: this.map.count,
-      sparseMapXxh128: hex(native().xxh128(mapBytes)),
+      sparseMapXxh128: hex(xxh128(mapBytes)),
       checksum: 'xxh3-128',
       chunkSize: this.chunkSize,
       recordSize: this.recordSize,
@@ -189,6 +194,9 @@ export class ArchiveSink implements BackupSink {
     for (let s = 0; s + 2 < seg.length; s += 3) {
       let off = seg[s]!, len = seg[s + 1]!, bo = seg[s + 2]!;
       if (len === 0) continue;
+      // The last block of a volume whose size is not a whole number of blocks is read whole; the
+      // archive stores the volume's bytes only.
+      if (off + len > this.map.realSize && off < this.map.realSize) len = this.map.realSize - off;
       if (off !== this.nextOffset || off + len > this.regionEnd) {
         throw new Error(`archive sink: got data for volume bytes ${off}..${off + len} but expected the used region ${this.nextOffset}..${this.regionEnd} next (data must come for exactly the used blocks, in order)`);
       }
@@ -209,7 +217,7 @@ export class ArchiveSink implements BackupSink {
   }
 
   private sealChunk(length: number): void {
-    const h = native().xxh128(this.writer.view(this.chunkStart, length));
+    const h = xxh128(this.writer.view(this.chunkStart, length));
     h.copy(this.chunkHashes, this.chunkIndex * 16);
     this.chunkIndex++;
     this.chunkStart += length;
@@ -220,6 +228,9 @@ export class ArchiveSink implements BackupSink {
     if (this.state !== 'open') throw new Error(`archive sink: finish() while ${this.state}`);
     if (this.stored !== this.map.storedBytes) {
       throw new Error(`archive sink: finished after ${this.stored} of ${this.map.storedBytes} bytes of used-block data (next expected volume offset ${this.nextOffset})`);
+    }
+    if (info.badBlocks.length > MAX_BAD_BLOCKS) {
+      throw new UserError(`${info.badBlocks.length} blocks could not be read, more than an archive records (${MAX_BAD_BLOCKS}): the device is failing`, 'copy what can be read with a raw image (--format raw), or replace the disk');
     }
     const C = this.chunkSize;
     if (this.stored % C !== 0) this.sealChunk(this.stored % C);

@@ -1,7 +1,7 @@
 // manifest.json (first member) and trailer.json (last member). Both are "sealed": the JSON text ends
 // with a checksum field holding the XXH3-128 of the text before it, so a flipped byte in either is
 // reported as a corrupt manifest/trailer, never mistaken for corrupt data.
-import { native } from '../device/native';
+import { xxh128 } from '../device/hash';
 import { layoutProblem, type LayoutNode } from '../fs/layout';
 import type { FileSystemKind } from '../fs/used-map';
 import { ArchiveError } from './errors';
@@ -15,6 +15,23 @@ export const IMAGE_USTAR_NAME = './GNUSparseFile.0/disk.img';
 export const IMAGE_PAX_NAME = './PaxHeaders/disk.img';
 export const TRAILER_NAME = 'trailer.json';
 const SEAL_KEY = 'xxh128';
+
+// Limits of the format: a reader allocates nothing a valid archive cannot need, and a writer never
+// writes past them. Chunk sizes are powers of two; a chunk's row in the trailer is under 100 bytes.
+export const MIN_CHUNK_SIZE = 64 << 10;
+export const MAX_CHUNK_SIZE = 256 << 20;
+export const MAX_CHUNKS = 1 << 22;
+/** Data regions of the sparse map (16 bytes each in memory, up to ~34 in the archive). */
+export const MAX_SPARSE_REGIONS = 1 << 24;
+export const MAX_BAD_BLOCKS = 1 << 20;
+export const MAX_MANIFEST_BYTES = 16 << 20;
+const MAX_BLOCK_SIZE = 16 << 20;
+const MIN_RECORD = 512, MAX_RECORD = 1 << 20;
+
+/** Largest trailer a valid archive of `chunks` chunks can have (rows, bad blocks, fixed fields). */
+export function maxTrailerBytes(chunks: number): number {
+  return (64 << 10) + chunks * 100 + MAX_BAD_BLOCKS * 18;
+}
 
 export interface Manifest {
   format: typeof ARCHIVE_FORMAT;
@@ -69,7 +86,7 @@ export function hex(b: Uint8Array): string {
 export function sealJson(obj: object): Buffer {
   const body = JSON.stringify(obj, null, 1);
   const prefix = `${body.slice(0, body.lastIndexOf('}')).trimEnd()},\n "${SEAL_KEY}": "`;
-  const h = hex(native().xxh128(Buffer.from(prefix, 'utf8')));
+  const h = hex(xxh128(Buffer.from(prefix, 'utf8')));
   return Buffer.from(`${prefix}${h}"\n}\n`, 'utf8');
 }
 
@@ -84,7 +101,7 @@ export function unsealJson(text: Buffer, what: string, archiveOffset: number): R
   const marker = Buffer.from(`"${SEAL_KEY}": "`);
   const at = text.lastIndexOf(marker);
   if (typeof obj !== 'object' || obj === null || at < 0) throw new ArchiveError(`${what} at archive offset ${archiveOffset} is not a livesnap ${what} (no ${SEAL_KEY} seal)`, archiveOffset);
-  const want = hex(native().xxh128(text.subarray(0, at + marker.length)));
+  const want = hex(xxh128(text.subarray(0, at + marker.length)));
   const got = (obj as Record<string, unknown>)[SEAL_KEY];
   if (got !== want) throw new ArchiveError(`${what} at archive offset ${archiveOffset} is corrupt: its checksum does not match its contents`, archiveOffset);
   return obj as Record<string, unknown>;
@@ -103,8 +120,15 @@ export function validateManifest(o: Record<string, unknown>, archiveOffset: numb
     throw new ArchiveError(`${w} at archive offset ${archiveOffset}: format version ${String(o.formatVersion)} is not supported (this livesnap reads version ${FORMAT_VERSION})`, archiveOffset);
   }
   for (const f of ['volumeSize', 'blockSize', 'totalBlocks', 'usedBlocks', 'storedBytes', 'sparseRegions', 'chunkSize', 'recordSize']) need(isCount(o[f]), w, f, archiveOffset);
-  need((o.blockSize as number) > 0 && (o.chunkSize as number) > 0 && (o.recordSize as number) % 512 === 0 && (o.recordSize as number) > 0, w, 'blockSize/chunkSize/recordSize', archiveOffset);
-  need((o.storedBytes as number) <= (o.volumeSize as number), w, 'storedBytes', archiveOffset);
+  const pow2 = (v: number) => v > 0 && 2 ** Math.round(Math.log2(v)) === v;
+  const bs = o.blockSize as number, cs = o.chunkSize as number, rs = o.recordSize as number;
+  need(pow2(bs) && bs >= 512 && bs <= MAX_BLOCK_SIZE, w, `blockSize (a power of two, 512..${MAX_BLOCK_SIZE})`, archiveOffset);
+  need(pow2(cs) && cs >= MIN_CHUNK_SIZE && cs <= MAX_CHUNK_SIZE, w, `chunkSize (a power of two, ${MIN_CHUNK_SIZE}..${MAX_CHUNK_SIZE})`, archiveOffset);
+  need(rs % 512 === 0 && rs >= MIN_RECORD && rs <= MAX_RECORD, w, `recordSize (a multiple of 512, ${MIN_RECORD}..${MAX_RECORD})`, archiveOffset);
+  need((o.storedBytes as number) <= (o.volumeSize as number), w, 'storedBytes (more than the volume)', archiveOffset);
+  need(Math.ceil((o.storedBytes as number) / cs) <= MAX_CHUNKS, w, `chunkSize (more than ${MAX_CHUNKS} chunks)`, archiveOffset);
+  need((o.usedBlocks as number) <= (o.totalBlocks as number), w, 'usedBlocks (more than totalBlocks)', archiveOffset);
+  need((o.sparseRegions as number) <= MAX_SPARSE_REGIONS, w, `sparseRegions (at most ${MAX_SPARSE_REGIONS})`, archiveOffset);
   need(typeof o.sparseMapXxh128 === 'string' && /^[0-9a-f]{32}$/.test(o.sparseMapXxh128), w, 'sparseMapXxh128', archiveOffset);
   need(typeof o.snapshotTime === 'string' && !Number.isNaN(Date.parse(o.snapshotTime)), w, 'snapshotTime', archiveOffset);
   need(o.compression === 'none' || o.compression === 'zstd', w, 'compression', archiveOffset);
@@ -126,7 +150,7 @@ export function validateTrailer(o: Record<string, unknown>, m: Manifest, archive
   need(o.chunkSize === m.chunkSize, w, 'chunkSize', archiveOffset);
   const count = Math.ceil(m.storedBytes / m.chunkSize);
   need(o.chunkCount === count && Array.isArray(o.chunks) && o.chunks.length === count, w, 'chunks', archiveOffset);
-  need(Array.isArray(o.badBlocks) && (o.badBlocks as unknown[]).every(isCount), w, 'badBlocks', archiveOffset);
+  need(Array.isArray(o.badBlocks) && o.badBlocks.length <= MAX_BAD_BLOCKS && (o.badBlocks as unknown[]).every((b) => isCount(b) && b < Math.ceil(m.volumeSize / m.blockSize)), w, 'badBlocks', archiveOffset);
   const chunks = o.chunks as unknown[];
   for (let i = 0; i < count; i++) {
     const r = chunks[i] as unknown[];
@@ -135,9 +159,17 @@ export function validateTrailer(o: Record<string, unknown>, m: Manifest, archive
   return o as unknown as Trailer;
 }
 
-/** Chunk size for `storedBytes`: 1 MiB, doubled until there are at most 2^20 chunks (trailer <= ~70 MB). */
+/** Chunk size for `storedBytes`: 1 MiB, doubled until there are at most 2^20 chunks (trailer <= ~70 MB),
+ *  up to the largest chunk the format allows (then up to MAX_CHUNKS chunks: 1 PiB stored). */
 export function defaultChunkSize(storedBytes: number): number {
   let c = 1 << 20;
-  while (storedBytes / c > 1 << 20) c *= 2;
+  while (storedBytes / c > 1 << 20 && c < MAX_CHUNK_SIZE) c *= 2;
   return c;
+}
+
+/** Why a writer cannot write an archive of these numbers, or undefined. */
+export function archiveLimitProblem(storedBytes: number, chunkSize: number, sparseRegions: number): string | undefined {
+  if (Math.ceil(storedBytes / chunkSize) > MAX_CHUNKS) return `${storedBytes} bytes in ${chunkSize}-byte chunks is more than the format's ${MAX_CHUNKS} chunks`;
+  if (sparseRegions > MAX_SPARSE_REGIONS) return `the used blocks form ${sparseRegions} separate regions, more than the format's ${MAX_SPARSE_REGIONS}`;
+  return undefined;
 }

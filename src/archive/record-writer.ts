@@ -4,6 +4,7 @@
 // kernel turns each iovec into one write, i.e. one tape block of exactly recordSize bytes).
 import * as fs from 'node:fs';
 import type { Writable } from 'node:stream';
+import { UserError } from '../util/errors';
 
 export const DEFAULT_RECORD_SIZE = 10240;
 export const MAX_RECORD_SIZE = 1 << 20;
@@ -13,6 +14,20 @@ export function checkRecordSize(n: number): number {
     throw new RangeError(`record size ${n} must be a multiple of 512 between 512 and ${MAX_RECORD_SIZE}`);
   }
   return n;
+}
+
+/**
+ * A write error of the archive's destination, said as what happened to the archive: a reader that
+ * went away or a full device, rather than "EPIPE" or "Premature close".
+ */
+export function outputError(e: unknown, where: string): Error {
+  const code = (e as NodeJS.ErrnoException | undefined)?.code;
+  if (code === 'EPIPE' || code === 'ECONNRESET' || code === 'ERR_STREAM_PREMATURE_CLOSE' || code === 'ERR_STREAM_DESTROYED') {
+    return new UserError(`${where} was closed by its reader before the archive ended: the archive is incomplete`, 'keep the reading command (ssh, tape writer, pipe) running until the backup reports completion');
+  }
+  if (code === 'ENOSPC') return new UserError(`no space left on ${where}: the archive is incomplete`, 'free space there, or write to another place');
+  if (code === 'EIO') return new UserError(`${where} reported an I/O error: the archive is incomplete`);
+  return e instanceof Error ? e : new Error(String(e));
 }
 
 /** Takes whole records; the promise resolves once `data` may be reused. */
@@ -27,9 +42,9 @@ export interface RecordOutput {
 /** Records to a Node Writable, one write() per record (or one write per call when recordSize is 0). */
 export class WritableRecordOutput implements RecordOutput {
   private error: Error | undefined;
-  private readonly onError = (e: Error) => { this.error ??= e; };
+  private readonly onError = (e: Error) => { this.error ??= outputError(e, this.opts.where ?? 'the archive stream'); };
 
-  constructor(readonly stream: Writable, readonly recordSize: number, private readonly opts: { fd?: number; end?: boolean } = {}) {
+  constructor(readonly stream: Writable, readonly recordSize: number, private readonly opts: { fd?: number; end?: boolean; where?: string } = {}) {
     stream.on('error', this.onError);
   }
 
@@ -37,7 +52,7 @@ export class WritableRecordOutput implements RecordOutput {
     if (this.error) return Promise.reject(this.error);
     const s = this.stream;
     return new Promise((resolve, reject) => {
-      const done = (e?: Error | null) => (e ? reject(e) : this.error ? reject(this.error) : resolve());
+      const done = (e?: Error | null) => (e ? reject(this.error ?? outputError(e, this.opts.where ?? 'the archive stream')) : this.error ? reject(this.error) : resolve());
       const r = this.recordSize;
       if (r === 0 || data.length === r) {
         s.write(data, done);
@@ -58,7 +73,7 @@ export class WritableRecordOutput implements RecordOutput {
       await new Promise<void>((resolve, reject) => s.write(Buffer.alloc(0), (e) => (e ? reject(e) : resolve())));
     } else {
       await new Promise<void>((resolve, reject) => {
-        s.once('error', reject);
+        s.once('error', (e) => reject(outputError(e, this.opts.where ?? 'the archive stream')));
         s.end(() => resolve());
       });
     }
@@ -110,7 +125,7 @@ export class FdRecordOutput implements RecordOutput {
         n = await new Promise<number>((resolve, reject) => fs.writev(this.fd, iov, (e, k) => (e ? reject(e) : resolve(k))));
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code === 'EAGAIN') { await new Promise((res) => setTimeout(res, 1)); continue; }
-        throw e;
+        throw outputError(e, this.fd === 1 ? 'standard output' : 'the archive');
       }
       if (n <= 0) throw new Error(`short write (${n} bytes) to the archive`);
       off += n;

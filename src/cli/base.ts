@@ -1,5 +1,6 @@
 // What every command shares: --json, errors printed as "what was wrong / what to do", exit codes.
 import { Command, Option } from 'clipanion';
+import { config } from '../config';
 import { Reporter } from './reporter';
 import { errorText, UserError } from '../util/errors';
 import { CorruptFileSystemError } from '../fs/used-map';
@@ -24,9 +25,10 @@ export abstract class LivesnapCommand extends Command {
       this.reporter.clearBar();
       const known = e instanceof UserError || e instanceof CorruptFileSystemError;
       const text = errorText(e);
-      if (this.json) process.stdout.write(JSON.stringify({ event: 'error', message: (e as Error).message, hint: e instanceof UserError ? e.hint : undefined }) + '\n');
+      // Never on stdout when it carries the archive (or its reader has gone: EPIPE would crash).
+      if (this.json) (this.dataOnStdout() ? process.stderr : process.stdout).write(JSON.stringify({ event: 'error', message: (e as Error).message, hint: e instanceof UserError ? e.hint : undefined }) + '\n');
       process.stderr.write(`livesnap: error: ${text}\n`);
-      if (!known && process.env.LIVESNAP_DEBUG && e instanceof Error) process.stderr.write(`${e.stack}\n`);
+      if (!known && config().debug && e instanceof Error) process.stderr.write(`${e.stack}\n`);
       return e instanceof UserError ? e.exitCode : 1;
     }
   }

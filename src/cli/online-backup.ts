@@ -4,6 +4,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { connectControl, request } from '../control/client';
 import type { BackupRequest } from '../control/protocol';
+import { outputError } from '../archive/record-writer';
 import { UserError } from '../util/errors';
 import { formatBytes, formatRate } from '../util/size';
 import type { Reporter } from './reporter';
@@ -16,12 +17,14 @@ export async function runOnlineBackupViaDaemon(control: string, req: BackupReque
   const onSignal = () => { interrupted = true; c.close(); };
   process.once('SIGINT', onSignal);
   let dataDone: Promise<void> = Promise.resolve();
+  let dataError: Error | undefined;
   try {
     for await (const m of c.replies) {
       if (m.type === 'event') {
         if (m.event === 'data-channel') {
           dataDone = copyDataChannel(control, String(m.token), req.recordSize ?? 10240);
-          dataDone.catch(() => c.close());
+          // The archive cannot be completed: closing the control connection cancels the job.
+          dataDone.catch((e: Error) => { dataError = e; c.close(); });
         } else if (m.event === 'armed') {
           r.event('armed', m);
           r.info(`snapshot armed at ${m.time} (freeze window ${Number(m.freezeMs).toFixed(1)} ms); copying ${req.export} to ${to}`);
@@ -49,13 +52,20 @@ export async function runOnlineBackupViaDaemon(control: string, req: BackupReque
         ]);
         return 0;
       } else if (m.type === 'error') {
+        // The daemon only saw its stream break; this side knows why (the reader went away, a full disk).
         await dataDone.catch(() => {});
+        if (dataError) throw dataError;
         throw new UserError(m.message, m.hint, m.exitCode ?? 1);
       }
     }
+    await dataDone.catch(() => {});
+    if (dataError) throw dataError;
     throw new UserError('the daemon closed the connection before the backup finished', 'see "livesnap status" and the daemon log');
   } catch (e) {
     if (interrupted) throw new UserError('the backup was cancelled (interrupted)', 'the export kept serving; no write was lost', 130);
+    // Closing the control connection (to cancel the job) ends the replies with "Premature close".
+    await dataDone.catch(() => {});
+    if (dataError) throw dataError;
     throw e;
   } finally {
     process.off('SIGINT', onSignal);
@@ -78,7 +88,8 @@ async function copyDataChannel(control: string, token: string, recordSize: numbe
         off += fs.writeSync(1, b, off, b.length - off);
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code === 'EAGAIN') continue;
-        throw e;
+        sock.destroy();
+        throw outputError(e, 'standard output');
       }
     }
   };

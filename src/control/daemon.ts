@@ -4,8 +4,7 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { Device } from '../device/device';
-import { ioRing } from '../device/io-ring';
-import { native } from '../device/native';
+import { ioEngineName, ioRing } from '../device/io-ring';
 import { runOnlineBackup, type OnlineBackupSummary } from '../jobs/online-backup';
 import { stateRoot } from '../config';
 import { PointInTimeBackend } from '../export/point-in-time-backend';
@@ -16,7 +15,7 @@ import type { PointInTime } from '../snapshot/method';
 import { type JobRecord, SELF } from '../export/state-dir';
 import { identify, lockedPath, overlap } from '../device/identity';
 import { deviceHolding, fingerprintOf, fingerprintOfVolume } from '../export/on-volume';
-import { isTapeDevice, openBackupTarget } from '../sink/open-target';
+import { checkTargetOptions, isTapeDevice, openBackupTarget } from '../sink/open-target';
 import { parseContainer } from '../snapshot/parse-container';
 import type { SnapshotFilter } from '../export/snapshot-filter';
 import type { SnapshotSession } from '../snapshot/session';
@@ -24,7 +23,7 @@ import { DEFAULT_WRITER_PRIORITY, type WriterPriority } from '../snapshot/writer
 import { loadPskFile, type PskKeys } from '../nbd/tls-psk';
 import { errorText, UserError } from '../util/errors';
 import { checkTcpSecurity, formatHostPort, parseListen, plaintextWarning } from './listen';
-import { type SnapshotRequest, type BackupRequest, CACHE_MODES, type CacheMode, type ControlReply, type ControlRequest, defaultExportSocket, EXPORT_NAME, type ServeRequest } from './protocol';
+import { type SnapshotRequest, type BackupRequest, CACHE_MODES, type CacheMode, type ControlReply, type ControlRequest, defaultExportSocket, parseControlRequest, EXPORT_NAME, type ServeRequest } from './protocol';
 
 /** A served export and the backup running on it, if any. */
 type Entry = ServedExport & { job?: Job };
@@ -102,9 +101,9 @@ export class Daemon {
       handled = true;
       let req: ControlRequest;
       try {
-        req = JSON.parse(buf.slice(0, nl)) as ControlRequest;
-      } catch {
-        this.reply(sock, { type: 'error', message: 'malformed control request (not JSON)' });
+        req = parseControlRequest(buf.slice(0, nl));
+      } catch (e) {
+        this.reply(sock, { type: 'error', message: (e as Error).message, hint: e instanceof UserError ? e.hint : undefined });
         sock.end();
         return;
       }
@@ -213,7 +212,7 @@ export class Daemon {
     });
     const jobs = [...this.jobs.values()].map((j) => this.jobInfo(j));
     // How the exports do their I/O: 'io_uring ring' (per-request completions) or the batch engine.
-    const io = ioRing() ? 'io_uring ring' : native().ioEngine();
+    const io = ioRing() ? 'io_uring ring' : ioEngineName();
     return { control: this.controlPath, pid: process.pid, io, exports, jobs };
   }
 
@@ -245,12 +244,8 @@ export class Daemon {
    * ({op:'data', token}) and the daemon writes the record stream into it; the CLI copies it to fd 1.
    */
   private async stdoutSink(req: BackupRequest, send: (r: ControlReply) => void) {
-    if (req.format === 'raw') throw new UserError('a raw image cannot be written to standard output (it is sparse and written by offset)', 'use the tar format for a stream');
-    if (req.detach) throw new UserError('--detach cannot go with --to -: the archive flows through the CLI', 'write to a file or tape device instead');
-    if (req.tapeSize !== undefined) throw new UserError('--tape-size needs a file or tape device as --to, not standard output');
-    const { createArchiveSink, checkRecordSize, requireZstd } = await import('../archive');
-    if (req.recordSize !== undefined) checkRecordSize(req.recordSize);
-    if (req.compress === 'zstd') requireZstd();
+    checkTargetOptions('-', req);
+    const { createArchiveSink } = await import('../archive');
     const token = `${process.pid}-${Date.now()}-${Math.random().toString(36).slice(2)}`;
     const data = new Promise<net.Socket>((resolve, reject) => {
       const timer = setTimeout(() => { this.dataWaiters.delete(token); reject(new UserError('the CLI did not open the data connection for --to -')); }, 10_000);
@@ -259,7 +254,7 @@ export class Daemon {
     send({ type: 'event', event: 'data-channel', token });
     const sock = await data;
     sock.on('error', () => {});
-    return createArchiveSink({ out: sock, recordSize: req.recordSize, compress: req.compress });
+    return createArchiveSink({ out: sock, outName: 'the standard output of the backup command', recordSize: req.recordSize, compress: req.compress });
   }
 
   /**

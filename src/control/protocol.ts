@@ -3,7 +3,10 @@
 // result or error, then closes. A backup's connection stays open for its events: when the client
 // goes away (Ctrl-C) without --detach, the daemon cancels the job.
 import * as path from 'node:path';
-import type { WriterPriority } from '../snapshot/writer-priority';
+import { config } from '../config';
+import * as t from 'typanion';
+import { WRITER_PRIORITIES } from '../snapshot/writer-priority';
+import { UserError } from '../util/errors';
 
 /**
  * How the export writes the backing device. 'none': O_DIRECT, an acknowledged write is on the device
@@ -11,59 +14,94 @@ import type { WriterPriority } from '../snapshot/writer-priority';
  * file plugin and QEMU's default do; acknowledged writes survive a crash of livesnap (the kernel
  * holds them) and FLUSH makes them durable; the backup still reads the device with O_DIRECT.
  */
-export type CacheMode = 'none' | 'writeback';
-export const CACHE_MODES: readonly CacheMode[] = ['none', 'writeback'];
-export interface ServeRequest {
-  op: 'serve';
-  device: string;
-  name: string;
-  socket?: string;
+export const CACHE_MODES = ['none', 'writeback'] as const;
+export type CacheMode = (typeof CACHE_MODES)[number];
+
+// The requests, as typanion schemas: the types below are inferred from them, and the daemon checks
+// every request against them on arrival (parseControlRequest), so a request the CLI could not have
+// sent is refused naming the field.
+const str = t.isString();
+const optStr = t.isOptional(t.isString());
+const optBool = t.isOptional(t.isBoolean());
+const optNum = t.isOptional(t.isNumber());
+const onError = t.isEnum(['abort', 'ignore'] as const);
+
+const isServeRequest = t.isObject({
+  op: t.isLiteral('serve'),
+  device: str,
+  name: str,
+  socket: optStr,
   /** TCP HOST:PORT (see listen.ts). */
-  listen?: string;
+  listen: optStr,
   /** Absolute path of a PSK file (livesnap keygen): TCP clients must start TLS with one of its keys. */
-  tlsPsk?: string;
+  tlsPsk: optStr,
   /** TCP without TLS, asked for explicitly. */
-  insecurePlaintext?: boolean;
-  cache?: CacheMode;
+  insecurePlaintext: optBool,
+  cache: t.isOptional(t.isEnum(CACHE_MODES)),
   /** The export's state directory (absolute); default <state root>/<name>. */
-  state?: string;
-}
-export interface StopRequest { op: 'stop'; name?: string }
-export interface StatusRequest { op: 'status' }
-export interface CancelRequest { op: 'cancel'; job: string }
+  state: optStr,
+});
+const isStopRequest = t.isObject({ op: t.isLiteral('stop'), name: optStr });
+const isStatusRequest = t.isObject({ op: t.isLiteral('status') });
+const isCancelRequest = t.isObject({ op: t.isLiteral('cancel'), job: str });
 /** The second connection of a backup to '-': the daemon writes the archive stream into it. */
-export interface DataRequest { op: 'data'; token: string }
-export interface BackupRequest {
-  op: 'backup';
-  export: string;
-  to: string;
-  format?: 'raw' | 'tar';
-  force?: boolean;
-  container?: string;
-  freeze?: string;
-  onError: 'abort' | 'ignore';
-  highWater?: number;
-  recordSize?: number;
-  compress?: 'zstd';
-  tapeSize?: number;
-  nextVolumeCommand?: string;
-  detach?: boolean;
-  maxRate?: number;
-  writerPriority?: WriterPriority;
+const isDataRequest = t.isObject({ op: t.isLiteral('data'), token: str });
+const isBackupRequest = t.isObject({
+  op: t.isLiteral('backup'),
+  export: str,
+  to: str,
+  format: t.isOptional(t.isEnum(['raw', 'tar'] as const)),
+  force: optBool,
+  container: optStr,
+  freeze: optStr,
+  onError,
+  highWater: optNum,
+  recordSize: optNum,
+  compress: t.isOptional(t.isLiteral('zstd')),
+  tapeSize: optNum,
+  nextVolumeCommand: optStr,
+  detach: optBool,
+  maxRate: optNum,
+  writerPriority: t.isOptional(t.isEnum(WRITER_PRIORITIES)),
   /** --write-wait-limit in ms. */
-  writeWaitLimitMs?: number;
-}
+  writeWaitLimitMs: optNum,
+});
 /** `livesnap snapshot`: arm a snapshot of an export and serve the instant read-only. */
-export interface SnapshotRequest {
-  op: 'snapshot';
-  export: string;
-  container?: string;
-  freeze?: string;
-  onError?: 'abort' | 'ignore';
-  detach?: boolean;
-  writeWaitLimitMs?: number;
-}
+const isSnapshotRequest = t.isObject({
+  op: t.isLiteral('snapshot'),
+  export: str,
+  container: optStr,
+  freeze: optStr,
+  onError: t.isOptional(onError),
+  detach: optBool,
+  writeWaitLimitMs: optNum,
+});
+
+export type ServeRequest = t.InferType<typeof isServeRequest>;
+export type StopRequest = t.InferType<typeof isStopRequest>;
+export type StatusRequest = t.InferType<typeof isStatusRequest>;
+export type CancelRequest = t.InferType<typeof isCancelRequest>;
+export type DataRequest = t.InferType<typeof isDataRequest>;
+export type BackupRequest = t.InferType<typeof isBackupRequest>;
+export type SnapshotRequest = t.InferType<typeof isSnapshotRequest>;
 export type ControlRequest = SnapshotRequest | ServeRequest | StopRequest | StatusRequest | CancelRequest | BackupRequest | DataRequest;
+
+const SCHEMAS: Record<string, t.StrictValidator<unknown, ControlRequest>> = {
+  serve: isServeRequest, stop: isStopRequest, status: isStatusRequest, cancel: isCancelRequest,
+  data: isDataRequest, backup: isBackupRequest, snapshot: isSnapshotRequest,
+};
+
+/** One line of the control socket as a request, or a UserError saying what is wrong with it. */
+export function parseControlRequest(line: string): ControlRequest {
+  let v: unknown;
+  try { v = JSON.parse(line); } catch { throw new UserError('malformed control request (not JSON)'); }
+  const op = typeof v === 'object' && v !== null ? (v as { op?: unknown }).op : undefined;
+  const schema = typeof op === 'string' ? SCHEMAS[op] : undefined;
+  if (!schema) throw new UserError(`unknown control request${typeof op === 'string' ? ` "${op}"` : ' (no op)'}`, 'the CLI and the daemon must be the same livesnap version');
+  const errors: string[] = [];
+  if (!schema(v, { errors })) throw new UserError(`malformed "${op}" request: ${errors.join('; ')}`, 'the CLI and the daemon must be the same livesnap version');
+  return v as ControlRequest;
+}
 
 export type ControlReply =
   | { type: 'event'; event: string; [k: string]: unknown }
@@ -71,7 +109,7 @@ export type ControlReply =
   | { type: 'error'; message: string; hint?: string; exitCode?: number };
 
 export function defaultControlPath(): string {
-  return process.env.LIVESNAP_CONTROL || '/run/livesnap/control.sock';
+  return config().control;
 }
 
 /** An export's NBD socket lives next to the control socket unless told otherwise. */

@@ -17,9 +17,21 @@ function selfCommand(): string[] {
 
 export async function startDaemon(controlPath: string): Promise<string> {
   const dir = path.dirname(controlPath);
-  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   const logFile = path.join(dir, 'daemon.log');
-  const log = fs.openSync(logFile, 'a', 0o600);
+  let log: number;
+  try {
+    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    log = fs.openSync(logFile, 'a', 0o600);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'EACCES' || code === 'EPERM' || code === 'EROFS') {
+      throw new UserError(
+        `cannot start the livesnap daemon: no permission to write its log ${logFile}${process.getuid?.() !== 0 ? ' (you are not root)' : ''}`,
+        'serving a device needs root (run with sudo); or give the daemon a control socket in a directory of your own: --control ~/livesnap.sock',
+      );
+    }
+    throw e;
+  }
   const child = spawn(process.execPath, [...selfCommand(), 'daemon', '--control', controlPath], {
     detached: true,
     stdio: ['ignore', log, log],

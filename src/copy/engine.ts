@@ -13,7 +13,7 @@
 // is read only when pending and not locked, so the copier never reads a block a writer is saving.
 // Short free gaps between runs are read through (one 256 KiB read beats two 4 KiB ones); their bytes
 // are never handed to the sink.
-import { BufferPool } from '../device/buffer-pool';
+import { BufferPool } from '../device/memory';
 import type { Device } from '../device/device';
 import type { BackupSink } from '../sink/sink';
 import type { CopyMap, Task } from './copy-map';
@@ -191,14 +191,6 @@ export class CopyEngine {
         // full speed.
         const starved = pace.writersStarved?.() ?? false;
         const p = !starved && pace.writersActive?.() ? busyNow() : undefined;
-        // Busy depth 0: no new reads while writers write. A writer that waits on the copier (urged
-        // blocks, a container half full) is still served.
-        const fill = this.o.source.container ? this.o.source.container.used / this.o.source.container.capacity : 0;
-        if (p && p.depth <= 0 && this.urgent.length === 0 && fill < 0.5) {
-          if (inflight.length) { await deliver(await inflight.shift()!); continue; }
-          await new Promise((r) => setTimeout(r, 2));
-          continue;
-        }
         if (p && inflight.length >= Math.max(1, p.depth)) { await deliver(await inflight.shift()!); continue; }
         const buffer = await pool.acquire();
         let b = tables.get(buffer);
@@ -222,8 +214,10 @@ export class CopyEngine {
     } catch (e) {
       // Reads still in flight must land (and unlock their blocks) before their buffers go.
       await Promise.allSettled(inflight);
+      pool.dispose();
       throw e;
     }
+    pool.dispose();
     return { bytes: this.bytesDone, blocks: this.blocksDone, badBlocks: this.badBlocks.slice().sort((a, b) => a - b), durationMs: performance.now() - started };
   }
 

@@ -151,6 +151,16 @@ export class Device implements BlockReader {
     });
   }
 
+  /** Makes [offset, offset+length) read as zeros: BLKZEROOUT on a device, FALLOC_FL_ZERO_RANGE on a file. */
+  zeroRange(offset: number, length: number): Promise<void> {
+    return native().zeroRange(this.fd, offset, length);
+  }
+
+  /** Discards [offset, offset+length): BLKDISCARD on a device, a punched hole in a file. */
+  discard(offset: number, length: number): Promise<void> {
+    return native().discard(this.fd, offset, length);
+  }
+
   sync(): Promise<void> {
     return native().fdatasync(this.fd);
   }

@@ -3,6 +3,7 @@
 // in the same turn of the event loop go to the kernel in one io_uring_submit; ops beyond the ring's
 // depth wait here, in order, for a free slot. Used where latency per request matters (the NBD data
 // path, copy-before-write); bulk copies keep the batch API.
+import { config } from '../config';
 import { native, type NativeIoRing, type NativeIoRingClass } from './native';
 
 /**
@@ -190,11 +191,16 @@ export function ioRing(): IoRing | undefined {
   if (shared !== undefined) return shared ?? undefined;
   shared = null;
   const Ring = native().IoRing;
-  if (!Ring || process.env.LIVESNAP_IO_ENGINE === 'threadpool') return undefined;
+  if (!Ring || config().ioEngine === 'threadpool') return undefined;
   try {
     shared = new IoRing(Ring, 256);
   } catch {
     shared = null;
   }
   return shared ?? undefined;
+}
+
+/** How batches of positioned I/O run here: "io_uring" (every segment in flight at once) or "threadpool". */
+export function ioEngineName(): 'io_uring' | 'threadpool' {
+  return native().ioEngine();
 }

@@ -1,6 +1,7 @@
 // The typed contract of the C++ addon (native/). Mechanism only: every decision is made by the caller.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { config } from '../config';
 
 export interface OpenFlags {
   write?: boolean;
@@ -71,6 +72,8 @@ export interface NativeAddon {
   /** BLKZEROOUT on a device, FALLOC_FL_ZERO_RANGE (or punch hole) on a file. */
   zeroRange(fd: number, offset: number, length: number): Promise<void>;
   ioEngine(): 'io_uring' | 'threadpool';
+  /** Batches never use io_uring (set once, before the first batch). */
+  useThreadpool?(on: boolean): void;
   freeze(mountPoint: string): Promise<void>;
   thaw(mountPoint: string): Promise<void>;
   /** syncfs(2) on the file system mounted there: its dirty data written back, writers not stopped. */
@@ -99,12 +102,12 @@ let loader: (() => NativeAddon) | undefined;
 export function native(): NativeAddon {
   if (cached) return cached;
   if (loader) {
-    cached = loader();
+    cached = configured(loader());
     loader = undefined;
     return cached;
   }
   const candidates = [
-    process.env.LIVESNAP_ADDON_PATH,
+    config().addonPath,
     path.resolve(__dirname, '../../build/Release/livesnap_native.node'),
     path.resolve(__dirname, '../../../build/Release/livesnap_native.node'),
   ].filter((p): p is string => !!p);
@@ -112,7 +115,7 @@ export function native(): NativeAddon {
     if (fs.existsSync(p)) {
       const m = { exports: {} as NativeAddon };
       process.dlopen(m, p);
-      cached = m.exports;
+      cached = configured(m.exports);
       return cached;
     }
   }
@@ -120,7 +123,13 @@ export function native(): NativeAddon {
 }
 
 export function setAddon(addon: NativeAddon): void {
-  cached = addon;
+  cached = configured(addon);
+}
+
+/** The addon takes no settings of its own from the environment: they are handed to it here. */
+function configured(addon: NativeAddon): NativeAddon {
+  addon.useThreadpool?.(config().ioEngine === 'threadpool');
+  return addon;
 }
 
 /**

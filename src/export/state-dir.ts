@@ -6,7 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { identify } from '../device/identity';
-import { native } from '../device/native';
+import { xxh128 } from '../device/hash';
 import { UserError } from '../util/errors';
 
 const FORMAT = 'livesnap-state';
@@ -31,7 +31,7 @@ export interface Leftover extends JobRecord {
 
 function seal(body: Record<string, unknown>): string {
   const text = JSON.stringify({ format: FORMAT, version: VERSION, ...body });
-  return JSON.stringify({ ...JSON.parse(text), checksum: native().xxh128(Buffer.from(text)).toString('hex') }, null, 1) + '\n';
+  return JSON.stringify({ ...JSON.parse(text), checksum: xxh128(Buffer.from(text)).toString('hex') }, null, 1) + '\n';
 }
 
 /** The body of a sealed file, or why it cannot be trusted. */
@@ -41,7 +41,7 @@ function unseal(text: string): { body: Record<string, unknown> } | { bad: string
   if (j.format !== FORMAT) return { bad: `not a livesnap state file (format ${String(j.format)})` };
   if (j.version !== VERSION) return { bad: `version ${String(j.version)}, this livesnap reads ${VERSION}` };
   const { checksum, ...rest } = j;
-  if (checksum !== native().xxh128(Buffer.from(JSON.stringify(rest))).toString('hex')) return { bad: 'checksum mismatch' };
+  if (checksum !== xxh128(Buffer.from(JSON.stringify(rest))).toString('hex')) return { bad: 'checksum mismatch' };
   return { body: rest };
 }
 
@@ -83,7 +83,9 @@ export class StateDir {
     try {
       await fs.promises.mkdir(path.join(dir, 'jobs'), { recursive: true, mode: 0o700 });
     } catch (e) {
-      throw new UserError(`cannot create the state directory ${dir}: ${(e as Error).message}`, 'give a writable one with --state DIR');
+      const code = (e as NodeJS.ErrnoException).code;
+      const why = code === 'EACCES' || code === 'EPERM' ? `no permission${process.getuid?.() !== 0 ? ' (you are not root)' : ''}` : code === 'EROFS' ? 'the file system is read-only' : (e as Error).message;
+      throw new UserError(`cannot create the state directory ${dir}: ${why}`, 'give a writable one with --state DIR (or LIVESNAP_STATE_DIR)');
     }
     const file = path.join(dir, 'export.json');
     let adopted: string | undefined;

@@ -126,3 +126,17 @@ export async function readUsedBlockMap(reader: BlockReader, name = 'device'): Pr
   map.layout = volumeNode(map, name, reader.size);
   return map;
 }
+
+/**
+ * What a device or image positively holds, by magic numbers only (cheap): a partition table, an
+ * LVM PV or a known file system's kind; undefined when nothing known is there.
+ */
+export async function recognise(reader: BlockReader): Promise<string | undefined> {
+  if (await probeGpt(reader)) return 'gpt';
+  if (await probeLvm(reader)) return 'lvm2';
+  const s0 = await sector0(reader);
+  const ntfs = s0 !== undefined && s0.toString('latin1', 3, 11) === 'NTFS    ';
+  if (s0 && !ntfs && looksLikeMbr(s0)) return 'mbr';
+  for (const fs of READERS) if (await fs.probe(reader)) return fs.kind;
+  return undefined;
+}

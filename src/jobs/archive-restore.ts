@@ -2,7 +2,6 @@
 // streaming without seeking. The chunk checksums sit in the trailer at the end, so a restore is
 // incomplete until the whole archive has been read: a file target stays "<target>.partial" until
 // then and is removed on any error; a device target is reported as not restored.
-import * as fs from 'node:fs';
 import { readArchive, readFileChunks, readVolumes, type ArchiveInput, type ArchiveSummary, type Manifest } from '../archive';
 import { AlignedStager } from '../sink/aligned-stager';
 import { CompareSink } from '../sink/compare-sink';
@@ -17,21 +16,6 @@ export interface ArchiveJobOptions {
   nextVolumeCommand?: string;
   onManifest?: (m: Manifest) => void;
   onProgress?: (done: number, total: number) => void;
-}
-
-/** True when the file starts like a tar (ustar magic) or a zstd stream. */
-export function looksLikeArchive(file: string): boolean {
-  if (file === '-') return true;
-  let fd: number;
-  try { fd = fs.openSync(file, 'r'); } catch { return false; }
-  try {
-    const b = Buffer.alloc(512);
-    const n = fs.readSync(fd, b, 0, 512, 0);
-    if (n >= 4 && b.readUInt32LE(0) === 0xfd2fb528) return true;
-    return n >= 262 && b.toString('latin1', 257, 262) === 'ustar';
-  } finally {
-    fs.closeSync(fd);
-  }
 }
 
 function openInput(o: ArchiveJobOptions): ArchiveInput {
@@ -64,10 +48,11 @@ async function archiveToSink(o: ArchiveJobOptions, sink: BackupSink | undefined)
         if (stager) await stager.push(offset, bytes);
       },
     });
-    if (stager) await stager.flush(true);
+    if (stager) { await stager.flush(true); await stager.dispose(); stager = undefined; }
     if (sink && begun) await sink.finish({ badBlocks: summary.trailer.badBlocks ?? [] });
     return summary;
   } catch (e) {
+    await stager?.dispose();
     if (sink) await sink.abort(e as Error);
     throw e;
   }

@@ -4,8 +4,9 @@
 // same tick go to the addon as one readBatch / writeBatch per arena. Unaligned writes are read-modify-write on the aligned span,
 // serialised against every other write touching the same aligned blocks.
 import * as fs from 'node:fs';
+import { config } from '../config';
 import type { Device } from '../device/device';
-import { native } from '../device/native';
+import { giveAligned, takeAligned } from '../device/memory';
 import { ioRing, type IoRing } from '../device/io-ring';
 import type { AllocationExtent } from './allocation';
 import type { NbdBackend, NbdBuffer } from './backend';
@@ -31,7 +32,7 @@ const PAGE_CACHE_SYNC_WRITE = 64 * 1024;
  * real-time one is in flight, so a backup under steady writes took 6.7x its idle time instead of
  * 1.6x (bench/online-writers, bench/online-load). Off by default: a backup must finish.
  */
-const URGENT_CLIENT_IO = process.env.LIVESNAP_CLIENT_IO_PRIORITY === 'realtime';
+const URGENT_CLIENT_IO = config().clientIoPriority === 'realtime';
 
 /** One aligned ArrayBuffer carved into page-aligned extents (first fit, coalescing free list). */
 class Arena {
@@ -107,7 +108,7 @@ class SlabMemory {
     }
     if (this.total + Math.max(len, this.arenaBytes) <= this.maxBytes || this.arenas.length === 0) {
       const size = Math.max(len, this.arenaBytes);
-      const a = new Arena(native().allocAligned(size, PAGE));
+      const a = new Arena(takeAligned(size));
       if (this.ring) a.ringIndex = this.ring.register(a.ab);
       this.arenas.push(a);
       this.byBuffer.set(a.ab, a);
@@ -144,7 +145,11 @@ class SlabMemory {
 
   /** Gives the arenas back to the ring (the backend is done; nothing may be in flight). */
   dispose(): void {
-    if (this.ring) for (const a of this.arenas) if (a.ringIndex >= 0) { this.ring.unregister(a.ringIndex); a.ringIndex = -1; }
+    for (const a of this.arenas) {
+      if (this.ring && a.ringIndex >= 0) { this.ring.unregister(a.ringIndex); a.ringIndex = -1; }
+      giveAligned(a.ab);
+    }
+    this.arenas.length = 0;
   }
 }
 
@@ -446,7 +451,7 @@ export class DeviceBackend implements NbdBackend {
     const pending = this.lockAligned(s, e);
     const lock = pending instanceof Promise ? await pending : pending;
     try {
-      await (zero ? native().zeroRange(this.device.fd, s, e - s) : native().discard(this.device.fd, s, e - s));
+      await (zero ? this.device.zeroRange(s, e - s) : this.device.discard(s, e - s));
     } finally {
       this.unlock(this.alignedWrites, lock);
     }

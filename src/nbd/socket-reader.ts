@@ -10,7 +10,8 @@
 // undocumented field (`_handle`, stable since Node 12); where it is missing the plain socket and
 // its 'data' events are used. The chunk passed to onChunk is only valid during the call.
 import * as net from 'node:net';
-import { native } from '../device/native';
+import { config } from '../config';
+import { setSendBuffer } from '../device/socket';
 
 interface HandleCarrier { _handle?: object | null }
 
@@ -24,7 +25,7 @@ export function withReadBuffer(accepted: net.Socket, size: number, onChunk: (chu
   const old = accepted as net.Socket & HandleCarrier;
   const handle = old._handle;
   // LIVESNAP_NBD_READ_BUFFER=0: plain 'data' events (to compare, or if a Node release breaks this).
-  if (!handle || process.env.LIVESNAP_NBD_READ_BUFFER === '0') {
+  if (!handle || !config().nbdReadBuffer) {
     accepted.resume();
     return { socket: accepted, userBuffer: false };
   }
@@ -54,8 +55,8 @@ export function withReadBuffer(accepted: net.Socket, size: number, onChunk: (chu
  * without LIVESNAP_NBD_SEND_BUFFER=0). Best effort: without a file descriptor the default stays.
  */
 export function enlargeSendBuffer(socket: net.Socket, bytes: number): void {
-  if (process.env.LIVESNAP_NBD_SEND_BUFFER === '0') return;
+  if (!config().nbdSendBuffer) return;
   const fd = (socket as net.Socket & { _handle?: { fd?: number } | null })._handle?.fd;
   if (typeof fd !== 'number' || fd < 0) return;
-  try { native().setSendBuffer(fd, bytes); } catch { /* keep the default */ }
+  try { setSendBuffer(fd, bytes); } catch { /* keep the default */ }
 }

@@ -1,7 +1,7 @@
 // Turns a stream of (volume offset, bytes) pieces of any size — as an archive reader yields them —
 // into sector-aligned DataBatches for a BackupSink (O_DIRECT needs 512-byte aligned offsets, lengths
 // and memory). Two buffers alternate so the next batch fills while the last one is written.
-import { native } from '../device/native';
+import { giveAligned, takeAligned } from '../device/memory';
 import type { BackupSink } from './sink';
 
 const SECTOR = 512;
@@ -16,7 +16,7 @@ export class AlignedStager {
   private inflight: Promise<void> | undefined;
 
   constructor(private readonly sink: BackupSink, private readonly size = 8 << 20) {
-    this.bufs = [native().allocAligned(size), native().allocAligned(size)];
+    this.bufs = [takeAligned(size), takeAligned(size)];
   }
 
   async push(offset: number, bytes: Uint8Array): Promise<void> {
@@ -44,6 +44,12 @@ export class AlignedStager {
   }
 
   /** Writes what is staged; `final` pads the last segment to a whole sector with zeros. */
+  /** Gives the buffers back to the pool: after the final flush, or when the restore failed. */
+  async dispose(): Promise<void> {
+    await this.inflight?.catch(() => {});
+    for (const b of this.bufs) giveAligned(b);
+  }
+
   async flush(final: boolean): Promise<void> {
     if (this.n === 0) { if (final && this.inflight) await this.inflight; return; }
     const buf = this.bufs[this.cur]!;

@@ -1,7 +1,7 @@
 // A sink that writes nothing: it reads the same blocks from another device and counts the blocks
 // that differ. `verify --against` is a backup whose sink is a comparison.
 import { Device } from '../device/device';
-import { native } from '../device/native';
+import { giveAligned, takeAligned } from '../device/memory';
 import { UserError } from '../util/errors';
 import type { BackupSink, DataBatch, FinishInfo, VolumeInfo } from './sink';
 
@@ -30,7 +30,10 @@ export class CompareSink implements BackupSink {
 
   async write(batch: DataBatch): Promise<void> {
     const dev = this.dev!;
-    if (!this.buf || this.buf.byteLength < batch.buffer.byteLength) this.buf = native().allocAligned(batch.buffer.byteLength);
+    if (!this.buf || this.buf.byteLength < batch.buffer.byteLength) {
+      if (this.buf) giveAligned(this.buf);
+      this.buf = takeAligned(batch.buffer.byteLength);
+    }
     const res = await dev.readBatch(this.buf, batch.segments);
     const bs = this.blockSize;
     for (let i = 0; i < res.length; i++) {
@@ -52,12 +55,19 @@ export class CompareSink implements BackupSink {
     }
   }
 
+  private releaseBuffer(): void {
+    if (this.buf) giveAligned(this.buf);
+    this.buf = undefined;
+  }
+
   async finish(_info: FinishInfo): Promise<void> {
+    this.releaseBuffer();
     this.dev?.close();
     this.dev = undefined;
   }
 
   async abort(_reason: Error): Promise<void> {
+    this.releaseBuffer();
     try { this.dev?.close(); } catch { /* closed */ }
     this.dev = undefined;
   }

@@ -33,10 +33,27 @@ export function targetFormat(target: string, format?: 'raw' | 'tar'): 'raw' | 't
   return 'raw';
 }
 
-export function openBackupTarget(target: string, opts: TargetOptions): BackupSink {
+/**
+ * Every check of a target and its archive options, in one place (the CLI, the daemon and its
+ * standard-output stream all call it): returns the format.
+ */
+export function checkTargetOptions(target: string, opts: TargetOptions & { detach?: boolean }): 'raw' | 'tar' {
   const format = targetFormat(target, opts.format);
+  if (target === '-') {
+    if (format === 'raw') throw new UserError('a raw image cannot be written to standard output (it is sparse and written by offset)', 'use --format tar for a stream');
+    if (opts.detach) throw new UserError('--detach cannot go with --to -: the archive flows through the CLI', 'write to a file or tape device instead');
+    if (opts.tapeSize !== undefined) throw new UserError('--tape-size needs a file or tape device as --to, not standard output');
+  }
+  if (format === 'tar') {
+    if (opts.compress === 'zstd') requireZstd();
+    if (opts.recordSize !== undefined) checkRecordSize(opts.recordSize);
+  }
+  return format;
+}
+
+export function openBackupTarget(target: string, opts: TargetOptions): BackupSink {
+  const format = checkTargetOptions(target, opts);
   if (format === 'raw') {
-    if (target === '-') throw new UserError('a raw image cannot be written to standard output (it is sparse and written by offset)', 'use --format tar for a stream');
     if (target === '/dev/null') return new NullSink();
     return new ImageSink(target, { force: opts.force });
   }
@@ -46,8 +63,5 @@ export function openBackupTarget(target: string, opts: TargetOptions): BackupSin
     if (st?.isDirectory()) throw new UserError(`target ${target} is a directory`, 'name a file, e.g. backup.tar');
     if (st?.isFile() && !opts.force) throw new UserError(`target ${target} already exists`, 'choose another name, or pass --force to overwrite it');
   }
-  if (opts.compress === 'zstd') requireZstd();
-  if (opts.recordSize !== undefined) checkRecordSize(opts.recordSize);
-  if (opts.tapeSize !== undefined && target === '-') throw new UserError('--tape-size needs a file or tape device as --to, not standard output');
   return createArchiveSink({ out: target, recordSize: opts.recordSize, compress: opts.compress, tapeSize: opts.tapeSize, nextVolumeCommand: opts.nextVolumeCommand });
 }

@@ -14,6 +14,7 @@
 // batches (`low`).
 
 import * as fs from 'node:fs';
+import { config } from '../config';
 import type { BusyPace } from './writer-priority';
 import type { WriteActivity } from '../export/write-activity';
 
@@ -40,8 +41,7 @@ export const THINK_DOWN = 0.25;
 /** A baseline under this many changes a second is noise (a trickle of metadata writes). */
 const MIN_BASELINE = 50;
 /** LIVESNAP_AUTO_TRACE=FILE (the daemon's environment): one line per decision appended to FILE, to see why. */
-const TRACE = process.env.LIVESNAP_AUTO_TRACE;
-const trace = (line: string) => { try { fs.appendFileSync(TRACE!, line); } catch { /* a measuring aid only */ } };
+const trace = (line: string) => { try { fs.appendFileSync(config().autoTrace!, line); } catch { /* a measuring aid only */ } };
 
 export interface AutoPaceStats {
   /** Changes a second before arming, or null (no clean second before the backup). */
@@ -64,7 +64,7 @@ export class AutoPace {
   constructor(private readonly activity: WriteActivity, now: number = performance.now()) {
     const b = activity.baselineRate(now);
     this.baseline = b !== undefined && b >= MIN_BASELINE ? b : undefined;
-    if (TRACE) trace(`auto: start, baseline ${this.baseline === undefined ? 'none' : this.baseline.toFixed(0)} changes/s\n`);
+    if (config().autoTrace) trace(`auto: start, baseline ${this.baseline === undefined ? 'none' : this.baseline.toFixed(0)} changes/s\n`);
     this.windowStart = now;
     this.completedAt = activity.completed;
     this.thinkAt = activity.thinkMs(now);
@@ -89,7 +89,7 @@ export class AutoPace {
     this.completedAt = this.activity.completed;
     this.thinkAt = think;
     const step = autoStep(rate, thinkShare, this.baseline);
-    if (TRACE) trace(`auto: ${span.toFixed(0)} ms: ${rate.toFixed(0)} changes/s, think ${thinkShare.toFixed(2)}, level ${this.level}, step ${step}\n`);
+    if (config().autoTrace) trace(`auto: ${span.toFixed(0)} ms: ${rate.toFixed(0)} changes/s, think ${thinkShare.toFixed(2)}, level ${this.level}, step ${step}\n`);
     const next = Math.min(AUTO_LADDER.length - 1, Math.max(0, this.level + step));
     if (next > this.level) this.stepsUp++;
     else if (next < this.level) this.stepsDown++;

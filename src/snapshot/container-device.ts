@@ -2,7 +2,7 @@
 // file INSIDE the protected file system written by block address. All three map slot i to a byte
 // offset on some fd; originals are staged in a small pool of aligned buffers and written to their slot.
 import type { Device } from '../device/device';
-import { BufferPool } from '../device/buffer-pool';
+import { BufferPool } from '../device/memory';
 import { type Container, SlotStore, type Staging } from './container';
 
 const STAGING_BYTES = 256 << 10;
@@ -99,6 +99,11 @@ export abstract class DeviceContainer implements Container {
 
   excludedRanges(): ReadonlyArray<{ offset: number; length: number }> {
     return [];
+  }
+
+  /** The staging buffers go back to the pool (subclasses call it from close()). */
+  protected releaseStaging(): void {
+    this.pool.dispose();
   }
 
   private check(): void {

@@ -20,6 +20,7 @@ export class FileContainer extends DeviceContainer {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.releaseStaging();
     try { this.target.close(); } catch { /* already closed */ }
     await fs.promises.rm(this.path, { force: true }).catch(() => { /* best effort */ });
   }

@@ -37,6 +37,7 @@ export class InsideContainer extends DeviceContainer {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.releaseStaging();
     // The protected device belongs to the caller: only the file goes.
     // On the thread pool: the file lives in the served file system.
     await fs.promises.rm(this.path, { force: true }).catch(() => { /* best effort */ });

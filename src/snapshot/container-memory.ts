@@ -2,7 +2,7 @@
 // themselves: the copy-before-write read lands straight in the slot (through the I/O ring), and put
 // only records which block it holds; get copies the slot into the copier's batch buffer.
 import { ioRing } from '../device/io-ring';
-import { native } from '../device/native';
+import { giveAligned, takeAligned } from '../device/memory';
 import { type Container, SlotStore, type Staging } from './container';
 
 interface SlotStaging extends Staging { readonly slots: Int32Array }
@@ -17,7 +17,7 @@ export class MemoryContainer implements Container {
   constructor(bytes: number, readonly blockSize: number) {
     this.capacity = Math.floor(bytes / blockSize);
     if (this.capacity < 1) throw new RangeError(`a container of ${bytes} bytes holds no ${blockSize}-byte block`);
-    this.mem = native().allocAligned(this.capacity * blockSize, 4096);
+    this.mem = takeAligned(this.capacity * blockSize);
     this.store = new SlotStore(this.capacity);
     // Saves (copy-before-write reads, one block or a few, with a writer waiting) go through the
     // I/O ring: Device.readBatch uses it for registered memory.
@@ -72,7 +72,11 @@ export class MemoryContainer implements Container {
   }
 
   async close(): Promise<void> {
+    const mem = this.mem;
+    if (!mem) return;
     this.mem = undefined;
+    // Back to the pool only once no ring operation can still touch it.
     if (this.ringIndex !== undefined) await ioRing()!.unregisterWhenIdle(this.ringIndex).catch(() => {});
+    giveAligned(mem);
   }
 }

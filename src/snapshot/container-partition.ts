@@ -40,6 +40,7 @@ export class PartitionContainer extends DeviceContainer {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.releaseStaging();
     try { this.target.close(); } catch { /* already closed */ }
   }
 }

@@ -1,6 +1,6 @@
 // FIFREEZE for the duration of a copy (seed 004: writers to that one file system wait, others do
 // not), and FITHAW always after: on success, on error, on Ctrl-C and on process exit.
-import { native } from '../device/native';
+import { freezeFs as freezeIoctl, syncFs, thawFs, thawFsNow } from '../device/fsctl';
 import { UserError } from '../util/errors';
 import { deviceOfMount, fingerprintOf, fingerprintOfVolume, mountEntryAt } from '../export/on-volume';
 import type { Device } from '../device/device';
@@ -36,7 +36,7 @@ async function presync(mountPoint: string): Promise<number> {
   const t0 = performance.now();
   for (let round = 0; round < 3; round++) {
     const t = performance.now();
-    try { await native().syncfs(mountPoint); } catch { return performance.now() - t0; /* FIFREEZE will say what is wrong */ }
+    try { await syncFs(mountPoint); } catch { return performance.now() - t0; /* FIFREEZE will say what is wrong */ }
     if (performance.now() - t < 15) break;
   }
   return performance.now() - t0;
@@ -63,7 +63,7 @@ async function thaw(mountPoint: string): Promise<void> {
     )), THAW_TIMEOUT_MS);
   });
   try {
-    await Promise.race([native().thaw(mountPoint), late]);
+    await Promise.race([thawFs(mountPoint), late]);
   } finally {
     clearTimeout(timer);
   }
@@ -88,7 +88,7 @@ export async function freezeFs(mountPoint: string, opts: FreezeOptions = {}): Pr
   const thawNow = () => {
     if (!frozen) return;
     frozen = false;
-    try { native().thawSync(mountPoint); } catch { /* already thawed */ }
+    try { thawFsNow(mountPoint); } catch { /* already thawed */ }
   };
   const onSignal = (sig: NodeJS.Signals) => {
     thawNow();
@@ -111,7 +111,7 @@ export async function freezeFs(mountPoint: string, opts: FreezeOptions = {}): Pr
   const presyncMs = await presync(mountPoint);
   const t0 = performance.now();
   try {
-    await native().freeze(mountPoint);
+    await freezeIoctl(mountPoint);
   } catch (e) {
     unguard();
     throw new UserError(`cannot freeze ${mountPoint}: ${(e as Error).message}`, 'the file system must support FIFREEZE (ext4, xfs, btrfs) and not be frozen already');

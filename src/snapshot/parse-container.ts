@@ -6,7 +6,7 @@ import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Device } from '../device/device';
-import { native } from '../device/native';
+import { fileExtents } from '../device/fsctl';
 import { UserError } from '../util/errors';
 import { parseSize } from '../util/size';
 import type { Container } from './container';
@@ -90,7 +90,7 @@ async function openFileContainer(file: string, size: number, protectedDevice: De
     fh = undefined;
     dev = await Device.openAsync(file, { write: true });
     try {
-      await native().zeroRange(dev.fd, blockSize, bytes - blockSize);
+      await dev.zeroRange(blockSize, bytes - blockSize);
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code;
       if (code === 'ENOSPC') throw new UserError(`--container file:${file}: no space for ${bytes} bytes there`, 'choose a smaller size or another file system');
@@ -118,7 +118,7 @@ async function openFileContainer(file: string, size: number, protectedDevice: De
 /** The slot offsets on the protected device if `file` lives on it, else undefined. */
 async function findInside(file: string, marker: Buffer, protectedDevice: Device, blockSize: number): Promise<Float64Array | undefined> {
   let ext: Float64Array;
-  try { ext = await native().fiemap(file, true); } catch { return undefined; }
+  try { ext = await fileExtents(file, true); } catch { return undefined; }
   for (let i = 0; i + 3 < ext.length; i += 4) {
     if (ext[i] !== 0) continue;
     const phys = ext[i + 1]!;

@@ -4,7 +4,7 @@
 // the range is locked (a writer to it waits until the read has landed, then saves the original as
 // usual). Valid for blocks not yet handed to the sink: use it before the copier starts.
 import type { BlockReader, Device } from '../device/device';
-import { native } from '../device/native';
+import { giveAligned, takeAligned } from '../device/memory';
 import type { Container } from './container';
 import type { CopyMap } from '../copy/copy-map';
 
@@ -50,10 +50,11 @@ export class SnapshotView implements BlockReader {
         const bStart = blk * bs;
         const from = Math.max(offset, bStart), to = Math.min(offset + length, bStart + bs);
         if (map.bad.get(blk)) { out.fill(0, from - offset, to - offset); continue; }
-        scratch ??= native().allocAligned(bs, 4096);
+        scratch ??= takeAligned(bs);
         await this.container.get([blk], scratch, [0], 1);
         Buffer.from(scratch, from - bStart, to - from).copy(out, from - offset);
       }
+      if (scratch) giveAligned(scratch);
       return out;
     } finally {
       map.unlock(task);

@@ -11,6 +11,7 @@ export type WriterPriority = (typeof WRITER_PRIORITIES)[number];
 export type FixedWriterPriority = Exclude<WriterPriority, 'auto'>;
 export const DEFAULT_WRITER_PRIORITY: WriterPriority = 'auto';
 
+import { type Config, config } from '../config';
 import type { BusyPace } from '../copy/engine';
 export type { BusyPace };
 
@@ -23,19 +24,18 @@ export const WRITER_PACES: Readonly<Record<FixedWriterPriority, BusyPace>> = {
   low: { batchBytes: 4096 * KiB, depth: 4 },
 };
 
-/** LIVESNAP_BUSY_BATCH / LIVESNAP_BUSY_DEPTH are set: a fixed pace even for `auto`. */
-export function busyOverridden(env: NodeJS.ProcessEnv = process.env): boolean {
-  return !!(env.LIVESNAP_BUSY_BATCH || env.LIVESNAP_BUSY_DEPTH);
+/** LIVESNAP_BUSY_BATCH / LIVESNAP_BUSY_DEPTH are set (config.ts): a fixed pace even for `auto`. */
+export function busyOverridden(c: Config = config()): boolean {
+  return c.busyBatchBytes !== undefined || c.busyDepth !== undefined;
 }
 
 /**
- * The pace for a fixed priority (`auto` counts as normal here: its starting point when overridden). LIVESNAP_BUSY_BATCH / LIVESNAP_BUSY_DEPTH (bytes, batches; the daemon's
- * environment) override it, for measuring points between the presets; depth 0 stops the copier's
- * reads while clients write (bench/online-frontier uses it to show copy-before-write's own cost).
+ * The pace for a fixed priority (`auto` counts as normal here: its starting point when overridden);
+ * LIVESNAP_BUSY_BATCH / LIVESNAP_BUSY_DEPTH override it, for measuring points between the presets.
  */
-export function busyPace(priority: WriterPriority, env: NodeJS.ProcessEnv = process.env): BusyPace {
+export function busyPace(priority: WriterPriority, c: Config = config()): BusyPace {
   const p = { ...WRITER_PACES[priority === 'auto' ? 'normal' : priority] };
-  if (env.LIVESNAP_BUSY_BATCH) p.batchBytes = Number(env.LIVESNAP_BUSY_BATCH);
-  if (env.LIVESNAP_BUSY_DEPTH) p.depth = Number(env.LIVESNAP_BUSY_DEPTH);
+  if (c.busyBatchBytes !== undefined) p.batchBytes = c.busyBatchBytes;
+  if (c.busyDepth !== undefined) p.depth = c.busyDepth;
   return p;
 }

@@ -16,30 +16,37 @@ export class RestoreCommand extends LivesnapCommand {
       Writes every block the backup stored (the used blocks of the image's file system) to the
       target. A device target must not be mounted and must be at least as large as the image; a file
       target is created sparse (use --force to replace an existing file).
+
+      A file is taken for an archive when it starts like one (and must then be a valid livesnap
+      archive), for a raw image when it holds a partition table, LVM2 or a known file system; a raw
+      image of unknown contents needs --raw. Empty, cut-off or damaged backups are refused.
     `,
     examples: [
       ['Restore to a disk', '$0 restore /backup/sdb1.img --to /dev/sdb1'],
       ['Restore into a new sparse file', '$0 restore /backup/sdb1.img --to /var/tmp/copy.img'],
       ['Restore from tape', 'mt -f /dev/nst0 rewind && $0 restore /dev/nst0 --to /dev/sdb1'],
       ['Restore from a stream', 'ssh vault "cat sdb1.tar.zst" | $0 restore - --to /dev/sdb1'],
+      ['Restore a raw image of an unformatted volume', '$0 restore /backup/raw.img --to /dev/sdc --raw'],
     ],
   });
 
   image = Option.String({ name: 'image' });
   to = Option.String('--to', { required: true, description: 'Target block device or image file' });
   force = Option.Boolean('--force', false, { description: 'Overwrite an existing target file' });
+  raw = Option.Boolean('--raw', false, { description: 'The image is raw and of unknown contents: restore every block (images of known file systems need no flag)' });
 
   nextVolume = Option.String('--next-volume-command', { description: 'Archive on several volumes: shell command run before each next one ($LIVESNAP_VOLUME)' });
 
   async run(): Promise<number> {
     /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
     const { restoreImage } = require('../../jobs/restore') as typeof import('../../jobs/restore');
-    const { looksLikeArchive, restoreArchive } = require('../../jobs/archive-restore') as typeof import('../../jobs/archive-restore');
+    const { restoreArchive } = require('../../jobs/archive-restore') as typeof import('../../jobs/archive-restore');
+    const { classifyBackup } = require('../../jobs/backup-kind') as typeof import('../../jobs/backup-kind');
     /* eslint-enable @typescript-eslint/no-require-imports */
     const { refuseServed } = require('../../jobs/served-check') as typeof import('../../jobs/served-check'); // eslint-disable-line @typescript-eslint/no-require-imports
     await refuseServed(this.to, 'restore destination');
     const r = this.reporter;
-    if (this.image === '-' || looksLikeArchive(this.image)) {
+    if ((await classifyBackup(this.image, { raw: this.raw })) === 'archive') {
       if (this.image !== '-') refuseImageOnTarget(this.image, this.to);
       const t0 = performance.now();
       const s = await restoreArchive({

@@ -24,15 +24,16 @@ export class VerifyCommand extends LivesnapCommand {
 
   image = Option.String({ name: 'image' });
   against = Option.String('--against', { description: 'Device (or image) to compare with' });
+  raw = Option.Boolean('--raw', false, { description: 'The image is raw and of unknown contents: compare every block' });
 
   nextVolume = Option.String('--next-volume-command', { description: 'Archive on several volumes: shell command run before each next one ($LIVESNAP_VOLUME)' });
 
   async run(): Promise<number> {
     /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
     const { verifyImage } = require('../../jobs/restore') as typeof import('../../jobs/restore');
-    const { looksLikeArchive } = require('../../jobs/archive-restore') as typeof import('../../jobs/archive-restore');
+    const { classifyBackup } = require('../../jobs/backup-kind') as typeof import('../../jobs/backup-kind');
     /* eslint-enable @typescript-eslint/no-require-imports */
-    if (this.image === '-' || looksLikeArchive(this.image)) return this.verifyArchive();
+    if ((await classifyBackup(this.image, { raw: this.raw })) === 'archive') return this.verifyArchive();
     if (!this.against) throw new UserError('a raw image carries no checksums: verify needs --against <device>', `e.g. livesnap verify ${this.image} --against /dev/sdb1`);
     const r = this.reporter;
     const res = await verifyImage({ image: this.image, against: this.against, onProgress: (d, t) => r.progress('verify', d, t, `${formatBytes(d)}/${formatBytes(t)}`) });

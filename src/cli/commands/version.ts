@@ -1,5 +1,5 @@
 import { Command } from 'clipanion';
-import { native } from '../../device/native';
+import { ioEngineName } from '../../device/io-ring';
 import { TOOL_VERSION } from '../../jobs/version';
 import { LivesnapCommand } from '../base';
 
@@ -12,7 +12,7 @@ export class VersionCommand extends LivesnapCommand {
 
   async run(): Promise<number> {
     let ioEngine = 'unavailable';
-    try { ioEngine = native().ioEngine(); } catch { /* addon missing: say so below */ }
+    try { ioEngine = ioEngineName(); } catch { /* addon missing: say so below */ }
     const sea = isSea();
     const info = { version: TOOL_VERSION, node: process.version, ioEngine, ioUring: ioEngine === 'io_uring', singleBinary: sea, platform: `${process.platform}-${process.arch}` };
     if (this.json) process.stdout.write(JSON.stringify(info) + '\n');
