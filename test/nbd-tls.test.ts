@@ -10,7 +10,7 @@ import { heapBuffer, type NbdBackend } from '../src/nbd/backend';
 import * as P from '../src/nbd/protocol';
 import { createNbdServer } from '../src/nbd/server';
 import { loadPskFile, parsePskFile } from '../src/nbd/tls-psk';
-import { parseListen } from '../src/control/listen';
+import { parseListen } from '../src/export/listen';
 import { livesnap } from './helpers/cli';
 import { goData, LIBNBD_DISC, option, RawClient } from './helpers/nbd-raw';
 import { cli, lastJsonOf, serveDevice, sleep } from './helpers/online';

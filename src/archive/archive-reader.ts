@@ -13,7 +13,7 @@
 // padding the reader stops reading (a tape may hold more after a file mark).
 import type { Readable } from 'node:stream';
 import { xxh128 } from '../device/hash';
-import { ZSTD_MAGIC, zstdDecompress } from './compress';
+import { ZSTD_MAGIC, zstdDecompress } from '../sink/stream/zstd';
 import { ArchiveError } from './errors';
 import {
   IMAGE_NAME, MANIFEST_NAME, MAX_MANIFEST_BYTES, TRAILER_NAME, hex, maxTrailerBytes, unsealJson, validateManifest, validateTrailer, type Manifest, type Trailer,

@@ -4,57 +4,38 @@
 //   two zero blocks | zero padding to a whole record.
 // Every byte goes through one RecordWriter (large buffers, whole records out); chunks are hashed in
 // place in that buffer once complete, so the data is copied exactly once.
-import * as fs from 'node:fs';
-import * as path from 'node:path';
-import type { Writable } from 'node:stream';
 import { xxh128 } from '../device/hash';
 import type { BackupSink, DataBatch, FinishInfo, VolumeInfo } from '../sink/sink';
 import type { Bitset } from '../util/bitset';
 import { UserError } from '../util/errors';
-import { ZstdRecordOutput } from './compress';
 import {
   ARCHIVE_FORMAT, FORMAT_VERSION, IMAGE_NAME, IMAGE_PAX_NAME, IMAGE_USTAR_NAME, MANIFEST_NAME, TRAILER_NAME,
   MAX_BAD_BLOCKS, archiveLimitProblem, defaultChunkSize, hex, sealJson, type ChunkRow, type Manifest, type Trailer,
 } from './manifest';
-import { VolumeSetOutput } from './multi-volume';
 import { BLOCK, USTAR_MAX_SIZE, padTo512, paxRecords, smallMember, ustarHeader, type Owner } from './pax-header';
-import { DEFAULT_RECORD_SIZE, FdRecordOutput, RecordWriter, WritableRecordOutput, checkRecordSize, openRecordFile, type RecordOutput } from './record-writer';
+import { RecordWriter } from '../sink/stream/record-writer';
+import { StreamTarget, type StreamOptions } from '../sink/stream/target';
 import { encodeSparseMap, sparseMapFromBitset, type SparseMap } from './sparse-map';
 
-export interface ArchiveSinkOptions {
-  /**
-   * A path (file or tape device, truncated/created 0600), '-' for standard output (written with
-   * writev(2) on fd 1, faster than process.stdout; do not write anything else to stdout), or a Writable.
-   */
-  out: string | Writable;
-  /** What a Writable `out` is, for errors (default "the archive stream"). */
-  outName?: string;
-  /** Bytes per write to the target; multiple of 512, 512..1 MiB. Default 10240. */
-  recordSize?: number;
-  compress?: 'zstd';
-  /** zstd level: 1..19, or negative for --fast=N. Default 1. */
-  compressLevel?: number;
-  /** Split into volumes of at most this many bytes (needs `out` to be a path). */
-  tapeSize?: number;
-  nextVolumeCommand?: string;
-  /** Path of volume n (default: `out` for every volume). */
-  volumePath?: (n: number) => string;
+export interface ArchiveFormatOptions {
   /** Chunk size for checksums (default: 1 MiB, larger for huge volumes). */
   chunkSize?: number;
   /** Aggregation buffer size (default 8 MiB, at least 4 chunks). */
   bufferSize?: number;
 }
 
+/** The format's options and its destination's (see sink/stream/target.ts). */
+export type ArchiveSinkOptions = ArchiveFormatOptions & StreamOptions;
+
+/** An archive sink on a new stream target. */
 export function createArchiveSink(opts: ArchiveSinkOptions): ArchiveSink {
-  return new ArchiveSink(opts);
+  return new ArchiveSink(new StreamTarget(opts), opts);
 }
 
 export class ArchiveSink implements BackupSink {
   readonly description: string;
   readonly recordSize: number;
-  private output: RecordOutput | undefined;
   private writer!: RecordWriter;
-  private createdFile: string | undefined;
   private map!: SparseMap;
   private chunkSize = 0;
   // data cursor
@@ -73,42 +54,16 @@ export class ArchiveSink implements BackupSink {
   private mtime = 0;
   private owner: Owner = { uid: 0, gid: 0, uname: 'root', gname: 'root' };
   private state: 'new' | 'open' | 'done' | 'aborted' = 'new';
-  private readonly volumeSet: VolumeSetOutput | undefined;
 
-  constructor(private readonly opts: ArchiveSinkOptions) {
-    this.recordSize = checkRecordSize(opts.recordSize ?? DEFAULT_RECORD_SIZE);
-    const where = typeof opts.out === 'string' && opts.out !== '-' ? opts.out : 'standard output';
-    this.description = `${opts.compress === 'zstd' ? 'zstd-compressed ' : ''}tar archive ${where}`;
-    if (opts.tapeSize !== undefined) {
-      if (typeof opts.out !== 'string' || opts.out === '-') throw new Error('a multi-volume archive (tape size) needs a file or device path, not a stream');
-      this.volumeSet = new VolumeSetOutput({ path: opts.out, volumePath: opts.volumePath, nextVolumeCommand: opts.nextVolumeCommand }, opts.tapeSize, this.recordSize);
-    }
+  constructor(private readonly target: StreamTarget, private readonly opts: ArchiveFormatOptions = {}) {
+    this.recordSize = target.recordSize;
+    this.description = `${target.compression === 'zstd' ? 'zstd-compressed ' : ''}tar archive ${target.where}`;
   }
 
   /** Bytes of the (uncompressed) tar stream so far. */
   get archiveBytes(): number { return this.writer ? this.writer.position : 0; }
   /** Number of the volume being written (multi-volume), else 1. */
-  get volume(): number { return this.volumeSet?.volume ?? 1; }
-
-  private async openOutput(): Promise<RecordOutput> {
-    const r = this.recordSize;
-    let base: RecordOutput;
-    if (this.volumeSet) base = this.volumeSet;
-    else if (this.opts.out === '-') base = new FdRecordOutput(1, r, false);
-    else if (typeof this.opts.out === 'string') {
-      // A file is written as "<target>.partial" and renamed when complete (as images are), so a
-      // backup killed mid-way never leaves something under the final name; devices are written as they are.
-      const st = await fs.promises.stat(this.opts.out).catch(() => undefined);
-      const toFile = !st || st.isFile();
-      const o = await openRecordFile(toFile ? `${this.opts.out}.partial` : this.opts.out, r);
-      if (o.regular) this.createdFile = toFile ? `${this.opts.out}.partial` : this.opts.out;
-      base = o.out;
-    } else {
-      base = new WritableRecordOutput(this.opts.out, r, { end: this.opts.out !== process.stdout, where: this.opts.outName });
-    }
-    if (this.opts.compress === 'zstd') return new ZstdRecordOutput(base, r, this.opts.compressLevel ?? 1);
-    return base;
-  }
+  get volume(): number { return this.target.volume; }
 
   async begin(volume: VolumeInfo, used: Bitset): Promise<void> {
     if (this.state !== 'new') throw new Error('archive sink: begin() called twice');
@@ -142,14 +97,14 @@ export class ArchiveSink implements BackupSink {
       checksum: 'xxh3-128',
       chunkSize: this.chunkSize,
       recordSize: this.recordSize,
-      compression: this.opts.compress === 'zstd' ? 'zstd' : 'none',
+      compression: this.target.compression,
       notes: volume.notes,
       ...(volume.layout ? { layout: volume.layout } : {}),
     };
 
-    this.output = await this.openOutput();
+    const output = await this.target.open();
     const bufferSize = Math.max(this.opts.bufferSize ?? 8 << 20, 4 * this.chunkSize + 2 * this.recordSize);
-    this.writer = new RecordWriter(this.output, this.recordSize, bufferSize, 3);
+    this.writer = new RecordWriter(output, this.recordSize, bufferSize, 3);
     await this.writer.write(smallMember(MANIFEST_NAME, sealJson(manifest), this.mtime, this.owner));
 
     const memberSize = mapBytes.length + this.map.storedBytes;
@@ -256,27 +211,13 @@ export class ArchiveSink implements BackupSink {
     await w.write(smallMember(TRAILER_NAME, sealJson(trailer), this.mtime, this.owner));
     await w.writeZeros(2 * BLOCK);
     await w.finish();
-    await this.output!.close();
-    if (this.createdFile?.endsWith('.partial') && typeof this.opts.out === 'string') {
-      await fs.promises.rename(this.createdFile, this.opts.out);
-      await syncDirOf(this.opts.out);
-      this.createdFile = undefined;
-    }
+    await this.target.commit();
     this.state = 'done';
   }
 
   async abort(_reason: Error): Promise<void> {
     if (this.state === 'done' || this.state === 'aborted') return;
     this.state = 'aborted';
-    try { this.output?.destroy(); } catch { /* never throws */ }
-    // A partial archive file is removed; on a stream or tape there is no trailer, so it never reads as complete.
-    if (this.createdFile) await fs.promises.rm(this.createdFile, { force: true }).catch(() => {});
+    await this.target.discard();
   }
-}
-
-/** fsync of a file's directory, so a rename is durable (best effort: some file systems refuse it). */
-async function syncDirOf(file: string): Promise<void> {
-  const fh = await fs.promises.open(path.dirname(file), 'r').catch(() => undefined);
-  if (!fh) return;
-  try { await fh.sync(); } catch { /* not supported here */ } finally { await fh.close(); }
 }

@@ -1,10 +1,9 @@
 // "livesnap backup <export>": asks the daemon to back up an export it serves and shows the job's
 // events. Ctrl-C (or losing this process) cancels the job unless --detach was given.
-import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { connectControl, request } from '../control/client';
 import type { BackupRequest } from '../control/protocol';
-import { outputError } from '../archive/record-writer';
+import { relayRecords } from '../sink/stream/data-channel';
 import { UserError } from '../util/errors';
 import { formatBytes, formatRate } from '../util/size';
 import type { Reporter } from './reporter';
@@ -80,26 +79,5 @@ export async function runOnlineBackupViaDaemon(control: string, req: BackupReque
 async function copyDataChannel(control: string, token: string, recordSize: number): Promise<void> {
   const sock = await connectControl(control);
   sock.write(JSON.stringify({ op: 'data', token }) + '\n');
-  let pending: Buffer = Buffer.alloc(0);
-  const writeAll = (b: Buffer) => {
-    let off = 0;
-    while (off < b.length) {
-      try {
-        off += fs.writeSync(1, b, off, b.length - off);
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code === 'EAGAIN') continue;
-        sock.destroy();
-        throw outputError(e, 'standard output');
-      }
-    }
-  };
-  for await (const chunk of sock) {
-    pending = pending.length ? Buffer.concat([pending, chunk as Buffer]) : (chunk as Buffer);
-    const whole = pending.length - (pending.length % recordSize);
-    if (whole > 0) {
-      for (let o = 0; o < whole; o += recordSize) writeAll(pending.subarray(o, o + recordSize));
-      pending = pending.subarray(whole);
-    }
-  }
-  if (pending.length) writeAll(pending);
+  await relayRecords(sock, 1, recordSize);
 }

@@ -15,15 +15,15 @@ import type { PointInTime } from '../snapshot/method';
 import { type JobRecord, SELF } from '../export/state-dir';
 import { identify, lockedPath, overlap } from '../device/identity';
 import { deviceHolding, fingerprintOf, fingerprintOfVolume } from '../export/on-volume';
-import { checkTargetOptions, isTapeDevice, openBackupTarget } from '../sink/open-target';
+import { checkTargetOptions, isTapeDevice, openBackupTarget } from '../jobs/open-target';
 import { parseContainer } from '../snapshot/parse-container';
 import type { SnapshotFilter } from '../export/snapshot-filter';
 import type { SnapshotSession } from '../snapshot/session';
 import { DEFAULT_WRITER_PRIORITY, type WriterPriority } from '../snapshot/writer-priority';
 import { loadPskFile, type PskKeys } from '../nbd/tls-psk';
 import { errorText, UserError } from '../util/errors';
-import { checkTcpSecurity, formatHostPort, parseListen, plaintextWarning } from './listen';
-import { type SnapshotRequest, type BackupRequest, CACHE_MODES, type CacheMode, type ControlReply, type ControlRequest, defaultExportSocket, parseControlRequest, EXPORT_NAME, type ServeRequest } from './protocol';
+import { checkTcpSecurity, formatHostPort, parseListen, plaintextWarning } from '../export/listen';
+import { type SnapshotRequest, type BackupRequest, type ControlReply, type ControlRequest, defaultExportSocket, parseControlRequest, type ServeRequest } from './protocol';
 
 /** A served export and the backup running on it, if any. */
 type Entry = ServedExport & { job?: Job };

@@ -5,17 +5,9 @@
 import * as path from 'node:path';
 import { config } from '../config';
 import * as t from 'typanion';
+import { CACHE_MODES, type ExportSpec } from '../export/export-spec';
 import { WRITER_PRIORITIES } from '../snapshot/writer-priority';
 import { UserError } from '../util/errors';
-
-/**
- * How the export writes the backing device. 'none': O_DIRECT, an acknowledged write is on the device
- * (in its volatile cache until FLUSH). 'writeback': through the kernel's page cache, as nbdkit's
- * file plugin and QEMU's default do; acknowledged writes survive a crash of livesnap (the kernel
- * holds them) and FLUSH makes them durable; the backup still reads the device with O_DIRECT.
- */
-export const CACHE_MODES = ['none', 'writeback'] as const;
-export type CacheMode = (typeof CACHE_MODES)[number];
 
 // The requests, as typanion schemas: the types below are inferred from them, and the daemon checks
 // every request against them on arrival (parseControlRequest), so a request the CLI could not have
@@ -26,19 +18,16 @@ const optBool = t.isOptional(t.isBoolean());
 const optNum = t.isOptional(t.isNumber());
 const onError = t.isEnum(['abort', 'ignore'] as const);
 
+// Field meanings: ExportSpec.
 const isServeRequest = t.isObject({
   op: t.isLiteral('serve'),
   device: str,
   name: str,
   socket: optStr,
-  /** TCP HOST:PORT (see listen.ts). */
   listen: optStr,
-  /** Absolute path of a PSK file (livesnap keygen): TCP clients must start TLS with one of its keys. */
   tlsPsk: optStr,
-  /** TCP without TLS, asked for explicitly. */
   insecurePlaintext: optBool,
   cache: t.isOptional(t.isEnum(CACHE_MODES)),
-  /** The export's state directory (absolute); default <state root>/<name>. */
   state: optStr,
 });
 const isStopRequest = t.isObject({ op: t.isLiteral('stop'), name: optStr });
@@ -77,7 +66,8 @@ const isSnapshotRequest = t.isObject({
   writeWaitLimitMs: optNum,
 });
 
-export type ServeRequest = t.InferType<typeof isServeRequest>;
+/** A serve request is an export's spec (export/export-spec.ts), field for field. */
+export type ServeRequest = t.InferType<typeof isServeRequest> & ExportSpec;
 export type StopRequest = t.InferType<typeof isStopRequest>;
 export type StatusRequest = t.InferType<typeof isStatusRequest>;
 export type CancelRequest = t.InferType<typeof isCancelRequest>;
@@ -117,7 +107,6 @@ export function defaultExportSocket(controlPath: string, name: string): string {
   return path.join(path.dirname(controlPath), `${name}.sock`);
 }
 
-export const EXPORT_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
 /** The control socket a command talks to: --control, else $LIVESNAP_CONTROL, else the default. */
 export function resolveControlPath(option: string | undefined): string {

@@ -17,12 +17,11 @@ import { BufferPool } from '../device/memory';
 import type { Device } from '../device/device';
 import type { BackupSink } from '../sink/sink';
 import type { CopyMap, Task } from './copy-map';
-import type { Container } from '../snapshot/container';
 import type { Bitset } from '../util/bitset';
 import { type ErrorPolicy, UnreadableBlockError } from './errors';
 import { RateLimit } from './rate-limit';
 
-/** Batches while clients write: bytes per device read batch, and batches in flight (0: none). */
+/** Batches while clients write: bytes per device read batch, and batches in flight (at least 1). */
 export interface BusyPace { batchBytes: number; depth: number }
 
 /** Where the blocks of one point in time are. */

@@ -9,8 +9,8 @@ import { createNbdServer, type NbdServer } from '../nbd/server';
 import { loadPskFile, type PskKeys } from '../nbd/tls-psk';
 import { SnapshotFilter } from './snapshot-filter';
 import { UserError } from '../util/errors';
-import { checkTcpSecurity, formatHostPort, type ListenAddress, parseListen, plaintextWarning } from '../control/listen';
-import { CACHE_MODES, type CacheMode, EXPORT_NAME, type ServeRequest } from '../control/protocol';
+import { CACHE_MODES, type CacheMode, EXPORT_NAME, type ExportSpec } from './export-spec';
+import { checkTcpSecurity, formatHostPort, type ListenAddress, parseListen, plaintextWarning } from './listen';
 import * as path from 'node:path';
 import { type Leftover, StateDir } from './state-dir';
 
@@ -54,7 +54,7 @@ export class ServedExport {
     return `nbd+unix:///${this.name}?socket=${this.socket}`;
   }
 
-  static async open(req: ServeRequest, ctx: ExportContext): Promise<ServedExport> {
+  static async open(req: ExportSpec, ctx: ExportContext): Promise<ServedExport> {
     // 1. Everything the request says, before anything is opened.
     if (!EXPORT_NAME.test(req.name)) throw new UserError(`export name "${req.name}" is not allowed`, 'use letters, digits, ".", "_" and "-" (up to 64), starting with a letter or digit');
     const served = [...ctx.served];

@@ -2,7 +2,8 @@
 // streaming without seeking. The chunk checksums sit in the trailer at the end, so a restore is
 // incomplete until the whole archive has been read: a file target stays "<target>.partial" until
 // then and is removed on any error; a device target is reported as not restored.
-import { readArchive, readFileChunks, readVolumes, type ArchiveInput, type ArchiveSummary, type Manifest } from '../archive';
+import { readArchive, type ArchiveInput, type ArchiveSummary, type Manifest } from '../archive';
+import { readFileChunks, readVolumes } from '../sink/stream/multi-volume';
 import { AlignedStager } from '../sink/aligned-stager';
 import { CompareSink } from '../sink/compare-sink';
 import { ImageSink } from '../sink/image-sink';

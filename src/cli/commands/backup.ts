@@ -1,6 +1,7 @@
 import { Command, Option } from 'clipanion';
 import * as fs from 'node:fs';
-import { resolveControlPath, EXPORT_NAME } from '../../control/protocol';
+import { resolveControlPath } from '../../control/protocol';
+import { EXPORT_NAME } from '../../export/export-spec';
 import * as t from 'typanion';
 import { WRITER_PRIORITIES } from '../../snapshot/writer-priority';
 import { UserError } from '../../util/errors';
@@ -123,7 +124,7 @@ export class BackupCommand extends LivesnapCommand {
     /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
     const { runBackup } = require('../../jobs/backup') as typeof import('../../jobs/backup');
     const { openSource, refuseTargetOnSource } = require('../../jobs/source') as typeof import('../../jobs/source');
-    const { openBackupTarget } = require('../../sink/open-target') as typeof import('../../sink/open-target');
+    const { openBackupTarget } = require('../../jobs/open-target') as typeof import('../../jobs/open-target');
     /* eslint-enable @typescript-eslint/no-require-imports */
     const { refuseServed } = require('../../jobs/served-check') as typeof import('../../jobs/served-check'); // eslint-disable-line @typescript-eslint/no-require-imports
     await refuseServed(this.source, 'source');

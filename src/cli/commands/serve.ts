@@ -1,6 +1,7 @@
 import { Command, Option } from 'clipanion';
 import * as path from 'node:path';
-import { type CacheMode, resolveControlPath, type ServeRequest } from '../../control/protocol';
+import { resolveControlPath, type ServeRequest } from '../../control/protocol';
+import type { CacheMode } from '../../export/export-spec';
 import { stateRoot } from '../../config';
 import { UserError } from '../../util/errors';
 import { formatBytes } from '../../util/size';
@@ -63,7 +64,7 @@ export class ServeCommand extends LivesnapCommand {
     const { call, isDaemonRunning } = require('../../control/client') as typeof import('../../control/client');
     const { Daemon } = require('../../control/daemon') as typeof import('../../control/daemon');
     const { loadKeys } = require('../../export/served-export') as typeof import('../../export/served-export');
-    const { checkTcpSecurity, parseListen, plaintextWarning } = require('../../control/listen') as typeof import('../../control/listen');
+    const { checkTcpSecurity, parseListen, plaintextWarning } = require('../../export/listen') as typeof import('../../export/listen');
     const { startDaemon } = require('../../control/spawn') as typeof import('../../control/spawn');
     /* eslint-enable @typescript-eslint/no-require-imports */
     const control = resolveControlPath(this.control);

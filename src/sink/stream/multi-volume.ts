@@ -4,7 +4,7 @@
 // The concatenation of the volumes is the archive: `cat vol1 vol2 vol3 | tar -xf -` works too.
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
-import { ArchiveError } from './errors';
+import { UserError } from '../../util/errors';
 import { openRecordFile, type RecordOutput } from './record-writer';
 
 export interface VolumeOptions {
@@ -144,6 +144,6 @@ export async function* readVolumes(src: string[] | (VolumeOptions & { volumes?: 
     }
     let any = false;
     for await (const b of readFileChunks(src.volumePath?.(n) ?? src.path)) { any = true; yield b; }
-    if (!any) throw new ArchiveError(`volume ${n} is empty`, -1);
+    if (!any) throw new UserError(`volume ${n} of the archive is empty`, 'load the right volume (tape) and run again');
   }
 }

@@ -4,7 +4,7 @@
 // kernel turns each iovec into one write, i.e. one tape block of exactly recordSize bytes).
 import * as fs from 'node:fs';
 import type { Writable } from 'node:stream';
-import { UserError } from '../util/errors';
+import { UserError } from '../../util/errors';
 
 export const DEFAULT_RECORD_SIZE = 10240;
 export const MAX_RECORD_SIZE = 1 << 20;

@@ -1,11 +1,13 @@
 // Chooses the sink from the target's form: ".img" or a disk → raw image; ".tar", "-" and tape
 // devices → archive. --format overrides.
 import * as fs from 'node:fs';
+import { createArchiveSink } from '../archive';
+import { ImageSink } from '../sink/image-sink';
+import { NullSink } from '../sink/null-sink';
+import type { BackupSink } from '../sink/sink';
+import { checkRecordSize } from '../sink/stream/record-writer';
+import { requireZstd } from '../sink/stream/zstd';
 import { UserError } from '../util/errors';
-import { checkRecordSize, createArchiveSink, requireZstd } from '../archive';
-import { ImageSink } from './image-sink';
-import { NullSink } from './null-sink';
-import type { BackupSink } from './sink';
 
 export interface TargetOptions {
   force?: boolean;

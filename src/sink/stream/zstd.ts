@@ -2,7 +2,6 @@
 // Writing: the compressed output is re-blocked into fixed records; the last record is padded with a
 // zstd *skippable frame* (magic 0x184D2A50), not zeros, so `zstd -d` and `tar --zstd` accept it.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { ArchiveError } from './errors';
 import { RecordWriter, type RecordOutput } from './record-writer';
 
 export const ZSTD_MAGIC = Buffer.from([0x28, 0xb5, 0x2f, 0xfd]);
@@ -117,7 +116,7 @@ export function zstdDecompress(raw: AsyncIterator<Uint8Array>, head: Uint8Array[
   const finished = (async () => {
     const rawBytes = await feed;
     const code = await childExit(child);
-    if (code !== 0 && !killed) throw new ArchiveError(`zstd could not decompress the archive: ${stderr.trim() || `exit status ${code}`}`, -1);
+    if (code !== 0 && !killed) throw new Error(`zstd could not decompress the archive: ${stderr.trim() || `exit status ${code}`}`);
     return rawBytes;
   })();
   finished.catch(() => {});
