@@ -32,7 +32,7 @@ export async function main(argv: string[]): Promise<number> {
   const cli = buildCli();
   // "livesnap", "livesnap --help", "livesnap -h": the very text clipanion's help command prints
   // (Builtins.HelpCommand writes cli.usage() to stdout and exits 0), without first compiling the
-  // argument parser of every command (a few ms of the startup-time budget, issue 5).
+  // argument parser of every command (a few ms of start-up time).
   if (argv.length === 0 || (argv.length === 1 && (argv[0] === '--help' || argv[0] === '-h'))) {
     writeStdout(cli.usage());
     return 0;

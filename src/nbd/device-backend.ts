@@ -27,10 +27,9 @@ const MAX_EXTENT_RANGES = 4096;
 const PAGE_CACHE_SYNC_WRITE = 64 * 1024;
 /**
  * LIVESNAP_CLIENT_IO_PRIORITY=realtime issues clients' reads and writes in the real-time I/O class
- * (like copy-before-write reads always are). Writers during a backup then keep ~0.55x their idle
- * IOPS even at QD1 (0.24x without), but mq-deadline dispatches no best-effort request while a
- * real-time one is in flight, so a backup under steady writes took 6.7x its idle time instead of
- * 1.6x (bench/online-writers, bench/online-load). Off by default: a backup must finish.
+ * (like copy-before-write reads always are). Writers keep more of their rate during a backup, but
+ * mq-deadline dispatches no best-effort request while a real-time one is in flight, so the backup
+ * itself may barely move under steady writes (README, "Online backups"). Off by default: a backup must finish.
  */
 const URGENT_CLIENT_IO = config().clientIoPriority === 'realtime';
 

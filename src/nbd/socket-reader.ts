@@ -1,9 +1,7 @@
-// How a connection uses its socket. Reads: into one reusable buffer instead of a fresh 64 KiB allocation per
-// read (Node's `onread` socket option). On the NBD data path this is the difference between ~50K and
-// ~70K 4 KiB writes a second, and 1.5 vs 2.8 GB/s of 1 MiB writes (bench/nbd-datapath, with and
-// without LIVESNAP_NBD_READ_BUFFER=0): the
-// payload still gets copied once (from this buffer into aligned device memory), but nothing is
-// allocated, and the garbage collector has nothing to do, per read.
+// How a connection uses its socket. Reads: into one reusable buffer instead of a fresh 64 KiB allocation
+// per read (Node's `onread` socket option): the payload is still copied once (into aligned device
+// memory), but nothing is allocated and the garbage collector has nothing to do, per read (the
+// figures are in the README; LIVESNAP_NBD_READ_BUFFER=0 turns it off to compare).
 //
 // Node offers `onread` only to sockets it constructs, not to the ones net.Server hands out, so the
 // accepted socket's handle moves to a new Socket built with the option. That touches one
@@ -50,9 +48,9 @@ export function withReadBuffer(accepted: net.Socket, size: number, onChunk: (chu
 
 /**
  * Asks for a send buffer of `bytes` (SO_SNDBUF; the kernel caps it at net.core.wmem_max). With the
- * default ~208 KiB a 1 MiB READ reply leaves in five writes, each waiting for the socket to drain;
- * with 4 MiB, 1 MiB reads went from ~2.0 to ~3.0 GB/s here (compare `bench/nbd-datapath` with and
- * without LIVESNAP_NBD_SEND_BUFFER=0). Best effort: without a file descriptor the default stays.
+ * default ~208 KiB a 1 MiB READ reply leaves in five writes, each waiting for the socket to drain
+ * (LIVESNAP_NBD_SEND_BUFFER=0 turns it off to compare). Best effort: without a file descriptor the
+ * default stays.
  */
 export function enlargeSendBuffer(socket: net.Socket, bytes: number): void {
   if (!config().nbdSendBuffer) return;
