@@ -1,13 +1,14 @@
 // Offline and freeze backups through the real CLI, on real loop devices and real file systems.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { lastJson, livesnap } from './helpers/cli';
+import { BIN, lastJson, livesnap } from './helpers/cli';
 import test from 'ava';
 import { testIf } from './helpers/skip';
 import { loopDevice, mount, run, runStatus, scratchDir, seedFromEnv, sparseFile } from './helpers/system';
 import { checksumsOfImage, makeVolume } from './helpers/volumes';
 
 const rootTest = testIf({ root: true, commands: ['mkfs.ext4', 'e2fsck', 'losetup'] });
+const serialRoot = testIf({ root: true, commands: ['mkfs.ext4', 'losetup', 'fsfreeze'] }, { serial: true });
 
 rootTest('backup of an unmounted ext4 volume: sparse image, fsck clean, every file intact, verify and restore agree', async (t) => {
   const dir = scratchDir(t);
@@ -92,6 +93,39 @@ rootTest('--method freeze backs up a mounted file system while a writer keeps wr
   t.true(lines.length >= 1, 'the writer had appended before the backup');
   const bad = lines.findIndex((l, i) => l !== `line ${i}`);
   t.is(bad, -1, `line ${bad} of the frozen log is ${JSON.stringify(lines[bad])}`);
+});
+
+serialRoot('--method freeze: SIGTERM or SIGINT during the frozen copy thaws at once (the CLI owns the signals) and ends with 143 / 130', async (t) => {
+  const dir = scratchDir(t);
+  const vol = makeVolume(t, dir, { sizeMiB: 128, mkfs: ['mkfs.ext4', '-q', '-F'], seed: seedFromEnv(t), dataMiB: 60, keepMounted: true });
+  for (const [sig, code] of [['SIGTERM', 143], ['SIGINT', 130]] as const) {
+    const img = path.join(dir, `${sig}.img`);
+    const cp = require('node:child_process') as typeof import('node:child_process');
+    // --max-rate keeps the copy (and the freeze) going long enough to be interrupted in it.
+    const p = cp.spawn(process.execPath, [BIN, 'backup', vol.loop, '--method', 'freeze', '--mount', vol.mnt!, '--to', img, '--max-rate', '2M', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const closed = new Promise<number | null>((r) => p.once('close', r));
+    t.teardown(() => { p.kill('SIGKILL'); });
+    let out = '', err = '';
+    p.stdout.on('data', (d) => (out += d));
+    p.stderr.on('data', (d) => (err += d));
+    const deadline = Date.now() + 20_000;
+    while (!/"event":"progress"/.test(out) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    t.regex(out, /"event":"progress"/, 'the copy started');
+    p.kill(sig);
+    const status = await closed;
+    t.is(status, code, err);
+    // Should the CLI have died frozen, thaw by hand so the test fails instead of hanging.
+    if (status !== code) runStatus('fsfreeze', ['-u', vol.mnt!]);
+    t.true(err.includes(`${sig}: ${vol.mnt} thawed, backup cancelled`), err);
+    // Thawed: a write and its fsync return at once.
+    const t0 = Date.now();
+    const fd = fs.openSync(path.join(vol.mnt!, `after-${sig}.txt`), 'w');
+    fs.writeSync(fd, 'thawed');
+    fs.fsyncSync(fd);
+    fs.closeSync(fd);
+    t.true(Date.now() - t0 < 5000, 'the file system is not frozen');
+    t.false(fs.existsSync(img), 'no image under the final name');
+  }
 });
 
 rootTest('offline backup refuses a volume mounted read-write and names the freeze method', async (t) => {

@@ -48,8 +48,7 @@ export interface BackupSummary extends CopySummary {
 
 export async function runBackup(opts: BackupOptions): Promise<BackupSummary> {
   const { source } = opts;
-  // An offline backup runs in the CLI, which serves nothing: it may thaw synchronously on exit.
-  const method = opts.method === 'freeze' ? new FreezeMethod(source, opts.mount!, { processGuard: true }) : new OfflineMethod(source);
+  const method = opts.method === 'freeze' ? new FreezeMethod(source, opts.mount!) : new OfflineMethod(source);
   const r = await runBackupJob({
     method,
     sink: opts.sink,

@@ -45,13 +45,21 @@ async function presync(mountPoint: string): Promise<number> {
 /** How long FITHAW may take before the backup reports it (the call goes on in the background). */
 const THAW_TIMEOUT_MS = 30_000;
 
-export interface FreezeOptions {
-  /**
-   * For a CLI that serves nothing: thaw synchronously on process exit and on SIGINT/SIGTERM/SIGHUP.
-   * The daemon never does (a synchronous FITHAW there would wait for writes only its own event loop
-   * can serve; it thaws on the thread pool and keeps serving).
-   */
-  processGuard?: boolean;
+/** File systems this process holds frozen now. */
+const frozenNow = new Set<string>();
+
+/**
+ * Thaws, synchronously and at once, everything this process froze: for a process that serves
+ * nothing (the CLI), on exit or a signal. Never in the daemon: a synchronous FITHAW there would
+ * wait for writes only its own event loop can serve. Returns the mount points thawed.
+ */
+export function thawAllNowSync(): string[] {
+  const done = [...frozenNow];
+  for (const m of done) {
+    frozenNow.delete(m);
+    try { thawFsNow(m); } catch { /* already thawed */ }
+  }
+  return done;
 }
 
 async function thaw(mountPoint: string): Promise<void> {
@@ -83,52 +91,23 @@ export interface Frozen {
  * writers still run. The window counts from the FIFREEZE call (it blocks new writers while it syncs)
  * to the end of FITHAW.
  */
-export async function freezeFs(mountPoint: string, opts: FreezeOptions = {}): Promise<Frozen> {
-  let frozen = false;
-  const thawNow = () => {
-    if (!frozen) return;
-    frozen = false;
-    try { thawFsNow(mountPoint); } catch { /* already thawed */ }
-  };
-  const onSignal = (sig: NodeJS.Signals) => {
-    thawNow();
-    process.stderr.write(`\nlivesnap: ${sig}: ${mountPoint} thawed, backup cancelled\n`);
-    process.exit(sig === 'SIGINT' ? 130 : 143);
-  };
-  const unguard = () => {
-    if (!opts.processGuard) return;
-    process.off('exit', thawNow);
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
-    process.off('SIGHUP', onSignal);
-  };
-  if (opts.processGuard) {
-    process.on('exit', thawNow);
-    process.on('SIGINT', onSignal);
-    process.on('SIGTERM', onSignal);
-    process.on('SIGHUP', onSignal);
-  }
+export async function freezeFs(mountPoint: string): Promise<Frozen> {
   const presyncMs = await presync(mountPoint);
   const t0 = performance.now();
   try {
     await freezeIoctl(mountPoint);
   } catch (e) {
-    unguard();
     throw new UserError(`cannot freeze ${mountPoint}: ${(e as Error).message}`, 'the file system must support FIFREEZE (ext4, xfs, btrfs) and not be frozen already');
   }
-  frozen = true;
+  frozenNow.add(mountPoint);
   let thawed: Promise<number> | undefined;
   return {
     mountPoint,
     presyncMs,
     thaw: () => {
       thawed ??= (async () => {
-        frozen = false;
-        try {
-          await thaw(mountPoint);
-        } finally {
-          unguard();
-        }
+        frozenNow.delete(mountPoint);
+        await thaw(mountPoint);
         return performance.now() - t0;
       })();
       return thawed;
@@ -141,8 +120,8 @@ export async function freezeFs(mountPoint: string, opts: FreezeOptions = {}): Pr
  * the write-back before the freeze took. Thaws always, on the thread pool; an error of `work` wins
  * over one of the thaw.
  */
-export async function withFrozen<T>(mountPoint: string, work: () => Promise<T>, opts: FreezeOptions = {}): Promise<{ result: T; frozenMs: number; presyncMs: number }> {
-  const f = await freezeFs(mountPoint, opts);
+export async function withFrozen<T>(mountPoint: string, work: () => Promise<T>): Promise<{ result: T; frozenMs: number; presyncMs: number }> {
+  const f = await freezeFs(mountPoint);
   let result: T;
   try {
     result = await work();

@@ -6,7 +6,7 @@ import { CopyMap } from '../copy/copy-map';
 import type { BlockReader, Device } from '../device/device';
 import type { UsedBlockMap } from '../fs/used-map';
 import type { Bitset } from '../util/bitset';
-import { type FreezeOptions, checkFreezeMount, freezeFs, type Frozen } from './freeze';
+import { checkFreezeMount, freezeFs, type Frozen } from './freeze';
 
 /** What a backup holds of the instant, at the snapshot's block size, and where the engine reads it. */
 export interface Restricted {
@@ -78,11 +78,11 @@ export class OfflineMethod implements SnapshotMethod {
 /** The file system on the volume is frozen (FIFREEZE) for the whole copy, thawed at release. */
 export class FreezeMethod implements SnapshotMethod {
   readonly name = 'freeze' as const;
-  constructor(private readonly device: Device, private readonly mountPoint: string, private readonly opts: FreezeOptions = {}) {}
+  constructor(private readonly device: Device, private readonly mountPoint: string) {}
 
   async arm(): Promise<PointInTime> {
     await checkFreezeMount(this.mountPoint, this.device);
-    const frozen: Frozen = await freezeFs(this.mountPoint, this.opts);
+    const frozen: Frozen = await freezeFs(this.mountPoint);
     const device = this.device;
     let err: Error | undefined;
     let frozenMs: number | undefined;

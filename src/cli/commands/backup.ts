@@ -131,6 +131,8 @@ export class BackupCommand extends LivesnapCommand {
     await refuseServed(this.to, 'target');
     if (this.to !== '-' && fs.existsSync(`${this.to}.partial`)) this.reporter.info(`note: replacing ${this.to}.partial, left by a backup that did not finish`);
     const source = openSource(this.source, this.method);
+    // This process serves nothing: a signal or an exit during the freeze window thaws at once.
+    const unguard = this.method === 'freeze' ? guardFrozen() : () => {};
     try {
       refuseTargetOnSource(source, this.to);
       const sink = openBackupTarget(this.to, {
@@ -169,6 +171,7 @@ export class BackupCommand extends LivesnapCommand {
       );
       return 0;
     } finally {
+      unguard();
       source.close();
     }
   }
@@ -178,4 +181,22 @@ export class BackupCommand extends LivesnapCommand {
 function layoutLines(layout: import('../../fs/layout').LayoutNode | undefined): string[] {
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   return (require('../../fs/layout') as typeof import('../../fs/layout')).layoutSummaryLines(layout);
+}
+
+/** Thaws what this CLI froze on exit and on SIGINT/SIGTERM/SIGHUP (which then end the backup). */
+function guardFrozen(): () => void {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { thawAllNowSync } = require('../../snapshot/freeze') as typeof import('../../snapshot/freeze');
+  const onExit = () => { thawAllNowSync(); };
+  const onSignal = (sig: NodeJS.Signals) => {
+    const thawed = thawAllNowSync();
+    process.stderr.write(`\nlivesnap: ${sig}: ${thawed.length ? `${thawed.join(', ')} thawed, ` : ''}backup cancelled\n`);
+    process.exit(sig === 'SIGINT' ? 130 : 143);
+  };
+  process.on('exit', onExit);
+  for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(s, onSignal);
+  return () => {
+    process.off('exit', onExit);
+    for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.off(s, onSignal);
+  };
 }
