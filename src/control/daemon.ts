@@ -19,6 +19,7 @@ import { checkTargetOptions, isTapeDevice, openBackupTarget } from '../jobs/open
 import { parseContainer } from '../snapshot/parse-container';
 import type { SnapshotFilter } from '../export/snapshot-filter';
 import type { SnapshotSession } from '../snapshot/session';
+import type { HoldJobStats } from '../snapshot/hold-method';
 import { DEFAULT_WRITER_PRIORITY, type WriterPriority } from '../snapshot/writer-priority';
 import { loadPskFile, type PskKeys } from '../nbd/tls-psk';
 import { errorText, UserError } from '../util/errors';
@@ -43,6 +44,8 @@ interface Job {
   finished?: Date;
   detached: boolean;
   writerPriority: WriterPriority;
+  /** --method hold: the hold's live numbers. */
+  hold?: () => HoldJobStats | undefined;
   /** A snapshot job's read-only export of the instant. */
   view?: { name: string; socket: string; uri: string; backend: PointInTimeBackend };
 }
@@ -208,6 +211,7 @@ export class Daemon {
         job: e.job ? this.jobInfo(e.job) : null,
         state: e.state.dir,
         leftovers: e.leftovers,
+        held: heldNow(e.hold.holdStats()),
       };
     });
     const jobs = [...this.jobs.values()].map((j) => this.jobInfo(j));
@@ -218,6 +222,7 @@ export class Daemon {
 
   private jobInfo(j: Job): Record<string, unknown> {
     const s = j.session?.stats();
+    const h = j.state === 'running' ? j.hold?.() : undefined;
     return {
       id: j.id,
       export: j.export,
@@ -230,7 +235,8 @@ export class Daemon {
       badBlocks: j.progress.badBlocks,
       containerUsedBytes: s?.containerUsedBytes ?? null,
       containerCapacityBytes: s?.containerCapacityBytes ?? null,
-      writesWaiting: s?.writesWaiting ?? 0,
+      writesWaiting: s?.writesWaiting ?? h?.count ?? 0,
+      ...(j.hold ? { method: 'hold', held: h ? { ...heldNow(h), mode: h.mode, limitBytes: h.limitBytes, fellBack: h.fellBack } : null } : {}),
       worstWriteDelayMs: s?.worstWriteDelayMs ?? j.summary?.worstWriteDelayMs ?? 0,
       writerPriority: j.writerPriority,
       error: j.error ?? null,
@@ -400,6 +406,7 @@ export class Daemon {
       maxRate: req.maxRate,
       writerPriority: job.writerPriority,
       writeWaitLimitMs: req.writeWaitLimitMs,
+      ...(req.method === 'hold' ? { hold: { filter: e.hold, mode: req.hold, limitBytes: req.holdLimit, onStats: (f) => (job.hold = f), log: (l) => this.log(`job ${job.id}: ${l}`) } } : {}),
       onSession: (s) => (job.session = s),
       onEvent: (ev) => {
         if (ev.event === 'progress') job.progress = { bytesDone: ev.bytesDone, bytesTotal: ev.bytesTotal, badBlocks: ev.badBlocks };
@@ -429,6 +436,11 @@ export class Daemon {
       if (e.job === job) e.job = undefined;
     }
   }
+}
+
+/** Held changes of an export now: count, payload bytes, the oldest one's age. */
+function heldNow(h: { count: number; bytes: number; oldestMs: number }): { count: number; bytes: number; oldestMs: number } {
+  return { count: h.count, bytes: h.bytes, oldestMs: Math.round(h.oldestMs) };
 }
 
 /** The files a backup creates: its partial target (a file target), and a container file. */

@@ -1,0 +1,254 @@
+// The hold method (seed 004): at the instant the export's hold filter starts queueing changes, the
+// copier reads the source device directly (no copy-before-write, no container), and at the end the
+// queue is sent on in arrival order; the instant ends only once the last held change has landed.
+//   all            every change is held until release.
+//   backup-blocks  only changes to used blocks not yet copied (claim 11): the copier is urged to take
+//                  those blocks next, and each held change goes as soon as its blocks are copied;
+//                  a change to a copied or free block goes at once.
+// Hold limit reached: nothing fails. The queue is sent on in order THROUGH copy-before-write (armed
+// on the same map first, so each released change to a block not yet copied saves its original),
+// and the rest of the backup is copy-before-write; the facts say so (fellBack).
+import type { ErrorPolicy } from '../copy/errors';
+import { UnreadableBlockError } from '../copy/errors';
+import { CopyMap } from '../copy/copy-map';
+import type { SavedOriginals } from '../copy/engine';
+import type { BlockReader, Device } from '../device/device';
+import { HOLD_BLOCK, type HoldFilter, type HoldPolicy, type HoldStats } from '../export/hold-filter';
+import type { SnapshotFilter } from '../export/snapshot-filter';
+import { Bitset } from '../util/bitset';
+import { UserError } from '../util/errors';
+import { CopyBeforeWrite } from './cbw';
+import { DEFAULT_WRITE_WAIT_LIMIT_MS } from './cbw-method';
+import type { Container } from './container';
+import { checkFreezeMount, withFrozen } from './freeze';
+import type { PointInTime, SnapshotMethod } from './method';
+import { openContainer, parseContainer } from './parse-container';
+import { SnapshotView } from './snapshot-view';
+import { DEFAULT_THROTTLE, Sleepers } from './throttle';
+import { busyPace, DEFAULT_WRITER_PRIORITY } from './writer-priority';
+
+import { DEFAULT_HOLD_LIMIT, type HoldMode } from './hold-modes';
+
+export { DEFAULT_HOLD_LIMIT, HOLD_MODES, type HoldMode } from './hold-modes';
+
+export interface HoldOptions {
+  device: Device;
+  hold: HoldFilter;
+  /** The export's snapshot filter: copy-before-write attaches here if the limit is reached. */
+  gate: SnapshotFilter;
+  mode?: HoldMode;
+  limitBytes?: number;
+  /** --container for the fallback (default memory:64M), opened only if the limit is reached. */
+  container?: string;
+  freeze?: string;
+  onError?: ErrorPolicy;
+  writeWaitLimitMs?: number;
+  log?(line: string): void;
+}
+
+/** What `status` and progress events show of a hold. */
+export interface HoldJobStats extends HoldStats {
+  mode: HoldMode;
+  limitBytes: number;
+  fellBack: boolean;
+  pendingBlocks: number;
+}
+
+export class HoldMethod implements SnapshotMethod {
+  readonly name = 'hold' as const;
+  private statsNow: (() => HoldJobStats) | undefined;
+  constructor(private readonly o: HoldOptions) {}
+
+  /** Live numbers of the armed hold (undefined before arming). */
+  stats(): HoldJobStats | undefined { return this.statsNow?.(); }
+
+  async arm(): Promise<PointInTime> {
+    const { device, hold, gate } = this.o;
+    const mode = this.o.mode ?? 'all';
+    const limit = this.o.limitBytes ?? DEFAULT_HOLD_LIMIT;
+    const containerSpec = parseContainer(this.o.container);
+    const bs = HOLD_BLOCK;
+    const total = Math.ceil(device.size / bs);
+    const t0 = performance.now();
+    // Every block pending until the used map narrows it: before that, backup-blocks holds everything.
+    const map = new CopyMap(total, true);
+    const prepareMs = performance.now() - t0;
+    let err: Error | undefined;
+    let engine: { urge(first: number, end: number): void; readonly urgentBlocks: number } | undefined;
+    let used: Bitset | undefined;
+    // The fallback, once the limit is reached.
+    let cbw: CopyBeforeWrite | undefined;
+    let container: Container | undefined;
+    let view: SnapshotView | undefined;
+    let fellBackAt: number | undefined;
+    let falling: Promise<void> | undefined;
+    let watchdog: NodeJS.Timeout | undefined;
+    let releaseMs: number | undefined;
+    let active = true;
+    const sleepers = new Sleepers();
+    const fail = (e: Error) => {
+      err ??= e;
+      active = false;
+      // Writers first: nothing more is held and the queue goes on now.
+      if (cbw) gate.detach(cbw);
+      void hold.release();
+    };
+
+    const policy: HoldPolicy = mode === 'all' ? () => true : (f, e) => map.needsWork(f, e);
+    const fallBack = () => {
+      if (falling || !active) return;
+      fellBackAt = performance.now();
+      this.o.log?.(`hold limit of ${limit} bytes reached: releasing the queue in order and continuing with copy-before-write (${containerSpec.kind})`);
+      // Until the container is open, writers keep queueing (over the limit for that long, never failed).
+      falling = (async () => {
+        try {
+          container = await openContainer(containerSpec, device, bs);
+        } catch (e) {
+          fail(e as Error);
+          return;
+        }
+        if (!active || container.kind === 'inside') {
+          await container.close();
+          container = undefined;
+          if (active) fail(new UserError('the hold limit was reached and the fallback container is inside the volume, which a hold cannot use: the backup is abandoned, no write was lost', 'give --container memory:SIZE, file:PATH on another file system, or partition:DEVICE'));
+          return;
+        }
+        if (used) {
+          // The used map is known: only its blocks need originals.
+          map.pending.andWith(used);
+        }
+        cbw = new CopyBeforeWrite(map, device, container, bs, device.size, DEFAULT_THROTTLE, sleepers, {
+          urge: (f, e) => engine?.urge(f, e),
+          badBlock: (block, errno) => { if ((this.o.onError ?? 'abort') === 'abort') fail(new UnreadableBlockError(block, block * bs, device.path, errno)); },
+          fail,
+        });
+        view = new SnapshotView(map, device, container, bs);
+        gate.attach(cbw);
+        const waitLimit = this.o.writeWaitLimitMs ?? DEFAULT_WRITE_WAIT_LIMIT_MS;
+        watchdog = setInterval(() => {
+          const waited = cbw!.longestWaitMs();
+          if (waited > waitLimit) fail(new UserError(
+            `a write to the export was held ${(waited / 1000).toFixed(1)} s after the hold fell back to copy-before-write (the container was full): the snapshot was released so writers go on, and this backup is abandoned`,
+            `give a larger --hold-limit or --container, or a larger --write-wait-limit (now ${waitLimit / 1000} s)`,
+          ));
+        }, Math.min(250, waitLimit / 4));
+        // The queue goes on in order through copy-before-write; nothing new is held.
+        hold.setPolicy(undefined);
+      })();
+    };
+    const hooks = {
+      held: mode === 'backup-blocks' ? (f: number, e: number) => engine?.urge(f, e) : undefined,
+      overLimit: fallBack,
+    };
+
+    // The instant: arming is O(1); with --freeze it runs inside the freeze window.
+    let drained: Promise<void>;
+    let freezeMs: number;
+    let presyncMs = 0;
+    if (this.o.freeze) {
+      await checkFreezeMount(this.o.freeze, device);
+      const r = await withFrozen(this.o.freeze, async () => { hold.arm(policy, hooks, limit); return { drained: gate.drainInFlight() }; });
+      drained = r.result.drained;
+      freezeMs = r.frozenMs;
+      presyncMs = r.presyncMs;
+    } else {
+      const t = performance.now();
+      hold.arm(policy, hooks, limit);
+      drained = gate.drainInFlight();
+      freezeMs = performance.now() - t;
+    }
+    const instant = new Date();
+    const td = performance.now();
+    await drained;
+    const drainMs = performance.now() - td;
+
+    // backup-blocks: each copied block may free held changes (in order).
+    if (mode === 'backup-blocks') {
+      void (async () => {
+        while (active && !cbw) {
+          await map.changed.wait();
+          if (!cbw) hold.pump();
+        }
+      })();
+    }
+
+    // Metadata reads: the device is the instant while everything is held; after a fallback, the view.
+    const reader: BlockReader = {
+      get size() { return device.size; },
+      read: (off, len) => (view ?? device).read(off, len),
+      readMany: (ranges) => (view ?? device).readMany(ranges),
+    };
+    const source = {
+      device,
+      map,
+      get container(): SavedOriginals | undefined { return container; },
+    };
+    const holdStats = (): HoldJobStats => ({
+      ...hold.holdStats(), mode, limitBytes: limit, fellBack: fellBackAt !== undefined, pendingBlocks: active ? map.pending.setCount : 0,
+    });
+    this.statsNow = holdStats;
+    let releasing: Promise<void> | undefined;
+    const releaseAll = () => (releasing ??= (async () => {
+      active = false;
+      clearInterval(watchdog);
+      map.changed.notify();
+      await falling;
+      const t = performance.now();
+      // The copy is over (or abandoned): no original is needed any more, so copy-before-write goes first.
+      if (cbw) gate.detach(cbw);
+      await hold.release();
+      releaseMs ??= performance.now() - t;
+      if (cbw) while (cbw.activeSaves > 0) await map.changed.wait();
+      await container?.close();
+    })());
+    return {
+      instant,
+      reader,
+      restrict: (usedMap) => {
+        const u = new Bitset(total);
+        const fbs = usedMap.blockSize;
+        for (const [s, e] of usedMap.bitmap.runs()) u.setRange(Math.floor((s * fbs) / bs), Math.ceil((e * fbs) / bs));
+        used = u;
+        map.pending.andWith(u);
+        // Originals saved (after a fallback) for blocks the backup does not hold: give the room back.
+        if (container) {
+          for (const blk of [...container.blocks()]) if (!u.get(blk)) { map.unsave(blk); container.drop(blk); }
+        }
+        map.changed.notify();
+        hold.pump(); // backup-blocks: changes to free blocks go now
+        return { blockSize: bs, used: u, source };
+      },
+      failure: () => err,
+      pace: {
+        // Held changes do not touch the device: full speed, unless copy-before-write took over.
+        writersActive: () => cbw !== undefined && performance.now() - gate.activity.lastEnterAt < 50,
+        writersStarved: () => (cbw?.waitingForSpace ?? 0) > 0,
+        busy: busyPace(DEFAULT_WRITER_PRIORITY),
+      },
+      copying: (e) => {
+        engine = e;
+        if (mode === 'backup-blocks') for (const [f, end] of hold.heldRanges()) e.urge(f, end);
+      },
+      facts: () => {
+        const h = hold.holdStats();
+        const c = cbw?.stats;
+        return {
+          freezeMs, presyncMs, prepareMs, drainMs,
+          container: container?.description ?? 'none (hold)', containerKind: container?.kind ?? 'none',
+          worstWriteDelayMs: Math.max(h.maxHoldMs, c?.worstWriteDelayMs ?? 0),
+          writesDelayed: h.heldWrites + (c?.writesDelayed ?? 0), writesThrottled: c?.writesThrottled ?? 0,
+          blocksSavedByWriters: c?.blocksSaved ?? 0, blocksCopiedForWaitingWriters: engine?.urgentBlocks ?? 0,
+          containerCapacityBytes: container ? container.capacity * bs : 0, containerPeakBytes: container ? container.peak * bs : 0,
+          writerPriority: DEFAULT_WRITER_PRIORITY,
+          hold: {
+            mode, holdLimitBytes: limit, heldWrites: h.heldWrites, maxHoldMs: h.maxHoldMs, peakHeldBytes: h.peakBytes,
+            releaseMs: releaseMs ?? null, fellBack: fellBackAt !== undefined,
+            ...(fellBackAt !== undefined ? { fellBackAfterMs: fellBackAt - td } : {}),
+          },
+        };
+      },
+      release: releaseAll,
+      fail,
+    };
+  }
+}
