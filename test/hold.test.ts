@@ -24,6 +24,8 @@ interface HoldCase {
   limit?: string;
   /** Also this many 64 KiB writes in flight at once on one more connection, right after arming. */
   burst?: number;
+  /** --max-rate: a backup long enough that the fallback comes while much is still to copy. */
+  maxRate?: string;
 }
 
 async function exactness(t: ExecutionContext, c: HoldCase): Promise<Record<string, unknown>> {
@@ -46,7 +48,7 @@ async function exactness(t: ExecutionContext, c: HoldCase): Promise<Record<strin
     otherWriters.start();
     await writers.acked(100 * c.writers);
     const backup = startBackup(t, [served.name, '--to', target, '--method', 'hold', '--hold', c.mode, '--control', served.control,
-      ...(c.limit ? ['--hold-limit', c.limit] : [])]);
+      ...(c.limit ? ['--hold-limit', c.limit] : []), ...(c.maxRate ? ['--max-rate', c.maxRate] : [])]);
     const armed = await backup.armed;
     const bursts: Array<Promise<void>> = [];
     if (c.burst) {
@@ -118,11 +120,11 @@ testIf(needs)('hold backup-blocks: exact instant under 4 writing connections; ot
 
 testIf(needs)('hold limit reached: the queue is released in order, the rest is copy-before-write, exact, no write failed', async (t) => {
   // 96 x 64 KiB in flight at once = 6 MiB held > 1 MiB.
-  await exactness(t, { mode: 'all', volumeMiB: 512, writers: 3, maxBlocks: 16, limit: '1M', burst: 96 });
+  await exactness(t, { mode: 'all', volumeMiB: 512, writers: 3, maxBlocks: 16, limit: '1M', burst: 96, maxRate: '200M' });
 });
 
 testIf(needs)('hold backup-blocks with the limit reached: falls back, exact, no write failed', async (t) => {
-  await exactness(t, { mode: 'backup-blocks', volumeMiB: 512, writers: 3, maxBlocks: 16, limit: '256K', burst: 96 });
+  await exactness(t, { mode: 'backup-blocks', volumeMiB: 512, writers: 3, maxBlocks: 16, limit: '256K', burst: 96, maxRate: '200M' });
 });
 
 function pattern(len: number, byte: number): Buffer {
