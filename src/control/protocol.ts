@@ -59,6 +59,8 @@ const isBackupRequest = t.isObject({
   method: t.isOptional(t.isEnum(['cbw', 'hold'] as const)),
   hold: t.isOptional(t.isEnum(HOLD_MODES)),
   holdLimit: optNum,
+  /** --hold-log PATH[:SIZE]. */
+  holdLog: optStr,
 });
 /** `livesnap snapshot`: arm a snapshot of an export and serve the instant read-only. */
 const isSnapshotRequest = t.isObject({

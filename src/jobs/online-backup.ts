@@ -7,7 +7,7 @@ import type { BackupSink } from '../sink/sink';
 import type { AutoPaceStats } from '../snapshot/auto-pace';
 import type { SnapshotFilter } from '../export/snapshot-filter';
 import type { HoldFilter } from '../export/hold-filter';
-import { HoldMethod, type HoldJobStats, type HoldMode } from '../snapshot/hold-method';
+import { HoldMethod, type HoldJobStats, type HoldMode, type HoldOptions } from '../snapshot/hold-method';
 import { CopyBeforeWriteMethod, DEFAULT_WRITE_WAIT_LIMIT_MS } from '../snapshot/cbw-method';
 import type { Container } from '../snapshot/container';
 import type { ContainerSpec } from '../snapshot/parse-container';
@@ -62,7 +62,7 @@ export interface OnlineBackupOptions {
    */
   writeWaitLimitMs?: number;
   /** --method hold: the export's hold filter, the mode, and the limit (hold-method.ts). */
-  hold?: { filter: HoldFilter; mode?: HoldMode; limitBytes?: number; onStats?: (stats: () => HoldJobStats | undefined) => void; log?: (line: string) => void };
+  hold?: { filter: HoldFilter; mode?: HoldMode; limitBytes?: number; holdLog?: HoldOptions['holdLog']; onStats?: (stats: () => HoldJobStats | undefined) => void; log?: (line: string) => void };
 }
 
 /** What the done event says of a hold (--method hold). */
@@ -76,6 +76,9 @@ export interface HoldSummary {
   /** The limit was reached: the queue was released in order and the rest was copy-before-write. */
   fellBack: boolean;
   fellBackAfterMs?: number;
+  /** Of heldWrites, acknowledged from the durable log (--hold-log), and the log's numbers. */
+  loggedWrites: number;
+  log?: { path: string; records: number; bytes: number; capacity: number; syncs: number; full: boolean };
 }
 
 export interface OnlineBackupSummary extends CopySummary {
@@ -110,7 +113,7 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
   const h = opts.hold;
   const holdMethod = h ? new HoldMethod({
     device, hold: h.filter, gate: opts.gate, mode: h.mode, limitBytes: h.limitBytes, container: typeof opts.container === 'string' ? opts.container : undefined,
-    freeze: opts.freeze, onError: opts.onError, writeWaitLimitMs: opts.writeWaitLimitMs, log: h.log,
+    freeze: opts.freeze, onError: opts.onError, writeWaitLimitMs: opts.writeWaitLimitMs, log: h.log, holdLog: h.holdLog,
   }) : undefined;
   h?.onStats?.(() => holdMethod?.stats());
   const method = holdMethod ?? new CopyBeforeWriteMethod({

@@ -13,6 +13,7 @@ import { UnreadableBlockError } from '../copy/errors';
 import { CopyMap } from '../copy/copy-map';
 import type { SavedOriginals } from '../copy/engine';
 import type { BlockReader, Device } from '../device/device';
+import { HoldLog, type HoldLogSpec, type HoldLogStats } from '../export/hold-log';
 import { HOLD_BLOCK, type HoldFilter, type HoldPolicy, type HoldStats } from '../export/hold-filter';
 import type { SnapshotFilter } from '../export/snapshot-filter';
 import { Bitset } from '../util/bitset';
@@ -44,6 +45,8 @@ export interface HoldOptions {
   onError?: ErrorPolicy;
   writeWaitLimitMs?: number;
   log?(line: string): void;
+  /** --hold-log: held changes go to this durable log and are acknowledged at once (export/hold-log.ts). */
+  holdLog?: { spec: HoldLogSpec; stateDir: string; device: { path: string; key: string; size: number } };
 }
 
 /** What `status` and progress events show of a hold. */
@@ -52,6 +55,7 @@ export interface HoldJobStats extends HoldStats {
   limitBytes: number;
   fellBack: boolean;
   pendingBlocks: number;
+  log?: HoldLogStats & { path: string };
 }
 
 export class HoldMethod implements SnapshotMethod {
@@ -132,8 +136,8 @@ export class HoldMethod implements SnapshotMethod {
             `give a larger --hold-limit or --container, or a larger --write-wait-limit (now ${waitLimit / 1000} s)`,
           ));
         }, Math.min(250, waitLimit / 4));
-        // The queue goes on in order through copy-before-write; nothing new is held.
-        hold.setPolicy(undefined);
+        // The queue (and the log) goes on in order through copy-before-write; nothing new is held.
+        void hold.release();
       })();
     };
     const hooks = {
@@ -141,19 +145,21 @@ export class HoldMethod implements SnapshotMethod {
       overLimit: fallBack,
     };
 
+    // The log is made (header durable, named in the state directory) before the instant.
+    const log = this.o.holdLog ? await HoldLog.create(this.o.holdLog.spec, this.o.holdLog.stateDir, this.o.holdLog.device) : undefined;
     // The instant: arming is O(1); with --freeze it runs inside the freeze window.
     let drained: Promise<void>;
     let freezeMs: number;
     let presyncMs = 0;
     if (this.o.freeze) {
-      await checkFreezeMount(this.o.freeze, device);
-      const r = await withFrozen(this.o.freeze, async () => { hold.arm(policy, hooks, limit); return { drained: gate.drainInFlight() }; });
+      await checkFreezeMount(this.o.freeze, device).catch(async (e: unknown) => { await log?.retire(); throw e; });
+      const r = await withFrozen(this.o.freeze, async () => { hold.arm(policy, hooks, limit, log); return { drained: gate.drainInFlight() }; });
       drained = r.result.drained;
       freezeMs = r.frozenMs;
       presyncMs = r.presyncMs;
     } else {
       const t = performance.now();
-      hold.arm(policy, hooks, limit);
+      hold.arm(policy, hooks, limit, log);
       drained = gate.drainInFlight();
       freezeMs = performance.now() - t;
     }
@@ -185,6 +191,7 @@ export class HoldMethod implements SnapshotMethod {
     };
     const holdStats = (): HoldJobStats => ({
       ...hold.holdStats(), mode, limitBytes: limit, fellBack: fellBackAt !== undefined, pendingBlocks: active ? map.pending.setCount : 0,
+      ...(log ? { log: { ...log.stats(), path: log.spec.path } } : {}),
     });
     this.statsNow = holdStats;
     let releasing: Promise<void> | undefined;
@@ -242,7 +249,8 @@ export class HoldMethod implements SnapshotMethod {
           writerPriority: DEFAULT_WRITER_PRIORITY,
           hold: {
             mode, holdLimitBytes: limit, heldWrites: h.heldWrites, maxHoldMs: h.maxHoldMs, peakHeldBytes: h.peakBytes,
-            releaseMs: releaseMs ?? null, fellBack: fellBackAt !== undefined,
+            releaseMs: releaseMs ?? null, fellBack: fellBackAt !== undefined, loggedWrites: h.loggedWrites,
+            ...(log ? { log: { path: log.spec.path, ...log.stats() } } : {}),
             ...(fellBackAt !== undefined ? { fellBackAfterMs: fellBackAt - td } : {}),
           },
         };

@@ -1,5 +1,6 @@
 import { Command, Option } from 'clipanion';
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { resolveControlPath } from '../../control/protocol';
 import { EXPORT_NAME } from '../../export/export-spec';
 import * as t from 'typanion';
@@ -68,6 +69,7 @@ export class BackupCommand extends LivesnapCommand {
   to = Option.String('--to', { required: true, description: 'Target: an image file (.img) or a block device' });
   method = Option.String('--method', 'offline', { description: 'offline | freeze (devices); hold (an export: queue writes during the backup instead of copy-before-write)', validator: t.isEnum(['offline', 'freeze', 'hold'] as const) });
   hold = Option.String('--hold', { description: 'With --method hold: all (default: every write waits for the end) | backup-blocks (only writes to used blocks not yet copied wait, briefly)', validator: t.isEnum(HOLD_MODES) });
+  holdLog = Option.String('--hold-log', { description: 'With --method hold: PATH[:SIZE] (default 1G) of a durable log on ANOTHER fast device: held writes are appended (fdatasync) and acknowledged at once, replayed in order at the end; after a crash "livesnap serve" replays it' });
   holdLimit = Option.String('--hold-limit', { description: 'With --method hold: the most held write data in memory (default 256M); beyond it the backup goes on as copy-before-write, no write fails' });
   mount = Option.String('--mount', { description: 'Mount point of the source (with --method freeze)' });
   onError = Option.String('--on-error', 'abort', { description: 'abort | ignore: what to do with unreadable blocks', validator: t.isEnum(['abort', 'ignore'] as const) });
@@ -89,7 +91,9 @@ export class BackupCommand extends LivesnapCommand {
   private online(): Promise<number> {
     if ((this.method !== 'offline' && this.method !== 'hold') || this.mount) throw new UserError('--method offline|freeze and --mount are for devices; an online backup of an export uses --freeze <mountpoint> (and --method hold to queue writes instead of copy-before-write)');
     const hold = this.method === 'hold';
-    if (!hold && (this.hold !== undefined || this.holdLimit !== undefined)) throw new UserError(`${this.hold !== undefined ? '--hold' : '--hold-limit'} goes with --method hold`, 'add --method hold, or drop the option');
+    if (!hold && (this.hold !== undefined || this.holdLimit !== undefined || this.holdLog !== undefined)) throw new UserError(`${this.hold !== undefined ? '--hold' : this.holdLog !== undefined ? '--hold-log' : '--hold-limit'} goes with --method hold`, 'add --method hold, or drop the option');
+    // eslint-disable-next-line @typescript-eslint/no-require-imports -- checked here for the message, parsed again by the daemon
+    if (this.holdLog !== undefined) (require('../../export/hold-log') as typeof import('../../export/hold-log')).parseHoldLog(this.holdLog);
     const holdLimit = this.holdLimit !== undefined ? parseSize(this.holdLimit, '--hold-limit') : undefined;
     if (holdLimit !== undefined && holdLimit < 1) throw new UserError(`--hold-limit ${this.holdLimit}: give a size of at least 1 byte`, 'e.g. --hold-limit 256M');
     const hw = this.highWater !== undefined ? Number(this.highWater) : undefined;
@@ -114,7 +118,7 @@ export class BackupCommand extends LivesnapCommand {
       maxRate: this.maxRate !== undefined ? parseSize(this.maxRate, '--max-rate') : undefined,
       writerPriority: this.writerPriority,
       writeWaitLimitMs: this.writeWaitLimit !== undefined ? parseDuration(this.writeWaitLimit, '--write-wait-limit') : undefined,
-      ...(hold ? { method: 'hold' as const, hold: this.hold, holdLimit } : {}),
+      ...(hold ? { method: 'hold' as const, hold: this.hold, holdLimit, holdLog: this.holdLog !== undefined ? path.resolve(this.holdLog) : undefined } : {}),
     }, this.reporter);
   }
 
@@ -138,7 +142,7 @@ export class BackupCommand extends LivesnapCommand {
       if (v !== undefined) throw new UserError(`${flag} is for online backups of a served export, and ${this.source} is a device or file`, 'serve it with "livesnap serve" and back up the export by name, or drop the option');
     }
     if (this.detach) throw new UserError('--detach is for online backups of a served export');
-    if (this.method === 'hold' || this.hold !== undefined || this.holdLimit !== undefined) throw new UserError(`--method hold is for online backups of a served export, and ${this.source} is a device or file`, 'serve it with "livesnap serve" and back up the export by name');
+    if (this.method === 'hold' || this.hold !== undefined || this.holdLimit !== undefined || this.holdLog !== undefined) throw new UserError(`--method hold is for online backups of a served export, and ${this.source} is a device or file`, 'serve it with "livesnap serve" and back up the export by name');
     if (this.method === 'freeze' && !this.mount) throw new UserError('--method freeze needs --mount <mountpoint>', 'name the directory where the source is mounted, e.g. --mount /srv/data');
     if (this.method !== 'freeze' && this.mount) throw new UserError('--mount only goes with --method freeze');
     /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
