@@ -46,9 +46,11 @@ export interface HoldStats {
   count: number;
   bytes: number;
   oldestMs: number;
-  /** Since the hold was armed: changes queued, the longest one stayed, the most bytes at once. */
+  /** Since the hold was armed: changes queued, the longest a client waited for its acknowledgement, */
   heldWrites: number;
   maxHoldMs: number;
+  /** the longest a change stayed queued (= maxHoldMs without a log), the most payload bytes in memory at once. */
+  maxQueuedMs: number;
   peakBytes: number;
   /** Of heldWrites, acknowledged from the durable log. */
   loggedWrites: number;
@@ -86,7 +88,7 @@ export class HoldFilter extends Filter {
   private readonly index = new Map<number, HeldOp[]>();
   private seq = 0;
   private bytesNow = 0;
-  private st = { heldWrites: 0, maxHoldMs: 0, peakBytes: 0 };
+  private st = { heldWrites: 0, maxHoldMs: 0, maxQueuedMs: 0, peakBytes: 0 };
   private emptyWaiters: Array<() => void> = [];
   private journal: HoldJournal | undefined;
   /** Blocks a logged change touches, until the log is retired. */
@@ -117,7 +119,7 @@ export class HoldFilter extends Filter {
     this.policy = policy;
     this.hooks = hooks;
     this.limitBytes = limitBytes;
-    this.st = { heldWrites: 0, maxHoldMs: 0, peakBytes: this.bytesNow };
+    this.st = { heldWrites: 0, maxHoldMs: 0, maxQueuedMs: 0, peakBytes: this.bytesNow };
     this.loggedWrites = 0;
     this.keepLog = false;
     this.journal = journal;
@@ -287,6 +289,7 @@ export class HoldFilter extends Filter {
         this.loggedWrites++;
         this.logged?.setRange(op.first, op.end);
         if (op.data) { this.bytesNow -= op.length; op.data = undefined; }
+        this.acked(op);
         op.resolve();
       } else if (this.bytesNow > this.limitBytes) {
         this.hooks.overLimit?.(); // the log is full: memory is the limit again
@@ -318,8 +321,8 @@ export class HoldFilter extends Filter {
       if (list.length === 0) this.index.delete(b);
     }
     this.bytesNow -= op.data ? op.length : 0;
-    const held = performance.now() - op.at;
-    if (held > this.st.maxHoldMs) this.st.maxHoldMs = held;
+    const queued = performance.now() - op.at;
+    if (queued > this.st.maxQueuedMs) this.st.maxQueuedMs = queued;
     const q = this.queue;
     while (this.head < this.cursor && q[this.head]!.done) this.head++;
     if (this.head > 4096 && this.head * 2 > q.length) {
@@ -331,11 +334,20 @@ export class HoldFilter extends Filter {
       // Acknowledged long ago: a failure now is the device's, and the log keeps the change.
       this.loggedQueued--;
       if (err !== undefined) this.keepLog = true;
-    } else if (err === undefined) op.resolve(); else op.reject(err);
+    } else {
+      this.acked(op);
+      if (err === undefined) op.resolve(); else op.reject(err);
+    }
     op.data = undefined;
     this.wake();
     this.pump();
     if (this.head >= this.queue.length && this.emptyWaiters.length) for (const w of this.emptyWaiters.splice(0)) w();
+  }
+
+  /** The client's wait for this change ends now. */
+  private acked(op: HeldOp): void {
+    const waited = performance.now() - op.at;
+    if (waited > this.st.maxHoldMs) this.st.maxHoldMs = waited;
   }
 
   private firstInLine(op: HeldOp): boolean {

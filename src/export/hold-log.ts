@@ -45,14 +45,17 @@ export function parseHoldLog(text: string): HoldLogSpec {
   return { path: path.resolve(p), size };
 }
 
-interface Pending { buf: Buffer[]; bytes: number; waiters: Array<{ resolve: (pos: number | undefined) => void; pos: number }> }
+interface Pending { start: number; buf: Buffer[]; bytes: number; waiters: Array<{ resolve: (pos: number | undefined) => void; pos: number }> }
 
 export interface HoldLogStats { records: number; bytes: number; capacity: number; syncs: number; full: boolean }
 
 export class HoldLog {
+  /** Durable up to here. */
   private tail = HEADER;
+  /** Appended (in a group being written, or collecting) up to here. */
+  private reserved = HEADER;
   private seq = 0;
-  private next: Pending = { buf: [], bytes: 0, waiters: [] };
+  private next: Pending = { start: HEADER, buf: [], bytes: 0, waiters: [] };
   private writing: Promise<void> | undefined;
   private broken = false;
   private full = false;
@@ -92,7 +95,7 @@ export class HoldLog {
   append(kind: LoggedKind, offset: number, length: number, data: Buffer | undefined, fua: boolean, noHole: boolean): Promise<number | undefined> {
     const payload = kind === 'write' ? length : 0;
     if (this.broken || this.full) return Promise.resolve(undefined);
-    if (this.tail + this.next.bytes + REC + payload > this.spec.size) {
+    if (this.reserved + REC + payload > this.spec.size) {
       this.full = true;
       return Promise.resolve(undefined);
     }
@@ -106,7 +109,8 @@ export class HoldLog {
     h.writeUInt32LE(data && payload ? zlib.crc32(data) : 0, 28);
     h.writeUInt32LE(this.epoch, 32);
     h.writeUInt32LE(zlib.crc32(h.subarray(0, 36)), 36);
-    const pos = this.tail + this.next.bytes + REC;
+    const pos = this.reserved + REC;
+    this.reserved += REC + payload;
     this.next.buf.push(h);
     if (data && payload) this.next.buf.push(data);
     this.next.bytes += REC + payload;
@@ -118,9 +122,9 @@ export class HoldLog {
   private async flushLoop(): Promise<void> {
     while (this.next.waiters.length) {
       const g = this.next;
-      this.next = { buf: [], bytes: 0, waiters: [] };
+      this.next = { start: this.reserved, buf: [], bytes: 0, waiters: [] };
       try {
-        let at = this.tail;
+        let at = g.start;
         // writev takes at most IOV_MAX buffers at once.
         for (let i = 0; i < g.buf.length; i += 512) {
           const part = g.buf.slice(i, i + 512);
@@ -138,7 +142,7 @@ export class HoldLog {
         this.broken = true;
         for (const w of g.waiters) w.resolve(undefined);
         for (const w of this.next.waiters) w.resolve(undefined);
-        this.next = { buf: [], bytes: 0, waiters: [] };
+        this.next = { start: this.reserved, buf: [], bytes: 0, waiters: [] };
       }
     }
     this.writing = undefined;

@@ -70,7 +70,9 @@ export interface HoldSummary {
   mode: HoldMode;
   holdLimitBytes: number;
   heldWrites: number;
+  /** The longest a client waited for the acknowledgement of a held change; how long one stayed queued. */
   maxHoldMs: number;
+  maxQueuedMs: number;
   peakHeldBytes: number;
   releaseMs: number;
   /** The limit was reached: the queue was released in order and the rest was copy-before-write. */

@@ -248,7 +248,7 @@ export class HoldMethod implements SnapshotMethod {
           containerCapacityBytes: container ? container.capacity * bs : 0, containerPeakBytes: container ? container.peak * bs : 0,
           writerPriority: DEFAULT_WRITER_PRIORITY,
           hold: {
-            mode, holdLimitBytes: limit, heldWrites: h.heldWrites, maxHoldMs: h.maxHoldMs, peakHeldBytes: h.peakBytes,
+            mode, holdLimitBytes: limit, heldWrites: h.heldWrites, maxHoldMs: h.maxHoldMs, maxQueuedMs: h.maxQueuedMs, peakHeldBytes: h.peakBytes,
             releaseMs: releaseMs ?? null, fellBack: fellBackAt !== undefined, loggedWrites: h.loggedWrites,
             ...(log ? { log: { path: log.spec.path, ...log.stats() } } : {}),
             ...(fellBackAt !== undefined ? { fellBackAfterMs: fellBackAt - td } : {}),
