@@ -177,6 +177,13 @@ testIf(needs)('hold: overlapping held writes land in arrival order, reads see th
   t.true(readRange(vol, 20 * BS, BS).equals(Buffer.alloc(BS)), 'the held write-zeroes landed');
   t.true(readRange(target, 10 * BS, 2 * BS).equals(pattern(2 * BS, 0x11)), 'the image has the originals of blocks 10-11');
   t.true(readRange(target, 20 * BS, BS).equals(pattern(BS, 0x11)), 'and of block 20');
+  // The export can be held again: a second backup at once, and one with nothing to release.
+  for (const n of [2, 3]) {
+    const again = startBackup(t, [served.name, '--to', path.join(dir, `again-${n}.img`), '--method', 'hold', '--control', served.control]);
+    const r2 = await again.exit;
+    t.is(r2.status, 0, `hold backup #${n} of the same export: ${r2.stderr}`);
+  }
+  t.true(readRange(path.join(dir, 'again-3.img'), 10 * BS, 2 * BS).equals(want), 'the next instant has the released writes');
 });
 
 testIf(needs)('hold backup-blocks: a write to a block not yet copied is held only until the copier, urged, has copied it; a copied block is written at once', async (t) => {

@@ -18,7 +18,7 @@ import { Filter } from './filter';
 /** Index granularity of held changes (bytes); the hold method's block size. */
 export const HOLD_BLOCK = 4096;
 /** Released changes in flight at once (non-overlapping). */
-const RELEASE_WINDOW = 64;
+const RELEASE_WINDOW = 256;
 
 /** true: a change to blocks [first, end) must be held now. */
 export type HoldPolicy = (first: number, end: number) => boolean;
@@ -138,7 +138,11 @@ export class HoldFilter extends Filter {
    * is on the device. Resolves once the last queued change has landed. Idempotent while it runs.
    */
   release(): Promise<void> {
-    return (this.draining ??= this.drain());
+    if (this.draining) return this.draining;
+    // Cleared when done, also when drain() had nothing to wait for and ended in this very call.
+    const p: Promise<void> = this.drain().finally(() => { if (this.draining === p) this.draining = undefined; });
+    this.draining = p;
+    return p;
   }
 
   private async drain(): Promise<void> {
@@ -162,7 +166,6 @@ export class HoldFilter extends Filter {
     }
     if (this.head < this.queue.length) await new Promise<void>((r) => this.emptyWaiters.push(r));
     this.releasingNow = false;
-    this.draining = undefined;
   }
 
   private until(cond: () => boolean): Promise<void> {
