@@ -39,7 +39,7 @@ export interface HoldOptions {
   gate: SnapshotFilter;
   mode?: HoldMode;
   limitBytes?: number;
-  /** --container for the fallback (default memory:64M), opened only if the limit is reached. */
+  /** --container for the fallback (default memory:64M), opened if the limit is reached, or at arming with --freeze (the thaw's writes save their originals there). */
   container?: string;
   freeze?: string;
   onError?: ErrorPolicy;
@@ -99,43 +99,47 @@ export class HoldMethod implements SnapshotMethod {
     };
 
     const policy: HoldPolicy = mode === 'all' ? () => true : (f, e) => map.needsWork(f, e);
+    /** Opens the container and makes copy-before-write on the hold's map (not attached yet). */
+    const openCbw = async (): Promise<boolean> => {
+      const c = await openContainer(containerSpec, device, bs);
+      if (c.kind === 'inside') {
+        await c.close();
+        throw new UserError('--method hold cannot use a container inside the volume', 'give --container memory:SIZE, file:PATH on another file system, or partition:DEVICE');
+      }
+      if (!active) { await c.close(); return false; }
+      container = c;
+      if (used) map.pending.andWith(used); // the used map is known: only its blocks need originals
+      cbw = new CopyBeforeWrite(map, device, c, bs, device.size, DEFAULT_THROTTLE, sleepers, {
+        urge: (f, e) => engine?.urge(f, e),
+        badBlock: (block, errno) => { if ((this.o.onError ?? 'abort') === 'abort') fail(new UnreadableBlockError(block, block * bs, device.path, errno)); },
+        fail,
+      });
+      view = new SnapshotView(map, device, c, bs);
+      const waitLimit = this.o.writeWaitLimitMs ?? DEFAULT_WRITE_WAIT_LIMIT_MS;
+      watchdog = setInterval(() => {
+        const waited = cbw!.longestWaitMs();
+        if (waited > waitLimit) fail(new UserError(
+          `a write to the export was held ${(waited / 1000).toFixed(1)} s by copy-before-write (the container was full): the snapshot was released so writers go on, and this backup is abandoned`,
+          `give a larger --hold-limit or --container, or a larger --write-wait-limit (now ${waitLimit / 1000} s)`,
+        ));
+      }, Math.min(250, waitLimit / 4));
+      return true;
+    };
     const fallBack = () => {
       if (falling || !active) return;
       fellBackAt = performance.now();
       this.o.log?.(`hold limit of ${limit} bytes reached: releasing the queue in order and continuing with copy-before-write (${containerSpec.kind})`);
       // Until the container is open, writers keep queueing (over the limit for that long, never failed).
       falling = (async () => {
-        try {
-          container = await openContainer(containerSpec, device, bs);
-        } catch (e) {
-          fail(e as Error);
-          return;
+        if (!cbw) {
+          try {
+            if (!(await openCbw())) return;
+          } catch (e) {
+            fail(e as Error);
+            return;
+          }
+          gate.attach(cbw!);
         }
-        if (!active || container.kind === 'inside') {
-          await container.close();
-          container = undefined;
-          if (active) fail(new UserError('the hold limit was reached and the fallback container is inside the volume, which a hold cannot use: the backup is abandoned, no write was lost', 'give --container memory:SIZE, file:PATH on another file system, or partition:DEVICE'));
-          return;
-        }
-        if (used) {
-          // The used map is known: only its blocks need originals.
-          map.pending.andWith(used);
-        }
-        cbw = new CopyBeforeWrite(map, device, container, bs, device.size, DEFAULT_THROTTLE, sleepers, {
-          urge: (f, e) => engine?.urge(f, e),
-          badBlock: (block, errno) => { if ((this.o.onError ?? 'abort') === 'abort') fail(new UnreadableBlockError(block, block * bs, device.path, errno)); },
-          fail,
-        });
-        view = new SnapshotView(map, device, container, bs);
-        gate.attach(cbw);
-        const waitLimit = this.o.writeWaitLimitMs ?? DEFAULT_WRITE_WAIT_LIMIT_MS;
-        watchdog = setInterval(() => {
-          const waited = cbw!.longestWaitMs();
-          if (waited > waitLimit) fail(new UserError(
-            `a write to the export was held ${(waited / 1000).toFixed(1)} s after the hold fell back to copy-before-write (the container was full): the snapshot was released so writers go on, and this backup is abandoned`,
-            `give a larger --hold-limit or --container, or a larger --write-wait-limit (now ${waitLimit / 1000} s)`,
-          ));
-        }, Math.min(250, waitLimit / 4));
         // The queue (and the log) goes on in order through copy-before-write; nothing new is held.
         void hold.release();
       })();
@@ -152,8 +156,19 @@ export class HoldMethod implements SnapshotMethod {
     let freezeMs: number;
     let presyncMs = 0;
     if (this.o.freeze) {
-      await checkFreezeMount(this.o.freeze, device).catch(async (e: unknown) => { await log?.retire(); throw e; });
-      const r = await withFrozen(this.o.freeze, async () => { hold.arm(policy, hooks, limit, log); return { drained: gate.drainInFlight() }; });
+      // The thaw writes (the superblock) and must not wait for the end of the backup: the instant
+      // is copy-before-write armed inside the freeze window, and the hold starts once thawed. So
+      // the changes of the thaw save their originals into the container (opened here, before).
+      const undo = async (e: unknown) => {
+        clearInterval(watchdog);
+        if (cbw) gate.detach(cbw);
+        await container?.close();
+        await log?.retire();
+        throw e;
+      };
+      await checkFreezeMount(this.o.freeze, device).then(openCbw).catch(undo);
+      const r = await withFrozen(this.o.freeze, async () => ({ drained: gate.attach(cbw!) })).catch(undo);
+      hold.arm(policy, hooks, limit, log);
       drained = r.result.drained;
       freezeMs = r.frozenMs;
       presyncMs = r.presyncMs;
@@ -171,9 +186,9 @@ export class HoldMethod implements SnapshotMethod {
     // backup-blocks: each copied block may free held changes (in order).
     if (mode === 'backup-blocks') {
       void (async () => {
-        while (active && !cbw) {
+        while (active && fellBackAt === undefined) {
           await map.changed.wait();
-          if (!cbw) hold.pump();
+          if (fellBackAt === undefined) hold.pump();
         }
       })();
     }
@@ -228,7 +243,7 @@ export class HoldMethod implements SnapshotMethod {
       failure: () => err,
       pace: {
         // Held changes do not touch the device: full speed, unless copy-before-write took over.
-        writersActive: () => cbw !== undefined && performance.now() - gate.activity.lastEnterAt < 50,
+        writersActive: () => fellBackAt !== undefined && performance.now() - gate.activity.lastEnterAt < 50,
         writersStarved: () => (cbw?.waitingForSpace ?? 0) > 0,
         busy: busyPace(DEFAULT_WRITER_PRIORITY),
       },
