@@ -44,6 +44,7 @@ export async function runOnlineBackupViaDaemon(control: string, req: BackupReque
           `  snapshot      ${m.snapshotTime}, freeze window ${s.freezeMs.toFixed(1)} ms`,
           `  file system   ${m.filesystem}, ${s.usedBlocks} of ${s.totalBlocks} blocks used`,
           `  copied        ${formatBytes(s.bytes)} in ${(s.copyMs / 1000).toFixed(2)} s (${formatRate(s.bytes, s.copyMs)})`,
+          ...(m.method === 'hold' ? [holdLine(m.hold as Record<string, number | boolean | string>)] : []),
           `  writers       worst delay ${s.worstWriteDelayMs.toFixed(1)} ms, ${s.writesDelayed} delayed, ${s.blocksSavedByWriters} originals saved to the container (peak ${formatBytes(s.containerPeakBytes)} of ${formatBytes(s.containerCapacityBytes)})`,
           `  bad blocks    ${s.badBlocks.length ? s.badBlocks.slice(0, 20).join(', ') : 'none'}`,
           // eslint-disable-next-line @typescript-eslint/no-require-imports
@@ -70,6 +71,12 @@ export async function runOnlineBackupViaDaemon(control: string, req: BackupReque
     process.off('SIGINT', onSignal);
     c.close();
   }
+}
+
+/** The summary line of --method hold. */
+function holdLine(h: Record<string, number | boolean | string>): string {
+  const fell = h.fellBack ? `; the hold limit (${formatBytes(Number(h.holdLimitBytes))}) was reached after ${(Number(h.fellBackAfterMs) / 1000).toFixed(1)} s: the rest was copy-before-write` : '';
+  return `  hold          ${h.mode}: ${h.heldWrites} writes held (peak ${formatBytes(Number(h.peakHeldBytes))}), longest ${Number(h.maxHoldMs).toFixed(0)} ms, released in ${Number(h.releaseMs).toFixed(0)} ms${fell}`;
 }
 
 /**

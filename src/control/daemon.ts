@@ -19,6 +19,8 @@ import { checkTargetOptions, isTapeDevice, openBackupTarget } from '../jobs/open
 import { parseContainer } from '../snapshot/parse-container';
 import type { SnapshotFilter } from '../export/snapshot-filter';
 import type { SnapshotSession } from '../snapshot/session';
+import type { HoldJobStats } from '../snapshot/hold-method';
+import { holdLogDevice, parseHoldLog } from '../export/hold-log';
 import { DEFAULT_WRITER_PRIORITY, type WriterPriority } from '../snapshot/writer-priority';
 import { loadPskFile, type PskKeys } from '../nbd/tls-psk';
 import { errorText, UserError } from '../util/errors';
@@ -43,6 +45,8 @@ interface Job {
   finished?: Date;
   detached: boolean;
   writerPriority: WriterPriority;
+  /** --method hold: the hold's live numbers. */
+  hold?: () => HoldJobStats | undefined;
   /** A snapshot job's read-only export of the instant. */
   view?: { name: string; socket: string; uri: string; backend: PointInTimeBackend };
 }
@@ -208,6 +212,7 @@ export class Daemon {
         job: e.job ? this.jobInfo(e.job) : null,
         state: e.state.dir,
         leftovers: e.leftovers,
+        held: heldNow(e.hold.holdStats()),
       };
     });
     const jobs = [...this.jobs.values()].map((j) => this.jobInfo(j));
@@ -218,6 +223,7 @@ export class Daemon {
 
   private jobInfo(j: Job): Record<string, unknown> {
     const s = j.session?.stats();
+    const h = j.state === 'running' ? j.hold?.() : undefined;
     return {
       id: j.id,
       export: j.export,
@@ -230,7 +236,8 @@ export class Daemon {
       badBlocks: j.progress.badBlocks,
       containerUsedBytes: s?.containerUsedBytes ?? null,
       containerCapacityBytes: s?.containerCapacityBytes ?? null,
-      writesWaiting: s?.writesWaiting ?? 0,
+      writesWaiting: s?.writesWaiting ?? h?.count ?? 0,
+      ...(j.hold ? { method: 'hold', held: h ? { ...heldNow(h), mode: h.mode, limitBytes: h.limitBytes, fellBack: h.fellBack, loggedWrites: h.loggedWrites, ...(h.log ? { log: h.log } : {}) } : null } : {}),
       worstWriteDelayMs: s?.worstWriteDelayMs ?? j.summary?.worstWriteDelayMs ?? 0,
       writerPriority: j.writerPriority,
       error: j.error ?? null,
@@ -368,6 +375,9 @@ export class Daemon {
     if (!e) throw new UserError(`no export named "${req.export}"`, `serve it first ("livesnap serve <device> --name ${req.export}"), or see "livesnap status"`);
     if (e.job) throw new UserError(`export "${e.name}" already has a backup running (${e.job.id})`, `wait for it, or "livesnap cancel ${e.job.id}"`);
     await this.checkBackupPaths(req);
+    if (req.holdLog !== undefined && req.method !== 'hold') throw new UserError('--hold-log goes with --method hold', 'add --method hold, or drop the option');
+    const holdLog = req.holdLog !== undefined ? { spec: parseHoldLog(req.holdLog), stateDir: e.state.dir, device: holdLogDevice(e.identity, e.devicePath, e.device.size) } : undefined;
+    if (holdLog && overlapsServed(holdLog.spec.path, [...this.exports.values()])) throw new UserError(`--hold-log ${holdLog.spec.path} is a served volume`, 'put the log on another device, outside every served volume');
     const sink = req.to === '-' ? await this.stdoutSink(req, send) : openBackupTarget(req.to, { force: req.force, format: req.format, recordSize: req.recordSize, compress: req.compress, tapeSize: req.tapeSize, nextVolumeCommand: req.nextVolumeCommand });
     const job: Job = { kind: 'backup', id: `${e.name}-${++this.jobSeq}`, export: e.name, to: req.to, started: new Date(), state: 'running', abort: new AbortController(), progress: { bytesDone: 0, bytesTotal: 0, badBlocks: 0 }, detached: !!req.detach, writerPriority: req.writerPriority ?? DEFAULT_WRITER_PRIORITY };
     e.job = job;
@@ -400,6 +410,7 @@ export class Daemon {
       maxRate: req.maxRate,
       writerPriority: job.writerPriority,
       writeWaitLimitMs: req.writeWaitLimitMs,
+      ...(req.method === 'hold' ? { hold: { filter: e.hold, mode: req.hold, limitBytes: req.holdLimit, holdLog, onStats: (f) => (job.hold = f), log: (l) => this.log(`job ${job.id}: ${l}`) } } : {}),
       onSession: (s) => (job.session = s),
       onEvent: (ev) => {
         if (ev.event === 'progress') job.progress = { bytesDone: ev.bytesDone, bytesTotal: ev.bytesTotal, badBlocks: ev.badBlocks };
@@ -429,6 +440,17 @@ export class Daemon {
       if (e.job === job) e.job = undefined;
     }
   }
+}
+
+/** The path is one of the served devices or files (a log there would bypass and corrupt it). */
+function overlapsServed(p: string, served: ReadonlyArray<{ devicePath: string }>): boolean {
+  const real = (x: string) => { try { return fs.realpathSync(x); } catch { return x; } };
+  return served.some((e) => real(e.devicePath) === real(p));
+}
+
+/** Held changes of an export now: count, payload bytes, the oldest one's age. */
+function heldNow(h: { count: number; bytes: number; oldestMs: number }): { count: number; bytes: number; oldestMs: number } {
+  return { count: h.count, bytes: h.bytes, oldestMs: Math.round(h.oldestMs) };
 }
 
 /** The files a backup creates: its partial target (a file target), and a container file. */

@@ -7,6 +7,7 @@ import { config } from '../config';
 import * as t from 'typanion';
 import { CACHE_MODES, type ExportSpec } from '../export/export-spec';
 import { WRITER_PRIORITIES } from '../snapshot/writer-priority';
+import { HOLD_MODES } from '../snapshot/hold-modes';
 import { UserError } from '../util/errors';
 
 // The requests, as typanion schemas: the types below are inferred from them, and the daemon checks
@@ -54,6 +55,12 @@ const isBackupRequest = t.isObject({
   writerPriority: t.isOptional(t.isEnum(WRITER_PRIORITIES)),
   /** --write-wait-limit in ms. */
   writeWaitLimitMs: optNum,
+  /** --method hold (default: copy-before-write), --hold MODE, --hold-limit in bytes. */
+  method: t.isOptional(t.isEnum(['cbw', 'hold'] as const)),
+  hold: t.isOptional(t.isEnum(HOLD_MODES)),
+  holdLimit: optNum,
+  /** --hold-log PATH[:SIZE]. */
+  holdLog: optStr,
 });
 /** `livesnap snapshot`: arm a snapshot of an export and serve the instant read-only. */
 const isSnapshotRequest = t.isObject({

@@ -8,6 +8,8 @@ import { DeviceBackend } from '../nbd/device-backend';
 import { createNbdServer, type NbdServer } from '../nbd/server';
 import { loadPskFile, type PskKeys } from '../nbd/tls-psk';
 import { SnapshotFilter } from './snapshot-filter';
+import { HoldFilter } from './hold-filter';
+import { holdLogDevice, type ReplayReport, replayPendingHoldLog } from './hold-log';
 import { UserError } from '../util/errors';
 import { CACHE_MODES, type CacheMode, EXPORT_NAME, type ExportSpec } from './export-spec';
 import { checkTcpSecurity, formatHostPort, type ListenAddress, parseListen, plaintextWarning } from './listen';
@@ -30,6 +32,8 @@ export class ServedExport {
   tls?: 'psk' | 'none';
   /** What a killed daemon had left of this export's jobs, found and cleaned when it was served. */
   leftovers: Leftover[] = [];
+  /** What this serve replayed from a hold log a killed daemon left (--method hold --hold-log). */
+  holdLogReplay?: ReplayReport;
 
   private constructor(
     readonly name: string,
@@ -48,6 +52,8 @@ export class ServedExport {
     readonly socket: string,
     readonly keys: PskKeys | undefined,
     readonly state: StateDir,
+    /** The hold filter in front of the gate (--method hold queues changes here). */
+    readonly hold: HoldFilter,
   ) {}
 
   get uri(): string {
@@ -101,16 +107,22 @@ export class ServedExport {
       }
       const backend = new DeviceBackend(device, { description: `livesnap export of ${req.device}` });
       undo.push(() => backend.dispose());
-      // The filter chain in front of the device: the snapshot filter (copy-before-write attaches here).
+      // Acknowledged writes a killed daemon left only in its hold log go onto the device before any client.
+      const replay = await replayPendingHoldLog(state.dir, holdLogDevice(identity, req.device, device.size), backend);
+      if (replay) ctx.log(`[${req.name}] replayed ${replay.records} held writes (${replay.bytes} bytes) from the hold log ${replay.log} before serving${replay.tornBytes ? `; dropped a torn tail of ${replay.tornBytes} bytes (never acknowledged)` : ''}`);
+      // The filter chain in front of the device: the hold filter (--method hold queues changes there),
+      // then the snapshot filter (copy-before-write attaches here; a hold's released changes pass it).
       const gate = new SnapshotFilter(backend);
-      const chain = gate;
+      const hold = new HoldFilter(gate);
+      const chain = hold;
       const nbd = createNbdServer({ exports: { [req.name]: chain }, defaultExport: req.name, log: (level, m) => { if (level !== 'debug') ctx.log(`[${req.name}] ${m}`); } });
       undo.push(() => nbd.close());
       await nbd.listenUnix(socket).catch((e: Error) => {
         throw new UserError(`cannot listen on ${socket}: ${e.message}`, 'give another --socket, or stop what listens there');
       });
-      const exp = new ServedExport(req.name, req.device, identity, device, directDevice, backingLock, cache, backend, gate, nbd, socket, keys, state);
+      const exp = new ServedExport(req.name, req.device, identity, device, directDevice, backingLock, cache, backend, gate, nbd, socket, keys, state, hold);
       // Locked: this daemon alone owns the export now, so what a dead one left is ours to clean.
+      exp.holdLogReplay = replay;
       exp.leftovers = await state.collectLeftovers();
       for (const l of exp.leftovers) ctx.log(`[${req.name}] found what a daemon that died left of job ${l.job} (pid ${l.pid}, started ${l.started}, to ${l.to}): ${l.cleaned.join('; ') || 'nothing'}`);
       if (listen) {

@@ -23,6 +23,8 @@ export class SnapshotFilter extends Filter {
   private completed = 0;
   private drainTarget = 0;
   private drainResolve: (() => void) | undefined;
+  /** drainInFlight() callers: each resolves once `completed` reaches its target. */
+  private inFlightWaiters: Array<{ target: number; resolve: () => void }> = [];
 
   /** When clients last wrote, their write rate and think time: the copier yields the device to them. */
   readonly activity = new WriteActivity();
@@ -76,6 +78,20 @@ export class SnapshotFilter extends Filter {
       this.drainResolve = undefined;
       r();
     }
+    if (this.inFlightWaiters.length) {
+      const due = this.inFlightWaiters.filter((w) => this.completed >= w.target);
+      if (due.length) {
+        this.inFlightWaiters = this.inFlightWaiters.filter((w) => this.completed < w.target);
+        for (const w of due) w.resolve();
+      }
+    }
+  }
+
+  /** Resolves once every change that entered before this call has completed (a hold's instant). */
+  drainInFlight(): Promise<void> {
+    if (this.completed >= this.entered) return Promise.resolve();
+    const target = this.entered;
+    return new Promise((resolve) => this.inFlightWaiters.push({ target, resolve }));
   }
 
   get attachedGuard(): ChangeGuard | undefined {

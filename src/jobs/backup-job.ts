@@ -55,6 +55,8 @@ export async function runBackupJob(o: BackupJobOptions): Promise<BackupJobResult
   const pit = await o.method.arm();
   const onAbort = () => pit.fail(cancelled());
   o.signal?.addEventListener('abort', onAbort, { once: true });
+  // A cancel that came while arming (the listener was not there yet) ends the instant now.
+  if (o.signal?.aborted) onAbort();
   let sinkBegun = false;
   try {
     o.onArmed?.(pit);

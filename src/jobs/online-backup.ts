@@ -6,6 +6,8 @@ import type { UsedBlockMap } from '../fs/used-map';
 import type { BackupSink } from '../sink/sink';
 import type { AutoPaceStats } from '../snapshot/auto-pace';
 import type { SnapshotFilter } from '../export/snapshot-filter';
+import type { HoldFilter } from '../export/hold-filter';
+import { HoldMethod, type HoldJobStats, type HoldMode, type HoldOptions } from '../snapshot/hold-method';
 import { CopyBeforeWriteMethod, DEFAULT_WRITE_WAIT_LIMIT_MS } from '../snapshot/cbw-method';
 import type { Container } from '../snapshot/container';
 import type { ContainerSpec } from '../snapshot/parse-container';
@@ -59,10 +61,30 @@ export interface OnlineBackupOptions {
    * 30 s: below the kernel's 120 s hung-task warning and any sane nbd-client -timeout.
    */
   writeWaitLimitMs?: number;
+  /** --method hold: the export's hold filter, the mode, and the limit (hold-method.ts). */
+  hold?: { filter: HoldFilter; mode?: HoldMode; limitBytes?: number; holdLog?: HoldOptions['holdLog']; onStats?: (stats: () => HoldJobStats | undefined) => void; log?: (line: string) => void };
+}
+
+/** What the done event says of a hold (--method hold). */
+export interface HoldSummary {
+  mode: HoldMode;
+  holdLimitBytes: number;
+  heldWrites: number;
+  /** The longest a client waited for the acknowledgement of a held change; how long one stayed queued. */
+  maxHoldMs: number;
+  maxQueuedMs: number;
+  peakHeldBytes: number;
+  releaseMs: number;
+  /** The limit was reached: the queue was released in order and the rest was copy-before-write. */
+  fellBack: boolean;
+  fellBackAfterMs?: number;
+  /** Of heldWrites, acknowledged from the durable log (--hold-log), and the log's numbers. */
+  loggedWrites: number;
+  log?: { path: string; records: number; bytes: number; capacity: number; syncs: number; full: boolean };
 }
 
 export interface OnlineBackupSummary extends CopySummary {
-  method: 'online';
+  method: 'online' | 'hold';
   freezeMs: number;
   prepareMs: number;
   snapshotTime: string;
@@ -77,6 +99,10 @@ export interface OnlineBackupSummary extends CopySummary {
   writerPriority: WriterPriority;
   /** With --writer-priority auto: the baseline it kept the clients to, and how it stepped. */
   autoPace?: AutoPaceStats;
+  hold?: HoldSummary;
+  heldWrites?: number;
+  maxHoldMs?: number;
+  releaseMs?: number;
 }
 
 export { DEFAULT_WRITE_WAIT_LIMIT_MS };
@@ -86,7 +112,13 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
   const bs = opts.blockSize ?? 4096;
   const priority = opts.writerPriority ?? DEFAULT_WRITER_PRIORITY;
   let session: SnapshotSession | undefined;
-  const method = new CopyBeforeWriteMethod({
+  const h = opts.hold;
+  const holdMethod = h ? new HoldMethod({
+    device, hold: h.filter, gate: opts.gate, mode: h.mode, limitBytes: h.limitBytes, container: typeof opts.container === 'string' ? opts.container : undefined,
+    freeze: opts.freeze, onError: opts.onError, writeWaitLimitMs: opts.writeWaitLimitMs, log: h.log, holdLog: h.holdLog,
+  }) : undefined;
+  h?.onStats?.(() => holdMethod?.stats());
+  const method = holdMethod ?? new CopyBeforeWriteMethod({
     device, gate: opts.gate, container: opts.container, blockSize: bs, freeze: opts.freeze, onError: opts.onError,
     throttle: opts.throttle, writerPriority: priority, writeWaitLimitMs: opts.writeWaitLimitMs,
     onSession: (s) => { session = s; opts.onSession?.(s); },
@@ -113,16 +145,17 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
     onMap: (map, usedBlocks) => opts.onEvent?.({ event: 'map', filesystem: map.filesystem, usedBlocks, totalBlocks: Math.ceil(device.size / bs), blockSize: bs, notes: map.notes }),
     onProgress: (p) => {
       const now = performance.now();
-      if (now - lastProgress < interval || !session) return;
+      const hs = holdMethod?.stats();
+      if (now - lastProgress < interval || (!session && !hs)) return;
       lastProgress = now;
-      opts.onEvent?.({ event: 'progress', bytesDone: p.bytesDone, bytesTotal: p.bytesTotal, badBlocks: p.badBlocks, stats: session.stats() });
+      opts.onEvent?.({ event: 'progress', bytesDone: p.bytesDone, bytesTotal: p.bytesTotal, badBlocks: p.badBlocks, stats: session ? session.stats() : holdProgress(hs!, bs, device.size) });
     },
   });
   const f = r.facts;
   const summary: OnlineBackupSummary = {
     source: opts.source ?? device.path,
     target: opts.sink.description,
-    method: 'online',
+    method: holdMethod ? 'hold' : 'online',
     filesystem: r.map.filesystem,
     blockSize: bs,
     totalBlocks: r.totalBlocks,
@@ -145,12 +178,27 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
     containerCapacityBytes: Number(f.containerCapacityBytes),
     containerPeakBytes: Number(f.containerPeakBytes),
     writerPriority: priority,
-    ...(f.autoPace ? { autoPace: f.autoPace as AutoPaceStats } : {}),
+    ...(f.autoPace && !holdMethod ? { autoPace: f.autoPace as AutoPaceStats } : {}),
+    ...(f.hold ? holdFields(f.hold as HoldSummary) : {}),
     notes: r.notes,
     layout: r.map.layout,
   };
   opts.onEvent?.({ event: 'done', summary });
   return summary;
+}
+
+function holdFields(hs: HoldSummary): Pick<OnlineBackupSummary, 'hold' | 'heldWrites' | 'maxHoldMs' | 'releaseMs'> {
+  return { hold: hs, heldWrites: hs.heldWrites, maxHoldMs: hs.maxHoldMs, releaseMs: hs.releaseMs };
+}
+
+/** A hold's numbers in the shape of the progress event's snapshot stats (held changes are the writes waiting). */
+function holdProgress(hs: HoldJobStats, bs: number, size: number): SnapshotStats {
+  return {
+    writesWaiting: hs.count, writesDelayed: hs.heldWrites, worstWriteDelayMs: hs.maxHoldMs, blocksSaved: 0, writesThrottled: 0,
+    state: 'copying', blockSize: bs, totalBlocks: Math.ceil(size / bs), pendingBlocks: hs.pendingBlocks, containerKind: 'none',
+    containerCapacityBytes: 0, containerUsedBytes: 0, containerPeakBytes: 0, urgentBlocks: 0, prepareMs: 0,
+    ...({ held: { count: hs.count, bytes: hs.bytes, oldestMs: hs.oldestMs, fellBack: hs.fellBack } } as object),
+  };
 }
 
 function cancelled(signal: AbortSignal | undefined): Error {

@@ -1,6 +1,6 @@
 // A snapshot method fixes one instant of a volume and lends it out until released: arm() gives a
 // point-in-time reader, release() ends it. Offline, freeze and copy-before-write are three methods
-// (hold will be the fourth); every backup job runs the same way whichever it is (jobs/backup-job.ts).
+// hold (hold-method.ts) the fourth; every backup job runs the same way whichever it is (jobs/backup-job.ts).
 import type { CopyPace, PointInTimeSource } from '../copy/engine';
 import { CopyMap } from '../copy/copy-map';
 import type { BlockReader, Device } from '../device/device';
@@ -44,7 +44,7 @@ export interface PointInTime {
 }
 
 export interface SnapshotMethod {
-  readonly name: 'offline' | 'freeze' | 'online';
+  readonly name: 'offline' | 'freeze' | 'online' | 'hold';
   arm(): Promise<PointInTime>;
 }
 

@@ -1,9 +1,11 @@
 import { Command, Option } from 'clipanion';
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { resolveControlPath } from '../../control/protocol';
 import { EXPORT_NAME } from '../../export/export-spec';
 import * as t from 'typanion';
 import { WRITER_PRIORITIES } from '../../snapshot/writer-priority';
+import { HOLD_MODES } from '../../snapshot/hold-modes';
 import { UserError } from '../../util/errors';
 import { parseDuration } from '../../util/duration';
 import { formatBytes, formatRate, parseSize } from '../../util/size';
@@ -24,6 +26,17 @@ export class BackupCommand extends LivesnapCommand {
 
       Copies only the blocks the file system uses (read from its own bitmaps, see "livesnap inspect")
       into a sparse raw image the size of the volume: free blocks become holes.
+
+      \`--method hold\` (an export only): from the instant on, the export queues its writes, trims and
+      write-zeroes in arrival order instead of writing them (reads see the queued data); the copier
+      reads the device directly, no container; at the end the queue is written in order and only then
+      is the backup done. Writers are NOT acknowledged while held: with \`--hold all\` (default) every
+      write waits for the whole backup; with \`--hold backup-blocks\` only writes to used blocks not yet
+      copied wait (the copier takes those blocks next), others go at once. Other exports are never
+      held. When the queue reaches \`--hold-limit\` (default 256M) no write fails: the queue is written in
+      order through copy-before-write and the rest of the backup is copy-before-write (--container,
+      default memory:64M); the done event says fellBack. Clients: the kernel nbd client fails a write
+      held longer than "nbd-client -timeout" (none by default) and warns of hung tasks after 120 s.
 
       Methods:
       - \`offline\` (default): the volume must not be mounted read-write.
@@ -54,7 +67,10 @@ export class BackupCommand extends LivesnapCommand {
 
   source = Option.String({ name: 'source' });
   to = Option.String('--to', { required: true, description: 'Target: an image file (.img) or a block device' });
-  method = Option.String('--method', 'offline', { description: 'offline | freeze', validator: t.isEnum(['offline', 'freeze'] as const) });
+  method = Option.String('--method', 'offline', { description: 'offline | freeze (devices); hold (an export: queue writes during the backup instead of copy-before-write)', validator: t.isEnum(['offline', 'freeze', 'hold'] as const) });
+  hold = Option.String('--hold', { description: 'With --method hold: all (default: every write waits for the end) | backup-blocks (only writes to used blocks not yet copied wait, briefly)', validator: t.isEnum(HOLD_MODES) });
+  holdLog = Option.String('--hold-log', { description: 'With --method hold: PATH[:SIZE] (default 1G) of a durable log on ANOTHER fast device: held writes are appended (fdatasync) and acknowledged at once, replayed in order at the end; after a crash "livesnap serve" replays it' });
+  holdLimit = Option.String('--hold-limit', { description: 'With --method hold: the most held write data in memory (default 256M); beyond it the backup goes on as copy-before-write, no write fails' });
   mount = Option.String('--mount', { description: 'Mount point of the source (with --method freeze)' });
   onError = Option.String('--on-error', 'abort', { description: 'abort | ignore: what to do with unreadable blocks', validator: t.isEnum(['abort', 'ignore'] as const) });
   maxRate = Option.String('--max-rate', { description: 'Read at most this much per second (e.g. 200M), to leave the disk to production I/O' });
@@ -73,7 +89,13 @@ export class BackupCommand extends LivesnapCommand {
   format = Option.String('--format', { description: 'raw | tar (default: from the target: .img raw; .tar, - and tape devices tar)', validator: t.isEnum(['raw', 'tar'] as const) });
 
   private online(): Promise<number> {
-    if (this.method !== 'offline' || this.mount) throw new UserError('--method/--mount are for devices; an online backup of an export uses --freeze <mountpoint>');
+    if ((this.method !== 'offline' && this.method !== 'hold') || this.mount) throw new UserError('--method offline|freeze and --mount are for devices; an online backup of an export uses --freeze <mountpoint> (and --method hold to queue writes instead of copy-before-write)');
+    const hold = this.method === 'hold';
+    if (!hold && (this.hold !== undefined || this.holdLimit !== undefined || this.holdLog !== undefined)) throw new UserError(`${this.hold !== undefined ? '--hold' : this.holdLog !== undefined ? '--hold-log' : '--hold-limit'} goes with --method hold`, 'add --method hold, or drop the option');
+    // eslint-disable-next-line @typescript-eslint/no-require-imports -- checked here for the message, parsed again by the daemon
+    if (this.holdLog !== undefined) (require('../../export/hold-log') as typeof import('../../export/hold-log')).parseHoldLog(this.holdLog);
+    const holdLimit = this.holdLimit !== undefined ? parseSize(this.holdLimit, '--hold-limit') : undefined;
+    if (holdLimit !== undefined && holdLimit < 1) throw new UserError(`--hold-limit ${this.holdLimit}: give a size of at least 1 byte`, 'e.g. --hold-limit 256M');
     const hw = this.highWater !== undefined ? Number(this.highWater) : undefined;
     if (hw !== undefined && !(hw > 0 && hw <= 100)) throw new UserError(`--high-water ${this.highWater}: give a percentage between 1 and 100`);
     // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded on use (startup time)
@@ -96,6 +118,7 @@ export class BackupCommand extends LivesnapCommand {
       maxRate: this.maxRate !== undefined ? parseSize(this.maxRate, '--max-rate') : undefined,
       writerPriority: this.writerPriority,
       writeWaitLimitMs: this.writeWaitLimit !== undefined ? parseDuration(this.writeWaitLimit, '--write-wait-limit') : undefined,
+      ...(hold ? { method: 'hold' as const, hold: this.hold, holdLimit, holdLog: this.holdLog !== undefined ? path.resolve(this.holdLog) : undefined } : {}),
     }, this.reporter);
   }
 
@@ -119,6 +142,7 @@ export class BackupCommand extends LivesnapCommand {
       if (v !== undefined) throw new UserError(`${flag} is for online backups of a served export, and ${this.source} is a device or file`, 'serve it with "livesnap serve" and back up the export by name, or drop the option');
     }
     if (this.detach) throw new UserError('--detach is for online backups of a served export');
+    if (this.method === 'hold' || this.hold !== undefined || this.holdLimit !== undefined || this.holdLog !== undefined) throw new UserError(`--method hold is for online backups of a served export, and ${this.source} is a device or file`, 'serve it with "livesnap serve" and back up the export by name');
     if (this.method === 'freeze' && !this.mount) throw new UserError('--method freeze needs --mount <mountpoint>', 'name the directory where the source is mounted, e.g. --mount /srv/data');
     if (this.method !== 'freeze' && this.mount) throw new UserError('--mount only goes with --method freeze');
     /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
