@@ -7,21 +7,17 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as zlib from 'node:zlib';
 import type { ExecutionContext } from 'ava';
-import { checkFinal, checkSnapshot, fillSectors, now, readRange, SelfDescribingWriters, serveDevice, sleep, startBackup } from './helpers/online';
+import { checkFinal, checkSnapshot, fillSectors, now, readRange, SelfDescribingWriters, servedVolume, serveDevice, sleep, startBackup } from './helpers/online';
 import { serialIf as testIf } from './helpers/online';
-import { rng, scratchDir, seedFromEnv, sparseFile } from './helpers/system';
+import { rng, seedFromEnv } from './helpers/system';
 
-const MiB = 1 << 20;
 const BS = 4096;
 const needs = { root: true, commands: ['qemu-io'] };
 
 async function logged(t: ExecutionContext, mode: 'all' | 'backup-blocks'): Promise<void> {
   const seed = seedFromEnv(t);
   const r = rng(seed);
-  const dir = scratchDir(t, 'hold-log-');
-  const size = 512 * MiB;
-  const vol = sparseFile(path.join(dir, 'vol.raw'), size);
-  const served = await serveDevice(t, dir, vol, 'logged');
+  const { dir, size, vol, served } = await servedVolume(t, 'hold-log-', 'logged', 512);
   const target = path.join(dir, 'backup.img');
   const logFile = path.join(dir, 'hold.log');
   const writers = new SelfDescribingWriters(t, path.join(dir, 'src'), served.uri, size, r, { writers: 4, maxBlocks: 16 });
@@ -91,10 +87,7 @@ function walkLog(file: string): { epoch: number; records: Array<{ pos: number; s
 testIf(needs)('kill -9 with writes only in the hold log: serve again replays every complete record before serving; a torn tail is dropped', async (t) => {
   const seed = seedFromEnv(t);
   const r = rng(seed);
-  const dir = scratchDir(t, 'hold-log-kill-');
-  const size = 512 * MiB;
-  const vol = sparseFile(path.join(dir, 'vol.raw'), size);
-  const served = await serveDevice(t, dir, vol, 'victim');
+  const { dir, size, vol, served } = await servedVolume(t, 'hold-log-kill-', 'victim', 512);
   const logFile = path.join(dir, 'hold.log');
   const writers = new SelfDescribingWriters(t, path.join(dir, 'src'), served.uri, size, r, { writers: 3, maxBlocks: 16 });
   writers.start();

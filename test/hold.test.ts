@@ -6,7 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { ExecutionContext } from 'ava';
-import { checkFinal, checkSnapshot, fillSectors, now, readRange, SelfDescribingWriters, serveDevice, sleep, startBackup, type WriteRecord } from './helpers/online';
+import { checkFinal, checkSnapshot, fillSectors, now, readRange, SelfDescribingWriters, servedVolume, serveDevice, sleep, startBackup, type WriteRecord } from './helpers/online';
 import { serialIf as testIf } from './helpers/online';
 import { Pipelined } from './helpers/pipelined';
 import { rng, scratchDir, seedFromEnv, sparseFile } from './helpers/system';
@@ -31,12 +31,9 @@ interface HoldCase {
 async function exactness(t: ExecutionContext, c: HoldCase): Promise<Record<string, unknown>> {
   const seed = seedFromEnv(t);
   const r = rng(seed);
-  const dir = scratchDir(t, 'hold-exact-');
-  const size = c.volumeMiB * MiB;
-  const vol = sparseFile(path.join(dir, 'vol.raw'), size);
+  const { dir, size, vol, served } = await servedVolume(t, 'hold-exact-', 'held', c.volumeMiB);
   const otherSize = 64 * MiB;
   const otherVol = sparseFile(path.join(dir, 'other.raw'), otherSize);
-  const served = await serveDevice(t, dir, vol, 'held');
   const other = await serveDevice(t, dir, otherVol, 'other'); // the same daemon (same control socket)
   t.is(other.pid, served.pid, 'both exports are served by one daemon');
   const target = path.join(dir, 'backup.img');
@@ -132,10 +129,7 @@ function pattern(len: number, byte: number): Buffer {
 }
 
 testIf(needs)('hold: overlapping held writes land in arrival order, reads see the newest held data, held write-zeroes too; the image keeps the originals', async (t) => {
-  const dir = scratchDir(t, 'hold-fifo-');
-  const size = 64 * MiB;
-  const vol = sparseFile(path.join(dir, 'vol.raw'), size);
-  const served = await serveDevice(t, dir, vol, 'fifo');
+  const { dir, vol, served } = await servedVolume(t, 'hold-fifo-', 'fifo', 64);
   const target = path.join(dir, 'backup.img');
   const p = await Pipelined.open(served.socket, served.name);
   t.teardown(() => p.close());
@@ -187,10 +181,7 @@ testIf(needs)('hold: overlapping held writes land in arrival order, reads see th
 });
 
 testIf(needs)('hold backup-blocks: a write to a block not yet copied is held only until the copier, urged, has copied it; a copied block is written at once', async (t) => {
-  const dir = scratchDir(t, 'hold-blocks-');
-  const size = 64 * MiB;
-  const vol = sparseFile(path.join(dir, 'vol.raw'), size);
-  const served = await serveDevice(t, dir, vol, 'blocks');
+  const { dir, size, vol, served } = await servedVolume(t, 'hold-blocks-', 'blocks', 64);
   const target = path.join(dir, 'backup.img');
   const p = await Pipelined.open(served.socket, served.name);
   t.teardown(() => p.close());

@@ -13,7 +13,7 @@ import { promisify } from 'node:util';
 import * as zlib from 'node:zlib';
 import type { ExecutionContext } from 'ava';
 import { BIN } from './cli';
-import { runStatus } from './system';
+import { runStatus, scratchDir, sparseFile } from './system';
 
 const exec = promisify(execFile);
 
@@ -101,6 +101,14 @@ export async function serveDevice(t: ExecutionContext, dir: string, device: stri
   const st = await status();
   pid = st.pid;
   return { control, runDir, name, socket: String(res.socket), uri: String(res.uri), size: Number(res.size), pid, logTail, status };
+}
+
+/** A new sparse volume (`vol.raw`, `sizeMiB`) in a scratch directory, served as `name` by a daemon of its own. */
+export async function servedVolume(t: ExecutionContext, prefix: string, name: string, sizeMiB: number, serveArgs: string[] = []): Promise<{ dir: string; size: number; vol: string; served: Served }> {
+  const dir = scratchDir(t, prefix);
+  const size = sizeMiB * (1 << 20);
+  const vol = sparseFile(path.join(dir, 'vol.raw'), size);
+  return { dir, size, vol, served: await serveDevice(t, dir, vol, name, serveArgs) };
 }
 
 export function alive(pid: number): boolean {
