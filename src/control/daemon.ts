@@ -3,7 +3,6 @@
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
-import { Device } from '../device/device';
 import { ioEngineName, ioRing } from '../device/io-ring';
 import { runOnlineBackup, type OnlineBackupSummary } from '../jobs/online-backup';
 import { stateRoot } from '../config';
@@ -17,14 +16,11 @@ import { identify, lockedPath, overlap } from '../device/identity';
 import { deviceHolding, fingerprintOf, fingerprintOfVolume } from '../export/on-volume';
 import { checkTargetOptions, isTapeDevice, openBackupTarget } from '../jobs/open-target';
 import { parseContainer } from '../snapshot/parse-container';
-import type { SnapshotFilter } from '../export/snapshot-filter';
 import type { SnapshotSession } from '../snapshot/session';
 import type { HoldJobStats } from '../snapshot/hold-method';
 import { holdLogDevice, parseHoldLog } from '../export/hold-log';
 import { DEFAULT_WRITER_PRIORITY, type WriterPriority } from '../snapshot/writer-priority';
-import { loadPskFile, type PskKeys } from '../nbd/tls-psk';
 import { errorText, UserError } from '../util/errors';
-import { checkTcpSecurity, formatHostPort, parseListen, plaintextWarning } from '../export/listen';
 import { type SnapshotRequest, type BackupRequest, type ControlReply, type ControlRequest, defaultExportSocket, parseControlRequest, type ServeRequest } from './protocol';
 
 /** A served export and the backup running on it, if any. */

@@ -85,7 +85,9 @@ export class HoldFilter extends Filter {
   private cursor = 0;
   private releasing = 0;
   /** Block -> the queued changes touching it, in arrival order (only blocks with queued changes). */
-  private readonly index = new Map<number, HeldOp[]>();
+  // Queued changes by block, oldest first. A block touched by one change (the usual case) holds the
+  // change itself: no array per block on the write path; a second change to it makes the list.
+  private readonly index = new Map<number, HeldOp | HeldOp[]>();
   private seq = 0;
   private bytesNow = 0;
   private st = { heldWrites: 0, maxHoldMs: 0, maxQueuedMs: 0, peakBytes: 0 };
@@ -265,8 +267,10 @@ export class HoldFilter extends Filter {
       const op: HeldOp = { kind, offset, length, data, fua, noHole, first, end, at: performance.now(), seq: ++this.seq, done: false, logPos: undefined, appending: false, resolve, reject };
       this.queue.push(op);
       for (let b = first; b < end; b++) {
-        const list = this.index.get(b);
-        if (list) list.push(op); else this.index.set(b, [op]);
+        const at = this.index.get(b);
+        if (at === undefined) this.index.set(b, op);
+        else if (Array.isArray(at)) at.push(op);
+        else this.index.set(b, [at, op]);
       }
       this.bytesNow += data ? length : 0;
       this.st.heldWrites++;
@@ -318,10 +322,11 @@ export class HoldFilter extends Filter {
     op.done = true;
     this.releasing--;
     for (let b = op.first; b < op.end; b++) {
-      const list = this.index.get(b)!;
+      const at = this.index.get(b)!;
       // Sent only when first in line for each block, so it is the first there.
-      list.shift();
-      if (list.length === 0) this.index.delete(b);
+      if (!Array.isArray(at)) { this.index.delete(b); continue; }
+      at.shift();
+      if (at.length === 1) this.index.set(b, at[0]!);
     }
     this.bytesNow -= op.data ? op.length : 0;
     const queued = performance.now() - op.at;
@@ -354,7 +359,10 @@ export class HoldFilter extends Filter {
   }
 
   private firstInLine(op: HeldOp): boolean {
-    for (let b = op.first; b < op.end; b++) if (this.index.get(b)![0] !== op) return false;
+    for (let b = op.first; b < op.end; b++) {
+      const at = this.index.get(b)!;
+      if ((Array.isArray(at) ? at[0] : at) !== op) return false;
+    }
     return true;
   }
 
@@ -367,11 +375,13 @@ export class HoldFilter extends Filter {
   private overlapping(offset: number, length: number): HeldOp[] {
     const first = Math.floor(offset / HOLD_BLOCK);
     const end = Math.floor((offset + length - 1) / HOLD_BLOCK) + 1;
-    const out: HeldOp[] = [];
+    const out = new Set<HeldOp>();
     for (let b = first; b < end; b++) {
-      const list = this.index.get(b);
-      if (list) for (const op of list) if (!out.includes(op)) out.push(op);
+      const at = this.index.get(b);
+      if (at === undefined) continue;
+      if (Array.isArray(at)) for (const op of at) out.add(op);
+      else out.add(at);
     }
-    return out;
+    return [...out];
   }
 }

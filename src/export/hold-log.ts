@@ -15,6 +15,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as zlib from 'node:zlib';
 import type { NbdBackend } from '../nbd/backend';
+import { syncDir, writeFileDurably } from '../util/durable-file';
 import { UserError } from '../util/errors';
 import { parseSize } from '../util/size';
 
@@ -177,18 +178,8 @@ export class HoldLog {
   }
 }
 
-async function writeRef(file: string, body: Record<string, unknown>): Promise<void> {
-  const tmp = `${file}.tmp`;
-  const fh = await fs.promises.open(tmp, 'w', 0o600);
-  try { await fh.writeFile(JSON.stringify({ format: 'livesnap-hold-log-ref', version: 1, ...body }) + '\n'); await fh.sync(); } finally { await fh.close(); }
-  await fs.promises.rename(tmp, file);
-  await syncDir(path.dirname(file));
-}
-
-async function syncDir(dir: string): Promise<void> {
-  const d = await fs.promises.open(dir, 'r').catch(() => undefined);
-  if (!d) return;
-  try { await d.sync(); } catch { /* some file systems refuse: the rename is still ordered */ } finally { await d.close(); }
+function writeRef(file: string, body: Record<string, unknown>): Promise<void> {
+  return writeFileDurably(file, JSON.stringify({ format: 'livesnap-hold-log-ref', version: 1, ...body }) + '\n');
 }
 
 export interface ReplayReport { log: string; records: number; bytes: number; tornBytes: number }

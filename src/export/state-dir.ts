@@ -7,6 +7,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { identify } from '../device/identity';
 import { xxh128 } from '../device/hash';
+import { writeFileDurably } from '../util/durable-file';
 import { UserError } from '../util/errors';
 
 const FORMAT = 'livesnap-state';
@@ -43,13 +44,6 @@ function unseal(text: string): { body: Record<string, unknown> } | { bad: string
   const { checksum, ...rest } = j;
   if (checksum !== xxh128(Buffer.from(JSON.stringify(rest))).toString('hex')) return { bad: 'checksum mismatch' };
   return { body: rest };
-}
-
-async function writeAtomic(file: string, text: string): Promise<void> {
-  const tmp = `${file}.tmp`;
-  const fh = await fs.promises.open(tmp, 'w', 0o600);
-  try { await fh.writeFile(text); await fh.sync(); } finally { await fh.close(); }
-  await fs.promises.rename(tmp, file);
 }
 
 /** The kernel's start time of process `pid` (clock ticks since boot), or undefined if it is gone or a zombie. */
@@ -104,7 +98,7 @@ export class StateDir {
       }
       if ('bad' in r) await fs.promises.rename(file, `${file}.untrusted-${Date.now()}`).catch(() => {});
     }
-    if (text === undefined || adopted !== undefined || 'bad' in unseal(text)) await writeAtomic(file, seal({ kind: 'export', device, key, created: new Date().toISOString() }));
+    if (text === undefined || adopted !== undefined || 'bad' in unseal(text)) await writeFileDurably(file, seal({ kind: 'export', device, key, created: new Date().toISOString() }));
     const sd = new StateDir(dir, device);
     sd.adoptedFrom = adopted;
     return sd;
@@ -115,7 +109,7 @@ export class StateDir {
   }
 
   async recordJob(rec: JobRecord): Promise<void> {
-    await writeAtomic(this.jobFile(rec.job), seal({ kind: 'job', device: this.device, ...rec }));
+    await writeFileDurably(this.jobFile(rec.job), seal({ kind: 'job', device: this.device, ...rec }));
   }
 
   async dropJob(id: string): Promise<void> {

@@ -5,6 +5,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Device } from '../device/device';
 import { isNativeError } from '../device/native';
+import { syncDirSync } from '../util/durable-file';
 import { UserError } from '../util/errors';
 import type { BackupSink, DataBatch, FinishInfo, VolumeInfo } from './sink';
 
@@ -95,7 +96,7 @@ export class ImageSink implements BackupSink {
     this.dev = undefined;
     if (!this.isDevice) {
       fs.renameSync(this.workPath, this.target);
-      syncDir(this.target);
+      syncDirSync(path.dirname(this.target));
     }
   }
 
@@ -126,10 +127,3 @@ export function withoutZeroRuns(buffer: ArrayBuffer, segments: Float64Array): Fl
   return Float64Array.from(out);
 }
 
-function syncDir(file: string): void {
-  const dir = path.dirname(file);
-  try {
-    const fd = fs.openSync(dir, 'r');
-    try { fs.fsyncSync(fd); } finally { fs.closeSync(fd); }
-  } catch { /* best effort: not every file system allows fsync on a directory */ }
-}

@@ -6,6 +6,7 @@ import * as path from 'node:path';
 import type { Writable } from 'node:stream';
 import { VolumeSetOutput } from './multi-volume';
 import { DEFAULT_RECORD_SIZE, FdRecordOutput, WritableRecordOutput, checkRecordSize, openRecordFile, type RecordOutput } from './record-writer';
+import { syncDir } from '../../util/durable-file';
 import { ZstdRecordOutput } from './zstd';
 
 export interface StreamOptions {
@@ -79,7 +80,7 @@ export class StreamTarget {
     const out = this.opts.out;
     if (this.createdFile?.endsWith('.partial') && typeof out === 'string') {
       await fs.promises.rename(this.createdFile, out);
-      await syncDirOf(out);
+      await syncDir(path.dirname(out));
     }
     this.createdFile = undefined;
   }
@@ -90,11 +91,4 @@ export class StreamTarget {
     if (this.createdFile) await fs.promises.rm(this.createdFile, { force: true }).catch(() => {});
     this.createdFile = undefined;
   }
-}
-
-/** fsync of a file's directory, so a rename is durable (best effort: some file systems refuse it). */
-async function syncDirOf(file: string): Promise<void> {
-  const fh = await fs.promises.open(path.dirname(file), 'r').catch(() => undefined);
-  if (!fh) return;
-  try { await fh.sync(); } catch { /* not supported here */ } finally { await fh.close(); }
 }
