@@ -149,9 +149,6 @@ export class ArchiveSink implements BackupSink {
     for (let s = 0; s + 2 < seg.length; s += 3) {
       let off = seg[s]!, len = seg[s + 1]!, bo = seg[s + 2]!;
       if (len === 0) continue;
-      // The last block of a volume whose size is not a whole number of blocks is read whole; the
-      // archive stores the volume's bytes only.
-      if (off + len > this.map.realSize && off < this.map.realSize) len = this.map.realSize - off;
       if (off !== this.nextOffset || off + len > this.regionEnd) {
         throw new Error(`archive sink: got data for volume bytes ${off}..${off + len} but expected the used region ${this.nextOffset}..${this.regionEnd} next (data must come for exactly the used blocks, in order)`);
       }

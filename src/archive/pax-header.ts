@@ -115,12 +115,23 @@ function readOctal(b: Uint8Array, off: number, len: number, what: string, archiv
   return parseInt(s, 8);
 }
 
-/** Parses and checks a ustar header block (checksum first: a corrupt header is named as such). */
-export function parseUstarHeader(b: Uint8Array, archiveOffset: number): ParsedHeader {
+/** The header's checksum: the sum of its bytes with the checksum field counted as spaces. */
+function headerSum(b: Uint8Array): number {
   let sum = 0;
   for (let i = 0; i < BLOCK; i++) sum += i >= 148 && i < 156 ? 0x20 : b[i]!;
+  return sum;
+}
+
+/** True when a 512-byte block is a tar header by its checksum (v7, ustar and GNU headers alike). */
+export function headerChecksumOk(b: Uint8Array): boolean {
   const stored = readString(b, 148, 8).trim();
-  if (!/^[0-7]+$/.test(stored) || parseInt(stored, 8) !== sum) {
+  return /^[0-7]+$/.test(stored) && parseInt(stored, 8) === headerSum(b);
+}
+
+/** Parses and checks a ustar header block (checksum first: a corrupt header is named as such). */
+export function parseUstarHeader(b: Uint8Array, archiveOffset: number): ParsedHeader {
+  if (!headerChecksumOk(b)) {
+    const stored = readString(b, 148, 8).trim(), sum = headerSum(b);
     throw new ArchiveError(`tar header checksum mismatch at archive offset ${archiveOffset} (stored "${stored}", computed ${sum.toString(8)}): the header is corrupt or this is not a tar archive`, archiveOffset);
   }
   const prefix = readString(b, 345, 155);

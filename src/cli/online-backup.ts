@@ -52,18 +52,15 @@ export async function runOnlineBackupViaDaemon(control: string, req: BackupReque
         ]);
         return 0;
       } else if (m.type === 'error') {
-        // The daemon only saw its stream break; this side knows why (the reader went away, a full disk).
-        await dataDone.catch(() => {});
-        if (dataError) throw dataError;
         throw new UserError(m.message, m.hint, m.exitCode ?? 1);
       }
     }
-    await dataDone.catch(() => {});
-    if (dataError) throw dataError;
     throw new UserError('the daemon closed the connection before the backup finished', 'see "livesnap status" and the daemon log');
   } catch (e) {
     if (interrupted) throw new UserError('the backup was cancelled (interrupted)', 'the export kept serving; no write was lost', 130);
-    // Closing the control connection (to cancel the job) ends the replies with "Premature close".
+    // If the data channel failed, this side knows why (the reader went away, a full disk): that is
+    // the error, not what the daemon saw of its broken stream, nor the "Premature close" of the
+    // control connection closed to cancel the job.
     await dataDone.catch(() => {});
     if (dataError) throw dataError;
     throw e;

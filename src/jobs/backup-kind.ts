@@ -4,23 +4,15 @@
 // else — empty, too small, a damaged archive head — is an error, never a silent "every block" image.
 import * as fs from 'node:fs';
 import { Device } from '../device/device';
+import { headerChecksumOk } from '../archive/pax-header';
 import { recognise } from '../fs/detect';
+import { ZSTD_MAGIC } from '../sink/stream/zstd';
 import { UserError } from '../util/errors';
 
 export type BackupKind = 'archive' | 'image';
 
-const ZSTD_MAGIC = 0xfd2fb528;
 /** manifest.json's header, the tar's overhead and the end blocks: no livesnap archive is smaller. */
 const MIN_ARCHIVE = 4 * 512;
-
-/** True when a 512-byte block is a tar header by its checksum (v7, ustar, GNU alike). */
-export function tarChecksumOk(b: Buffer): boolean {
-  const field = b.toString('latin1', 148, 156).replace(/[\0 ]+$/, '').trim();
-  if (!/^[0-7]{1,7}$/.test(field)) return false;
-  let sum = 0;
-  for (let i = 0; i < 512; i++) sum += i >= 148 && i < 156 ? 0x20 : b[i]!;
-  return sum === parseInt(field, 8);
-}
 
 /** The kind of the backup at `file` ("-" is standard input: an archive). Throws a UserError for anything else. */
 export async function classifyBackup(file: string, opts: { raw?: boolean } = {}): Promise<BackupKind> {
@@ -36,10 +28,10 @@ export async function classifyBackup(file: string, opts: { raw?: boolean } = {})
   const fd = fs.openSync(file, 'r');
   try { n = fs.readSync(fd, head, 0, 512, 0); } finally { fs.closeSync(fd); }
   if (n === 0) throw new UserError(`${file} is empty: not a backup`, 'a backup that was cut off before it wrote anything holds nothing; use another copy');
-  if (n >= 4 && head.readUInt32LE(0) === ZSTD_MAGIC) return 'archive';
+  if (n >= 4 && head.subarray(0, 4).equals(ZSTD_MAGIC)) return 'archive';
   const ustar = n >= 262 && head.toString('latin1', 257, 262) === 'ustar';
   const manifestName = head.toString('latin1', 0, 14) === 'manifest.json\0';
-  if (ustar || (n === 512 && tarChecksumOk(head)) || manifestName) {
+  if (ustar || (n === 512 && headerChecksumOk(head)) || manifestName) {
     if (opts.raw) throw new UserError(`${file} starts with a tar header: it is an archive, not a raw image`, 'leave out --raw');
     if (st.isFile() && st.size < MIN_ARCHIVE) {
       throw new UserError(`${file} is ${st.size} bytes: too small to be a livesnap archive (at least ${MIN_ARCHIVE}); it is cut off or not a backup`);
