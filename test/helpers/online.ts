@@ -328,8 +328,9 @@ export class SelfDescribingWriters {
   }
 
   /** Waits until `n` writes have been acknowledged (from the start). */
-  async acked(n: number, ms = 30_000): Promise<void> {
-    await waitUntil(() => this.records.filter((r) => r.ack !== undefined).length >= n, ms, `${n} acknowledged writes`);
+  /** Waits for n acknowledged writes; with `startedAfter`, only writes issued after that instant count. */
+  async acked(n: number, ms = 30_000, startedAfter = -Infinity): Promise<void> {
+    await waitUntil(() => this.records.filter((r) => r.ack !== undefined && r.start > startedAfter).length >= n, ms, `${n} acknowledged writes`);
   }
 
   /** Stops issuing writes, waits for the last ones, quits qemu-io: returns the exit codes. */
