@@ -65,6 +65,14 @@ export class ArchiveSink implements BackupSink {
   /** Number of the volume being written (multi-volume), else 1. */
   get volume(): number { return this.target.volume; }
 
+  /** Chunks checksummed so far (all of them once finished). */
+  get chunkCount(): number { return this.chunkIndex; }
+
+  /** XXH3-128 of the chunk checksums in order: one value that names the archive's whole contents. */
+  chunkListDigest(): string {
+    return this.chunkHashes ? xxh128(this.chunkHashes.subarray(0, this.chunkIndex * 16)).toString('hex') : '';
+  }
+
   async begin(volume: VolumeInfo, used: Bitset): Promise<void> {
     if (this.state !== 'new') throw new Error('archive sink: begin() called twice');
     this.state = 'open';

@@ -2,6 +2,7 @@
 import { Builtins, Cli } from 'clipanion';
 import { fstatSync, writeSync } from 'node:fs';
 import { TOOL_VERSION } from '../jobs/version';
+import { ApplianceCommand } from './commands/appliance';
 import { BackupCommand } from './commands/backup';
 import { DemoCommand } from './commands/demo';
 import { InspectCommand } from './commands/inspect';
@@ -13,7 +14,7 @@ import { DaemonCommand, ServeCommand, StopCommand } from './commands/serve';
 import { CancelCommand, StatusCommand } from './commands/status';
 import { SnapshotCommand } from './commands/snapshot';
 
-const COMMANDS = [InspectCommand, BackupCommand, RestoreCommand, VerifyCommand, ServeCommand, SnapshotCommand, StatusCommand, CancelCommand, StopCommand, KeygenCommand, DaemonCommand, DemoCommand, VersionCommand];
+const COMMANDS = [InspectCommand, BackupCommand, RestoreCommand, VerifyCommand, ServeCommand, SnapshotCommand, StatusCommand, CancelCommand, StopCommand, ApplianceCommand, KeygenCommand, DaemonCommand, DemoCommand, VersionCommand];
 
 export function buildCli(): Cli {
   // No colours unless standard output is a terminal: clipanion's help ("--help", no arguments) otherwise

@@ -9,7 +9,7 @@ import { formatBytes, formatRate } from '../util/size';
 import type { Reporter } from './reporter';
 
 export async function runOnlineBackupViaDaemon(control: string, req: BackupRequest, r: Reporter): Promise<number> {
-  const to = req.to === '-' || req.to.startsWith('/dev/') ? req.to : path.resolve(req.to);
+  const to = req.to === '-' || req.to.startsWith('/dev/') || req.to.startsWith('appliance://') ? req.to : path.resolve(req.to);
   const c = await request(control, { ...req, to, freeze: req.freeze ? path.resolve(req.freeze) : undefined });
   // Closing the connection is how the daemon learns to cancel (the job lives only as long as this CLI).
   let interrupted = false;
@@ -26,7 +26,7 @@ export async function runOnlineBackupViaDaemon(control: string, req: BackupReque
           dataDone.catch((e: Error) => { dataError = e; c.close(); });
         } else if (m.event === 'armed') {
           r.event('armed', m);
-          r.info(`snapshot armed at ${m.time} (freeze window ${Number(m.freezeMs).toFixed(1)} ms); copying ${req.export} to ${to}`);
+          r.info(`snapshot armed at ${m.time} (freeze window ${Number(m.freezeMs).toFixed(1)} ms); ${m.output ? `the appliance writes ${m.output}` : `copying ${req.export} to ${to}`}`);
         } else if (m.event === 'progress') {
           r.progress('backup', m.bytesDone as number, m.bytesTotal as number, `${formatBytes(m.bytesDone as number)}/${formatBytes(m.bytesTotal as number)} waiting:${m.writesWaiting}`);
         } else {
@@ -39,6 +39,16 @@ export async function runOnlineBackupViaDaemon(control: string, req: BackupReque
         }
         await dataDone;
         const s = m as unknown as Record<string, number> & { badBlocks: number[] };
+        if (m.method === 'appliance') {
+          r.done({ ...m, type: undefined }, [
+            `backup by the appliance complete: ${req.export} -> ${to} (job ${m.job})`,
+            `  snapshot      ${m.snapshotTime}, freeze window ${s.freezeMs.toFixed(1)} ms`,
+            `  output        ${m.output} on the appliance${m.runStatus !== undefined ? `, exit status ${m.runStatus}` : `, ${formatBytes(s.outputBytes)}`}`,
+            `  holds         ${m.filesystem}, ${s.usedBlocks} of ${s.totalBlocks} blocks used, ${formatBytes(s.bytes)}${(m.checksums as { digest: string }).digest ? `; chunk checksums digest ${(m.checksums as { digest: string }).digest}` : ''}`,
+            `  writers       worst delay ${s.worstWriteDelayMs.toFixed(1)} ms, ${s.writesDelayed} delayed; ${s.blocksSavedByWriters} originals sent (${formatBytes(s.originalsSentBytes)}), ${s.originalsUsed} used by the appliance`,
+          ]);
+          return 0;
+        }
         r.done({ ...m, type: undefined }, [
           `online backup complete: ${req.export} -> ${to} (job ${m.job})`,
           `  snapshot      ${m.snapshotTime}, freeze window ${s.freezeMs.toFixed(1)} ms`,

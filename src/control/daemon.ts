@@ -5,6 +5,9 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { ioEngineName, ioRing } from '../device/io-ring';
 import { runOnlineBackup, type OnlineBackupSummary } from '../jobs/online-backup';
+import { runApplianceBackup } from '../jobs/appliance-backup';
+import { parseApplianceAddress } from '../appliance/link';
+import { loadPskFile, type PskKeys } from '../nbd/tls-psk';
 import { stateRoot } from '../config';
 import { PointInTimeBackend } from '../export/point-in-time-backend';
 import { ServedExport } from '../export/served-export';
@@ -370,6 +373,8 @@ export class Daemon {
     const e = this.exports.get(req.export);
     if (!e) throw new UserError(`no export named "${req.export}"`, `serve it first ("livesnap serve <device> --name ${req.export}"), or see "livesnap status"`);
     if (e.job) throw new UserError(`export "${e.name}" already has a backup running (${e.job.id})`, `wait for it, or "livesnap cancel ${e.job.id}"`);
+    if (req.to.startsWith('appliance://')) return this.applianceBackup(req, send, sock, e);
+    if (req.key !== undefined || req.applianceTimeoutMs !== undefined) throw new UserError('--key and --appliance-timeout go with --to appliance://HOST:PORT');
     await this.checkBackupPaths(req);
     if (req.holdLog !== undefined && req.method !== 'hold') throw new UserError('--hold-log goes with --method hold', 'add --method hold, or drop the option');
     const holdLog = req.holdLog !== undefined ? { spec: parseHoldLog(req.holdLog), stateDir: e.state.dir, device: holdLogDevice(e.identity, e.devicePath, e.device.size) } : undefined;
@@ -436,9 +441,47 @@ export class Daemon {
       if (e.job === job) e.job = undefined;
     }
   }
+  /** --to appliance://: the host side of the appliance split (jobs/appliance-backup.ts); the appliance writes the output. */
+  private async applianceBackup(req: BackupRequest, send: (r: ControlReply) => void, sock: net.Socket, e: Entry): Promise<Record<string, unknown>> {
+    const addr = parseApplianceAddress(req.to.slice('appliance://'.length).replace(/\/$/, ''), `--to ${req.to}`);
+    if (req.key === undefined) throw new UserError('--to appliance:// needs --key FILE');
+    let keys: PskKeys;
+    try { keys = loadPskFile(req.key); } catch (err) { throw new UserError(`--key: ${(err as Error).message}`, 'the PSK file the appliance was started with (livesnap keygen FILE)'); }
+    const job: Job = { kind: 'backup', id: `${e.name}-${++this.jobSeq}`, export: e.name, to: req.to, started: new Date(), state: 'running', abort: new AbortController(), progress: { bytesDone: 0, bytesTotal: 0, badBlocks: 0 }, detached: !!req.detach, writerPriority: DEFAULT_WRITER_PRIORITY };
+    e.job = job;
+    this.jobs.set(job.id, job);
+    const onClose = () => { if (!job.detached && job.state === 'running') { this.log(`job ${job.id}: client went away, cancelling`); job.abort.abort(); } };
+    sock.once('close', onClose);
+    this.log(`job ${job.id}: backup of "${e.name}" by the appliance ${req.to}`);
+    try {
+      const summary = await runApplianceBackup({
+        device: e.directDevice, gate: e.gate, unit: e.name, address: addr, keys, timeoutMs: req.applianceTimeoutMs, freeze: req.freeze, signal: job.abort.signal,
+        onSession: (s) => (job.session = s),
+        onEvent: (ev) => {
+          if (ev.event === 'progress') job.progress = { bytesDone: ev.bytesDone, bytesTotal: ev.bytesTotal, badBlocks: 0 };
+          send({ type: 'event', ...ev, job: job.id });
+          if (ev.event === 'armed' && job.detached) { send({ type: 'result', detached: true, job: job.id }); sock.end(); }
+        },
+      });
+      job.state = 'done';
+      job.progress = { bytesDone: summary.bytes, bytesTotal: summary.bytes, badBlocks: 0 };
+      this.log(`job ${job.id}: done: the appliance wrote ${summary.output} (${summary.bytes} bytes); ${summary.blocksSavedByWriters} originals sent; worst write delay ${summary.worstWriteDelayMs.toFixed(1)} ms`);
+      return { ...summary, job: job.id, badBlockCount: 0 };
+    } catch (err) {
+      job.state = job.abort.signal.aborted ? 'cancelled' : 'failed';
+      job.error = errorText(err);
+      this.log(`job ${job.id}: ${job.state}: ${job.error}`);
+      throw err;
+    } finally {
+      job.finished = new Date();
+      sock.off('close', onClose);
+      if (e.job === job) e.job = undefined;
+    }
+  }
 }
 
 /** The path is one of the served devices or files (a log there would bypass and corrupt it). */
+
 function overlapsServed(p: string, served: ReadonlyArray<{ devicePath: string }>): boolean {
   const real = (x: string) => { try { return fs.realpathSync(x); } catch { return x; } };
   return served.some((e) => real(e.devicePath) === real(p));

@@ -61,6 +61,9 @@ const isBackupRequest = t.isObject({
   holdLimit: optNum,
   /** --hold-log PATH[:SIZE]. */
   holdLog: optStr,
+  /** --to appliance://HOST:PORT: the PSK file (--key) and --appliance-timeout in ms. */
+  key: optStr,
+  applianceTimeoutMs: optNum,
 });
 /** `livesnap snapshot`: arm a snapshot of an export and serve the instant read-only. */
 const isSnapshotRequest = t.isObject({

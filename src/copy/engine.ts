@@ -14,7 +14,7 @@
 // Short free gaps between runs are read through (one 256 KiB read beats two 4 KiB ones); their bytes
 // are never handed to the sink.
 import { BufferPool } from '../device/memory';
-import type { Device } from '../device/device';
+import type { BatchReader } from '../device/device';
 import type { BackupSink } from '../sink/sink';
 import type { CopyMap, Task } from './copy-map';
 import type { Bitset } from '../util/bitset';
@@ -26,8 +26,8 @@ export interface BusyPace { batchBytes: number; depth: number }
 
 /** Where the blocks of one point in time are. */
 export interface PointInTimeSource {
-  /** Originals not saved elsewhere are read from here. */
-  readonly device: Device;
+  /** Originals not saved elsewhere are read from here (a device, or the appliance's reconciled view). */
+  readonly device: BatchReader;
   /** What is left to copy, lockable (copy-before-write writers claim from it too). */
   readonly map: CopyMap;
   /** Saved originals (copy-before-write); absent when nothing else changes the device meanwhile. */

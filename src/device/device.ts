@@ -23,7 +23,15 @@ export interface BlockReader {
   readMany(ranges: ReadonlyArray<{ offset: number; length: number }>): Promise<Buffer[]>;
 }
 
-export class Device implements BlockReader {
+/** What the copy engine reads blocks through: batches of [offset, length, bufferOffset] triplets into aligned memory. */
+export interface BatchReader {
+  /** For messages (the device's path, or what the reader stands for). */
+  readonly path: string;
+  /** Results per segment: bytes read, or -errno. */
+  readBatch(buffer: ArrayBuffer, segments: Float64Array, opts?: { urgent?: boolean }): Promise<Int32Array>;
+}
+
+export class Device implements BlockReader, BatchReader {
   private closed = false;
 
   private constructor(

@@ -44,7 +44,7 @@ export interface PointInTime {
 }
 
 export interface SnapshotMethod {
-  readonly name: 'offline' | 'freeze' | 'online' | 'hold';
+  readonly name: 'offline' | 'freeze' | 'online' | 'hold' | 'appliance';
   arm(): Promise<PointInTime>;
 }
 

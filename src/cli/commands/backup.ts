@@ -38,6 +38,15 @@ export class BackupCommand extends LivesnapCommand {
       default memory:64M); the done event says fellBack. Clients: the kernel nbd client fails a write
       held longer than "nbd-client -timeout" (none by default) and warns of hung tasks after 120 s.
 
+      \`--to appliance://HOST:PORT --key FILE\` (an export only): the host copies nothing. At the
+      instant it flushes the export's device and tells the appliance ("livesnap appliance", on the
+      machine that reads the same SAN LUN); from then on a write to a block whose original is not
+      saved yet waits until the appliance has that original (once per block); the appliance reads
+      the LUN itself, substitutes the originals and writes the archive (or feeds its --run program).
+      The done event carries the appliance's output path, bytes and checksums. If the link drops,
+      the appliance dies, or it is silent or holds a write for \`--appliance-timeout\` (default 30s),
+      the snapshot is broken at once: writers go on, none fails, the backup fails saying why.
+
       Methods:
       - \`offline\` (default): the volume must not be mounted read-write.
       - \`freeze\`: the volume is mounted; its file system is frozen (FIFREEZE) for the whole copy so
@@ -61,6 +70,7 @@ export class BackupCommand extends LivesnapCommand {
       ['Online backup of a served export while it is in use', '$0 backup data --to /backup/data.img --container memory:256M'],
       ['Online, file system consistent, container on another disk', '$0 backup data --freeze /srv/data --container file:/scratch/cow.bin:4G --to /backup/data.tar'],
       ['Online, the clients first: they keep about half their write speed, the backup takes longer', '$0 backup data --to /backup/data.img --writer-priority high'],
+      ['Online, to a backup appliance that reads the shared LUN itself', '$0 backup data --to appliance://10.0.0.2:10810 --key /etc/livesnap/appliance.psk'],
       ['Keep going past bad blocks', '$0 backup /dev/sdc --to /backup/sdc.img --on-error ignore'],
     ],
   });
@@ -86,9 +96,13 @@ export class BackupCommand extends LivesnapCommand {
   writeWaitLimit = Option.String('--write-wait-limit', { description: 'Online: the longest a client write may wait on the snapshot before the backup is abandoned and writers go on (default 30s; e.g. 10s, 2m)' });
   detach = Option.Boolean('--detach', false, { description: 'Online: return once armed; the job goes on in the daemon' });
   control = Option.String('--control', { description: 'Online: daemon control socket' });
+  key = Option.String('--key', { description: 'With --to appliance://HOST:PORT: the PSK file shared with the appliance (livesnap keygen)' });
+  applianceTimeout = Option.String('--appliance-timeout', { description: 'With --to appliance://: break the snapshot (writers go on, the backup fails) when the appliance is silent, or holds a write, this long (default 30s)' });
   format = Option.String('--format', { description: 'raw | tar (default: from the target: .img raw; .tar, - and tape devices tar)', validator: t.isEnum(['raw', 'tar'] as const) });
 
   private online(): Promise<number> {
+    if (this.to.startsWith('appliance://')) return this.toAppliance();
+    if (this.key !== undefined || this.applianceTimeout !== undefined) throw new UserError(`${this.key !== undefined ? '--key' : '--appliance-timeout'} goes with --to appliance://HOST:PORT`);
     if ((this.method !== 'offline' && this.method !== 'hold') || this.mount) throw new UserError('--method offline|freeze and --mount are for devices; an online backup of an export uses --freeze <mountpoint> (and --method hold to queue writes instead of copy-before-write)');
     const hold = this.method === 'hold';
     if (!hold && (this.hold !== undefined || this.holdLimit !== undefined || this.holdLog !== undefined)) throw new UserError(`${this.hold !== undefined ? '--hold' : this.holdLog !== undefined ? '--hold-log' : '--hold-limit'} goes with --method hold`, 'add --method hold, or drop the option');
@@ -122,6 +136,27 @@ export class BackupCommand extends LivesnapCommand {
     }, this.reporter);
   }
 
+  /** --to appliance://HOST:PORT: the host only saves originals; the appliance reads the LUN and writes the output. */
+  private toAppliance(): Promise<number> {
+    const addr = this.to.slice('appliance://'.length).replace(/\/$/, '');
+    // eslint-disable-next-line @typescript-eslint/no-require-imports -- checked here for the message, parsed again by the daemon
+    (require('../../appliance/link') as typeof import('../../appliance/link')).parseApplianceAddress(addr, `--to ${this.to}`);
+    if (this.key === undefined) throw new UserError('--to appliance:// needs --key FILE', 'the PSK file the appliance was started with (livesnap keygen FILE, copied to both machines)');
+    const notHere: Array<[string, unknown]> = [['--container', this.container], ['--format', this.format], ['--compress', this.compress], ['--record-size', this.recordSize], ['--tape-size', this.tapeSize],
+      ['--next-volume-command', this.nextVolume], ['--max-rate', this.maxRate], ['--writer-priority', this.writerPriority], ['--high-water', this.highWater], ['--hold', this.hold], ['--hold-log', this.holdLog],
+      ['--hold-limit', this.holdLimit], ['--write-wait-limit', this.writeWaitLimit], ['--mount', this.mount]];
+    for (const [flag, v] of notHere) if (v !== undefined) throw new UserError(`${flag} does not go with --to appliance://: the appliance reads the LUN and writes the output itself`, flag === '--write-wait-limit' ? 'use --appliance-timeout' : 'drop the option (the appliance\'s own options decide the output)');
+    if (this.method !== 'offline') throw new UserError('--method does not go with --to appliance:// (the host saves originals for the appliance: copy-before-write)');
+    if (this.force || this.onError !== 'abort') throw new UserError(`${this.force ? '--force' : '--on-error'} does not go with --to appliance://`);
+    // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded on use (startup time)
+    const { runOnlineBackupViaDaemon } = require('../online-backup') as typeof import('../online-backup');
+    return runOnlineBackupViaDaemon(resolveControlPath(this.control), {
+      op: 'backup', export: this.source, to: this.to, onError: 'abort', freeze: this.freeze, detach: this.detach,
+      key: path.resolve(this.key),
+      applianceTimeoutMs: this.applianceTimeout !== undefined ? parseDuration(this.applianceTimeout, '--appliance-timeout') : undefined,
+    }, this.reporter);
+  }
+
   protected override dataOnStdout(): boolean {
     return this.to === '-';
   }
@@ -142,6 +177,8 @@ export class BackupCommand extends LivesnapCommand {
       if (v !== undefined) throw new UserError(`${flag} is for online backups of a served export, and ${this.source} is a device or file`, 'serve it with "livesnap serve" and back up the export by name, or drop the option');
     }
     if (this.detach) throw new UserError('--detach is for online backups of a served export');
+    if (this.to.startsWith('appliance://')) throw new UserError(`--to appliance:// backs up an export served by "livesnap serve", and ${this.source} is a device or file`, 'serve it, then "livesnap backup <name> --to appliance://HOST:PORT --key FILE"');
+    if (this.key !== undefined || this.applianceTimeout !== undefined) throw new UserError(`${this.key !== undefined ? '--key' : '--appliance-timeout'} goes with --to appliance://HOST:PORT`);
     if (this.method === 'hold' || this.hold !== undefined || this.holdLimit !== undefined || this.holdLog !== undefined) throw new UserError(`--method hold is for online backups of a served export, and ${this.source} is a device or file`, 'serve it with "livesnap serve" and back up the export by name');
     if (this.method === 'freeze' && !this.mount) throw new UserError('--method freeze needs --mount <mountpoint>', 'name the directory where the source is mounted, e.g. --mount /srv/data');
     if (this.method !== 'freeze' && this.mount) throw new UserError('--mount only goes with --method freeze');

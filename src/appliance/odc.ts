@@ -1,0 +1,164 @@
+// The appliance's Original Data Cache and Modified Map (seed 002, claims 1, 2, 13-18). The ODC holds
+// originals the hosts sent, in fixed slots, bounded (memory, or a file); the MM of each unit says,
+// per block, whether the block was read (reconciled into the output, or not part of the backup) and
+// where its original is. Only the first original of a block is kept (claims 4 and 15); a slot whose
+// original was read is free again (claim 18). With no free slot a host's original waits here, so
+// its acknowledgement is delayed and only the writer of that block waits (never a failed write).
+import * as fs from 'node:fs';
+import { SlotAllocator } from '../snapshot/container';
+import { Bitset } from '../util/bitset';
+import { UserError } from '../util/errors';
+import { parseSize } from '../util/size';
+
+/** The one slot size: hosts send originals of 4 KiB blocks. */
+export const ODC_SLOT = 4096;
+
+export type OdcSpec = { kind: 'memory'; bytes: number } | { kind: 'file'; path: string; bytes: number };
+
+/** --odc memory:SIZE | file:PATH:SIZE */
+export function parseOdc(text: string): OdcSpec {
+  const hint = 'e.g. --odc memory:512M or --odc file:/var/cache/livesnap/odc:8G';
+  const sizeOf = (s: string) => {
+    let n: number;
+    try { n = parseSize(s); } catch { throw new UserError(`--odc ${text}: "${s}" is not a size`, hint); }
+    if (n < 16 * ODC_SLOT) throw new UserError(`--odc ${text}: at least 64K`, hint);
+    return Math.floor(n / ODC_SLOT) * ODC_SLOT;
+  };
+  let m = /^memory:(.+)$/.exec(text);
+  if (m) return { kind: 'memory', bytes: sizeOf(m[1]!) };
+  m = /^file:(.+):([^:]+)$/.exec(text);
+  if (m) return { kind: 'file', path: m[1]!, bytes: sizeOf(m[2]!) };
+  throw new UserError(`--odc ${text}: expected memory:SIZE or file:PATH:SIZE`, hint);
+}
+
+export class OriginalDataCache {
+  readonly capacity: number;
+  private readonly slots: SlotAllocator;
+  private readonly mem: Buffer | undefined;
+  private readonly fd: number | undefined;
+  private readonly one = new Int32Array(1);
+  /** Units with originals waiting for room: told once per turn after slots were freed. */
+  private readonly roomWaiters = new Set<() => void>();
+  private notifyQueued = false;
+
+  constructor(readonly spec: OdcSpec) {
+    this.capacity = spec.bytes / ODC_SLOT;
+    this.slots = new SlotAllocator(this.capacity);
+    if (spec.kind === 'memory') {
+      // Untouched pages cost nothing until an original lands in them.
+      this.mem = Buffer.allocUnsafeSlow(spec.bytes);
+    } else {
+      try {
+        this.fd = fs.openSync(spec.path, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
+      } catch (e) {
+        const code = (e as NodeJS.ErrnoException).code;
+        throw new UserError(`--odc file:${spec.path}: ${code === 'EEXIST' ? 'the file exists' : (e as Error).message}`, code === 'EEXIST' ? 'name a new file (the appliance creates it and removes it at exit)' : 'name a file on a writable file system with room for it');
+      }
+      fs.ftruncateSync(this.fd, spec.bytes);
+    }
+  }
+
+  get description(): string {
+    return this.spec.kind === 'memory' ? `memory (${this.spec.bytes} bytes)` : `file ${this.spec.path} (${this.spec.bytes} bytes)`;
+  }
+
+  get used(): number { return this.slots.used; }
+  get peak(): number { return this.slots.peak; }
+
+  /** A free slot, or -1 when the cache is full. */
+  take(): number {
+    return this.slots.take(1, this.one) === 1 ? this.one[0]! : -1;
+  }
+
+  free(slot: number): void {
+    this.slots.give(slot);
+    if (this.roomWaiters.size && !this.notifyQueued) {
+      this.notifyQueued = true;
+      queueMicrotask(() => {
+        this.notifyQueued = false;
+        for (const w of [...this.roomWaiters]) w();
+      });
+    }
+  }
+
+  /** `f` is called after slots were freed, until offRoom(f). */
+  onRoom(f: () => void): void { this.roomWaiters.add(f); }
+  offRoom(f: () => void): void { this.roomWaiters.delete(f); }
+
+  /** Stores `data` (at most one slot) in `slot`. */
+  write(slot: number, data: Buffer): void {
+    if (this.mem) data.copy(this.mem, slot * ODC_SLOT);
+    else fs.writeSync(this.fd!, data, 0, data.length, slot * ODC_SLOT);
+  }
+
+  /** Copies `length` bytes of the original in `slot` into `into` at `at`. */
+  read(slot: number, into: Buffer, at: number, length: number): void {
+    if (this.mem) this.mem.copy(into, at, slot * ODC_SLOT, slot * ODC_SLOT + length);
+    else fs.readSync(this.fd!, into, at, length, slot * ODC_SLOT);
+  }
+
+  close(): void {
+    if (this.fd !== undefined) {
+      try { fs.closeSync(this.fd); } catch { /* closing */ }
+      if (this.spec.kind === 'file') fs.rmSync(this.spec.path, { force: true });
+    }
+  }
+}
+
+/** One unit's Modified Map. */
+export class ModifiedMap {
+  /** block → ODC slot of its original. */
+  private readonly slotOf = new Map<number, number>();
+  /** Blocks read (reconciled into the output) or outside the backup: their originals are not needed. */
+  readonly done: Bitset;
+  originalsKept = 0;
+  originalsUsed = 0;
+  /** Originals that arrived for blocks already read or already held (not kept). */
+  originalsIgnored = 0;
+
+  constructor(readonly totalBlocks: number, private readonly odc: OriginalDataCache) {
+    this.done = new Bitset(totalBlocks);
+  }
+
+  /** Slots this unit holds. */
+  get held(): number { return this.slotOf.size; }
+
+  slot(block: number): number | undefined { return this.slotOf.get(block); }
+
+  /** True when an original of `block` is wanted (not read yet, none held). */
+  wants(block: number): boolean {
+    return !this.done.get(block) && !this.slotOf.has(block);
+  }
+
+  /** Keeps the original of `block` in `slot` (the caller checked wants()). */
+  keep(block: number, slot: number): void {
+    this.slotOf.set(block, slot);
+    this.originalsKept++;
+  }
+
+  /** Blocks [first, end) are read: their originals' slots are free again (claim 18). */
+  markDone(first: number, end: number): void {
+    if (end <= first) return;
+    if (this.slotOf.size) {
+      if (end - first < this.slotOf.size) {
+        for (let b = first; b < end; b++) this.drop(b);
+      } else {
+        for (const b of [...this.slotOf.keys()]) if (b >= first && b < end) this.drop(b);
+      }
+    }
+    this.done.setRange(first, end);
+  }
+
+  private drop(b: number): void {
+    const s = this.slotOf.get(b);
+    if (s === undefined) return;
+    this.slotOf.delete(b);
+    this.odc.free(s);
+  }
+
+  /** Gives every slot back (the unit ended). */
+  clear(): void {
+    for (const s of this.slotOf.values()) this.odc.free(s);
+    this.slotOf.clear();
+  }
+}

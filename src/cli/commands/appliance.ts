@@ -1,0 +1,114 @@
+import { spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { Command, Option } from 'clipanion';
+import { UserError } from '../../util/errors';
+import { LivesnapCommand } from '../base';
+
+export class ApplianceCommand extends LivesnapCommand {
+  static override paths = [['appliance']];
+  static override usage = Command.Usage({
+    description: 'Run the backup appliance: read shared LUNs, reconcile the originals hosts send, write archives',
+    details: `
+      The appliance half of \`livesnap backup <export> --to appliance://HOST:PORT\`. The host copies
+      nothing: at the instant it tells the appliance, then sends the original of each block a writer
+      is about to change (once per block) and lets the write go on when the appliance has it. The
+      appliance reads the same LUN itself over the SAN, substitutes the originals it holds (its
+      Original Data Cache, ODC) and writes the instant:
+      - by default an archive in --store, "<export>-<UTC instant>.tar" (".partial" until complete;
+        GNU tar and bsdtar extract it to the exact image; "livesnap restore" and "verify" read it);
+      - with --run CMD, an unmodified backup program reads the instant from a read-only NBD export
+        (CMD's {uri}), e.g. --run 'nbdcopy {uri} /tape/vol.img'; its exit ends the snapshot and its
+        status goes back to the host's job.
+
+      --lun NAME=PATH maps each host export name to this machine's path to the same LUN (device
+      names differ between machines); the appliance checks size and a fingerprint of the volume and
+      refuses another volume. The link is TLS 1.3 with the pre-shared key of --key (livesnap keygen;
+      the same file on host and appliance); there is no plaintext mode. When the ODC is full the
+      appliance delays its acknowledgements: only host writers of not-yet-saved blocks wait.
+      With --run the originals stay in the ODC until CMD exits (a program may read a block twice):
+      size --odc for the writes expected meanwhile.
+
+      Without --foreground it starts in the background (log: appliance.log in --store) and returns
+      once it listens; stop it with SIGTERM (its pid is in "livesnap status --control PATH").
+    `,
+    examples: [
+      ['Serve two LUNs, archives in /backup', '$0 appliance --listen 0.0.0.0:10810 --key /etc/livesnap/appliance.psk --lun data=/dev/mapper/mpatha --lun logs=/dev/sdc --store /backup --control /run/livesnap/appliance.sock'],
+      ['Hand the instant to an unmodified program', "$0 appliance --listen 10.0.0.2:10810 --key k.psk --lun data=/dev/sdb --store /var/tmp --run 'nbdcopy {uri} /tape/data.img' --foreground"],
+      ['On the host', '$0 backup data --to appliance://10.0.0.2:10810 --key k.psk'],
+    ],
+  });
+
+  listen = Option.String('--listen', { required: true, description: 'HOST:PORT to listen on for hosts (TLS-PSK)' });
+  key = Option.String('--key', { required: true, description: 'PSK file (livesnap keygen), the same as the hosts\'' });
+  lun = Option.Array('--lun', { required: true, description: 'NAME=PATH: the host export NAME is the LUN at PATH here (repeat per LUN)' });
+  store = Option.String('--store', { required: true, description: 'Directory for the archives (and the --run socket)' });
+  odc = Option.String('--odc', 'memory:256M', { description: 'Original Data Cache: memory:SIZE (default 256M) or file:PATH:SIZE' });
+  runCmd = Option.String('--run', { description: 'Command reading the instant from {uri} (a read-only NBD URI) instead of an archive' });
+  control = Option.String('--control', { description: 'Owner-only status socket (livesnap status --control PATH)' });
+  foreground = Option.Boolean('--foreground', false, { description: 'Run in this process, log on stderr, until SIGINT/SIGTERM' });
+
+  async run(): Promise<number> {
+    /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
+    const { parseApplianceAddress } = require('../../appliance/link') as typeof import('../../appliance/link');
+    const { parseOdc } = require('../../appliance/odc') as typeof import('../../appliance/odc');
+    const { loadPskFile } = require('../../nbd/tls-psk') as typeof import('../../nbd/tls-psk');
+    const { ApplianceDaemon } = require('../../control/appliance-daemon') as typeof import('../../control/appliance-daemon');
+    /* eslint-enable @typescript-eslint/no-require-imports */
+    const listen = parseApplianceAddress(this.listen, '--listen');
+    let keys;
+    try { keys = loadPskFile(path.resolve(this.key)); } catch (e) { throw new UserError(`--key: ${(e as Error).message}`, 'make one with "livesnap keygen FILE" and copy it to every host'); }
+    const luns = new Map<string, string>();
+    for (const l of this.lun) {
+      const m = /^([A-Za-z0-9._-]{1,255})=(.+)$/.exec(l);
+      if (!m) throw new UserError(`--lun ${l}: expected NAME=PATH`, 'NAME is the export name on the host (letters, digits, . _ -), PATH this machine\'s path to the same LUN');
+      if (luns.has(m[1]!)) throw new UserError(`--lun ${m[1]} is given twice`);
+      luns.set(m[1]!, path.resolve(m[2]!));
+    }
+    const odc = parseOdc(this.odc);
+    const store = path.resolve(this.store);
+    const control = this.control ? path.resolve(this.control) : undefined;
+    if (this.runCmd !== undefined && !this.runCmd.includes('{uri}')) throw new UserError(`--run ${this.runCmd}: the command never reads {uri}`, "put {uri} where the program takes its NBD source, e.g. --run 'nbdcopy {uri} /tape/vol.img'");
+    if (!this.foreground) return this.background(store, control);
+    const d = new ApplianceDaemon({ listen, keys, luns, store, odc, run: this.runCmd, control });
+    await d.start();
+    if (this.json) process.stdout.write(JSON.stringify({ event: 'listening', ...d.status() }) + '\n');
+    else process.stdout.write(`appliance listening on ${listen.host}:${listen.port}\n`);
+    await new Promise<void>((resolve) => {
+      const stop = () => resolve();
+      process.once('SIGINT', stop);
+      process.once('SIGTERM', stop);
+    });
+    await d.stop();
+    setTimeout(() => process.exit(0), 1000).unref();
+    return 0;
+  }
+
+  /** Re-runs this command with --foreground, detached, and returns once it listens (or says why not). */
+  private async background(store: string, control: string | undefined): Promise<number> {
+    fs.mkdirSync(store, { recursive: true });
+    const logFile = path.join(store, 'appliance.log');
+    const log = fs.openSync(logFile, 'a', 0o600);
+    const args = process.argv.slice(process.argv.indexOf('appliance'));
+    let sea = false;
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    try { sea = (require('node:sea') as { isSea(): boolean }).isSea(); } catch { /* not a single binary */ }
+    const child = spawn(process.execPath, [...(sea ? [] : [process.argv[1]!]), ...args, '--foreground'], { detached: true, stdio: ['ignore', 'pipe', log] });
+    fs.closeSync(log);
+    const line = await new Promise<string | undefined>((resolve) => {
+      let out = '';
+      child.stdout!.on('data', (d: Buffer) => { out += d.toString(); if (out.includes('\n')) resolve(out.split('\n')[0]); });
+      child.once('exit', () => resolve(undefined));
+      setTimeout(() => resolve(undefined), 15_000);
+    });
+    if (!line) {
+      const tail = fs.readFileSync(logFile, 'utf8').trim().split('\n').slice(-3).join('\n');
+      throw new UserError(`the appliance did not start${tail ? `:\n${tail}` : ''}`, `see ${logFile}`);
+    }
+    child.stdout!.destroy();
+    child.unref();
+    if (this.json) process.stdout.write(JSON.stringify({ event: 'done', pid: child.pid, log: logFile, control }) + '\n');
+    else process.stdout.write(`${line} (pid ${child.pid}, log ${logFile}${control ? `, status: livesnap status --control ${control}` : ''})\n`);
+    return 0;
+  }
+}

@@ -1,0 +1,346 @@
+// One unit on the appliance (seed 002, FIG. 2-5): a host armed a snapshot of its export and said so
+// (hello); the appliance checks that its own path to the shared LUN is that volume, then keeps the
+// originals the host sends (ODC + MM, acknowledged once stored) while it reads the LUN itself through
+// the reconciled view, into an archive in the store, or into an unmodified backup program through a
+// read-only NBD export of the view (--run). Its output is complete only when it says done.
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { createArchiveSink } from '../archive';
+import type { ApplianceLink } from '../appliance/link';
+import { type Hello, LINK_VERSION, type Orig } from '../appliance/link-protocol';
+import { ModifiedMap, ODC_SLOT, type OriginalDataCache } from '../appliance/odc';
+import { ReconciledView } from '../appliance/reconciled-view';
+import { CopyMap } from '../copy/copy-map';
+import { Device } from '../device/device';
+import { NbdServer } from '../nbd/server';
+import type { NbdBackend } from '../nbd/backend';
+import type { PointInTime, SnapshotMethod } from '../snapshot/method';
+import { Bitset } from '../util/bitset';
+import { UserError } from '../util/errors';
+import { runBackupJob } from './backup-job';
+
+export interface UnitOptions {
+  link: ApplianceLink;
+  hello: Hello;
+  /** --lun NAME=PATH: this appliance's path to each host export's LUN. */
+  luns: ReadonlyMap<string, string>;
+  store: string;
+  odc: OriginalDataCache;
+  /** --run CMD: an unmodified program reads the instant from {uri}. */
+  run?: string;
+  log: (line: string) => void;
+}
+
+export interface UnitStatus {
+  unit: string;
+  host: string;
+  instant: string;
+  state: 'checking' | 'running' | 'done' | 'failed';
+  output: string;
+  bytesDone: number;
+  bytesTotal: number;
+  odcHeldBytes: number;
+  originalsKept: number;
+  originalsWaiting: number;
+  error?: string;
+}
+
+/** UTC instant as a file name part: 2026-12-03T05-53-03.123Z. */
+function instantName(iso: string): string {
+  return iso.replace(/:/g, '-');
+}
+
+/** [block, sha256] of the blocks a host fingerprints its volume with (both sides pick the same). */
+export function fingerprintBlocks(totalBlocks: number, n = 16): number[] {
+  const out = new Set<number>([0, 1, 2, totalBlocks - 1]);
+  for (let i = 1; i < n - 4; i++) out.add(Math.floor((totalBlocks * i) / (n - 4)));
+  return [...out].filter((b) => b >= 0 && b < totalBlocks).sort((a, b) => a - b);
+}
+
+export function sha256(b: Buffer): string {
+  return createHash('sha256').update(b).digest('hex');
+}
+
+export class ApplianceUnit {
+  readonly status: UnitStatus;
+  private lun: Device | undefined;
+  private mm: ModifiedMap | undefined;
+  private view: ReconciledView | undefined;
+  private readonly abort = new AbortController();
+  /** Originals waiting for ODC room, in arrival order (their acks wait with them). */
+  private waiting: Array<{ m: Orig; payload: Buffer; next: number }> = [];
+  private lastAcked = 0;
+  private received = 0;
+  private reconciled: Array<[number, number]> = [];
+  private flushTimer: NodeJS.Timeout | undefined;
+  private readonly onRoom = () => this.drainWaiting();
+  private readonly totalBlocks: number;
+
+  constructor(private readonly o: UnitOptions) {
+    const h = o.hello;
+    this.totalBlocks = Math.ceil(h.size / h.blockSize);
+    this.status = {
+      unit: h.unit, host: h.host, instant: h.instant, state: 'checking', output: '', bytesDone: 0, bytesTotal: 0,
+      odcHeldBytes: 0, originalsKept: 0, originalsWaiting: 0,
+    };
+  }
+
+  /** Runs the unit to its end; never throws (the host is told, the log says). */
+  async run(): Promise<void> {
+    const { link, hello } = this.o;
+    try {
+      await this.check();
+      const output = this.o.run ? `run: ${this.o.run}` : path.join(this.o.store, `${hello.unit}-${instantName(hello.instant)}.tar`);
+      this.status.output = output;
+      link.onMessage((m, payload) => {
+        if (m.t === 'orig') this.original(m, payload!);
+        else if (m.t === 'ping') link.send({ t: 'pong', at: m.at });
+        else if (m.t === 'cancel') this.abort.abort(new UserError(`the host cancelled: ${m.reason}`));
+        else if (m.t === 'hello') this.abort.abort(new UserError('the host sent a second hello'));
+      });
+      link.onClose((e) => {
+        if (this.status.state === 'done') return;
+        this.abort.abort(new UserError(e ? `${e.message}` : `${link.peer} closed the link before the output was complete`));
+      });
+      this.o.odc.onRoom(this.onRoom);
+      link.send({ t: 'ready', output, odcBytes: this.o.odc.capacity * ODC_SLOT });
+      this.status.state = 'running';
+      this.o.log(`unit ${hello.unit} from ${hello.host}: instant ${hello.instant}, ${hello.size} bytes; writing ${output}`);
+      const done = this.o.run ? await this.runProgram(this.o.run) : await this.archive(output);
+      this.status.state = 'done';
+      this.flushReconciled();
+      link.send(done);
+      link.close();
+      this.o.log(`unit ${hello.unit}: done, ${done.bytes} bytes of ${done.usedBlocks} used blocks; ${done.originalsUsed} originals substituted of ${done.originalsReceived} received; ODC peak ${done.odcPeakBytes} bytes`);
+    } catch (e) {
+      const err = this.abort.signal.reason instanceof Error ? this.abort.signal.reason : e as Error;
+      this.status.state = 'failed';
+      this.status.error = err.message;
+      this.o.log(`unit ${hello.unit} from ${hello.host}: failed: ${err.message}`);
+      if (!link.closed) {
+        link.send({ t: 'error', message: err.message, ...(err instanceof UserError && err.hint ? { hint: err.hint } : {}) });
+        link.close();
+      }
+    } finally {
+      clearTimeout(this.flushTimer);
+      this.o.odc.offRoom(this.onRoom);
+      this.waiting = [];
+      this.mm?.clear();
+      this.lun?.close();
+    }
+  }
+
+  /** The hello names a LUN this appliance has, of the host's size, holding the host's blocks. */
+  private async check(): Promise<void> {
+    const h = this.o.hello;
+    if (h.version !== LINK_VERSION) throw new UserError(`the host speaks version ${h.version} of the appliance protocol, this appliance ${LINK_VERSION}`, 'run the same livesnap version on both');
+    if (h.blockSize !== ODC_SLOT) throw new UserError(`the host's block size ${h.blockSize} is not ${ODC_SLOT}`);
+    const lunPath = this.o.luns.get(h.unit);
+    if (lunPath === undefined) throw new UserError(`this appliance has no LUN for "${h.unit}"`, `start it with --lun ${h.unit}=PATH (its path to the shared LUN of that export)`);
+    this.lun = await Device.openAsync(lunPath, { write: false });
+    if (this.lun.size !== h.size) throw new UserError(`the LUN ${lunPath} given for "${h.unit}" is ${this.lun.size} bytes, the host's volume ${h.size}: it is another volume`, `check --lun ${h.unit}=PATH on the appliance`);
+    const blocks = h.fingerprint.map(([b]) => b);
+    const bufs = await this.lun.readMany(blocks.map((b) => ({ offset: b * h.blockSize, length: Math.min(h.blockSize, h.size - b * h.blockSize) })));
+    const differ = h.fingerprint.filter(([, hash], i) => sha256(bufs[i]!) !== hash).map(([b]) => b);
+    if (differ.length) throw new UserError(`the LUN ${lunPath} given for "${h.unit}" is not the host's volume: ${differ.length} of ${blocks.length} fingerprint blocks differ (first: block ${differ[0]})`, `check --lun ${h.unit}=PATH on the appliance: it must be this appliance's path to the same shared LUN`);
+    this.mm = new ModifiedMap(this.totalBlocks, this.o.odc);
+    this.view = new ReconciledView(this.lun, this.mm, this.o.odc, h.blockSize, (first, end) => this.consumed(first, end));
+  }
+
+  /** An original from the host: kept if it is the first of its block and the block is not read yet. */
+  private original(m: Orig, payload: Buffer): void {
+    const bs = this.o.hello.blockSize;
+    const want = Math.min(m.count * bs, this.o.hello.size - m.first * bs);
+    if (m.first + m.count > this.totalBlocks || payload.length !== want || m.id <= this.lastAcked) {
+      this.o.link.close(new UserError(`${this.o.link.peer} sent a malformed original (blocks ${m.first}+${m.count}, ${payload.length} bytes, id ${m.id})`));
+      return;
+    }
+    this.received += m.count;
+    this.waiting.push({ m, payload, next: 0 });
+    this.drainWaiting();
+  }
+
+  /** Stores waiting originals while the ODC has room; acks in order; pauses the link while any waits. */
+  private drainWaiting(): void {
+    const mm = this.mm!;
+    const odc = this.o.odc;
+    const bs = this.o.hello.blockSize;
+    while (this.waiting.length) {
+      const w = this.waiting[0]!;
+      while (w.next < w.m.count) {
+        const b = w.m.first + w.next;
+        if (mm.wants(b)) {
+          const slot = odc.take();
+          if (slot < 0) break;
+          odc.write(slot, w.payload.subarray(w.next * bs, Math.min((w.next + 1) * bs, w.payload.length)));
+          mm.keep(b, slot);
+        } else {
+          mm.originalsIgnored++;
+        }
+        w.next++;
+      }
+      if (w.next < w.m.count) break; // the ODC is full: the rest waits for the reader to free slots
+      this.waiting.shift();
+      this.lastAcked = w.m.id;
+      this.o.link.send({ t: 'ack', id: w.m.id });
+    }
+    this.status.originalsWaiting = this.waiting.length;
+    this.status.odcHeldBytes = mm.held * ODC_SLOT;
+    this.status.originalsKept = mm.originalsKept;
+    // Backpressure: while originals wait, TCP holds the rest on the host.
+    if (this.waiting.length) this.o.link.pause(); else this.o.link.resume();
+  }
+
+  /** Blocks read for the output (or outside the backup): the host need not send them. */
+  private consumed(first: number, end: number): void {
+    this.mm!.markDone(first, end);
+    const last = this.reconciled[this.reconciled.length - 1];
+    if (last && last[1] === first) last[1] = end; else this.reconciled.push([first, end]);
+    if (this.reconciled.length >= 4096) this.flushReconciled();
+    else this.flushTimer ??= setTimeout(() => this.flushReconciled(), 50);
+  }
+
+  private flushReconciled(): void {
+    clearTimeout(this.flushTimer);
+    this.flushTimer = undefined;
+    if (this.reconciled.length === 0 || this.o.link.closed) return;
+    this.o.link.send({ t: 'reconciled', ranges: this.reconciled });
+    this.reconciled = [];
+  }
+
+  /** The instant as a snapshot method: the view's reader for metadata, its consuming face for the copy. */
+  private method(): SnapshotMethod {
+    const h = this.o.hello;
+    const view = this.view!;
+    const mm = this.mm!;
+    const signal = this.abort.signal;
+    return {
+      name: 'appliance',
+      arm: async (): Promise<PointInTime> => ({
+        instant: new Date(h.instant),
+        reader: view.reader,
+        restrict: (used) => {
+          const bs = h.blockSize;
+          const bits = new Bitset(this.totalBlocks);
+          for (const [s, e] of used.bitmap.runs()) bits.setRange(Math.floor((s * used.blockSize) / bs), Math.min(this.totalBlocks, Math.ceil((e * used.blockSize) / bs)));
+          // Blocks outside the backup: no original of them is needed.
+          let at = 0;
+          while (at < this.totalBlocks) {
+            const s = bits.next(at, false);
+            if (s >= this.totalBlocks) break;
+            const e = bits.next(s, true);
+            this.consumed(s, e);
+            at = e;
+          }
+          this.drainWaiting();
+          const map = new CopyMap(this.totalBlocks, false);
+          map.pending.orWith(bits);
+          return { blockSize: bs, used: bits, source: { device: view.consuming, map } };
+        },
+        failure: () => (signal.aborted ? signal.reason as Error : undefined),
+        facts: () => ({ odcPeakBytes: this.o.odc.peak * ODC_SLOT, originalsKept: mm.originalsKept }),
+        release: async () => {},
+        fail: () => {},
+      }),
+    };
+  }
+
+  private async archive(output: string) {
+    const h = this.o.hello;
+    fs.mkdirSync(this.o.store, { recursive: true });
+    const sink = createArchiveSink({ out: output });
+    let lastProgress = 0;
+    const r = await runBackupJob({
+      method: this.method(),
+      sink,
+      source: h.unit,
+      volumeSize: h.size,
+      onError: 'abort',
+      signal: this.abort.signal,
+      cancelled: () => this.abort.signal.reason as Error,
+      onProgress: (p) => {
+        this.status.bytesDone = p.bytesDone;
+        this.status.bytesTotal = p.bytesTotal;
+        const now = performance.now();
+        if (now - lastProgress < 500) return;
+        lastProgress = now;
+        this.o.link.send({ t: 'progress', bytesDone: p.bytesDone, bytesTotal: p.bytesTotal, odcUsedBytes: this.o.odc.used * ODC_SLOT, odcPeakBytes: this.o.odc.peak * ODC_SLOT });
+      },
+    });
+    return {
+      t: 'done' as const,
+      output,
+      bytes: r.copy.bytes,
+      blocks: r.copy.blocks,
+      usedBlocks: r.usedBlocks,
+      totalBlocks: r.totalBlocks,
+      filesystem: r.map.filesystem,
+      outputBytes: fs.statSync(output).size,
+      checksums: { kind: 'xxh3-128 of the trailer chunk list', chunks: sink.chunkCount, digest: sink.chunkListDigest() },
+      originalsReceived: this.received,
+      originalsUsed: this.mm!.originalsUsed,
+      odcPeakBytes: this.o.odc.peak * ODC_SLOT,
+      durationMs: r.durationMs,
+    };
+  }
+
+  /**
+   * --run: the instant as a read-only NBD export on a unix socket in the store; CMD reads it (its
+   * {uri}); its exit ends the snapshot. Originals stay in the ODC until then (a program may read a
+   * block twice), so a small ODC under heavy writes makes host writers wait.
+   */
+  private async runProgram(cmd: string) {
+    const h = this.o.hello;
+    const view = this.view!;
+    fs.mkdirSync(this.o.store, { recursive: true });
+    const sock = path.join(this.o.store, `.${h.unit}-${process.pid}-${Date.now()}.sock`);
+    let bytesRead = 0;
+    const backend: NbdBackend = {
+      size: h.size, minBlockSize: 512, preferredBlockSize: 4096, maxBlockSize: 32 << 20, readOnly: true,
+      description: `livesnap appliance: ${h.unit} at ${h.instant}`,
+      read: async (offset, length) => {
+        const data = await view.reader.read(offset, length);
+        bytesRead += length;
+        return { data, release: () => {} };
+      },
+      write: async () => { throw new Error('read-only'); },
+      flush: async () => {},
+      trim: async () => { throw new Error('read-only'); },
+      writeZeroes: async () => { throw new Error('read-only'); },
+    };
+    const server = new NbdServer({ exports: { [h.unit]: backend }, log: (lvl, m) => { if (lvl !== 'debug') this.o.log(`unit ${h.unit}: nbd: ${m}`); } });
+    await server.listenUnix(sock);
+    const uri = `nbd+unix:///${encodeURIComponent(h.unit)}?socket=${sock}`;
+    const t0 = performance.now();
+    try {
+      const status = await new Promise<number>((resolve, reject) => {
+        const child = spawn('/bin/sh', ['-c', cmd.split('{uri}').join(uri)], { stdio: ['ignore', 'inherit', 'inherit'] });
+        const onAbort = () => child.kill('SIGTERM');
+        this.abort.signal.addEventListener('abort', onAbort, { once: true });
+        child.once('error', reject);
+        child.once('exit', (code, sig) => {
+          this.abort.signal.removeEventListener('abort', onAbort);
+          resolve(code ?? 128 + (sig ? 15 : 0));
+        });
+      });
+      if (this.abort.signal.aborted) throw this.abort.signal.reason;
+      this.o.log(`unit ${h.unit}: --run exited with status ${status}`);
+      return {
+        t: 'done' as const, output: `run: ${cmd}`, bytes: bytesRead, blocks: Math.ceil(bytesRead / h.blockSize), usedBlocks: 0, totalBlocks: this.totalBlocks,
+        filesystem: 'unknown', outputBytes: 0, checksums: { kind: 'none', chunks: 0, digest: '' },
+        originalsReceived: this.received, originalsUsed: view.substituted, odcPeakBytes: this.o.odc.peak * ODC_SLOT,
+        durationMs: performance.now() - t0, runStatus: status,
+      };
+    } finally {
+      await server.close().catch(() => {});
+      fs.rmSync(sock, { force: true });
+    }
+  }
+
+  /** Ends the unit from outside (the appliance is shutting down). */
+  cancel(e: Error): void {
+    this.abort.abort(e);
+  }
+}
