@@ -19,6 +19,8 @@ export interface ApplianceOptions {
   odc: OdcSpec;
   run?: string;
   control?: string;
+  /** --max-rate: bytes per second each unit reads its LUN at most. */
+  maxRate?: number;
   /** A host that sends nothing (not even its hello) for this long is dropped (default 30 s). */
   helloTimeoutMs?: number;
   log?: (line: string) => void;
@@ -79,7 +81,7 @@ export class ApplianceDaemon {
   }
 
   private startUnit(link: ApplianceLink, hello: Hello): ApplianceUnit {
-    const unit = new ApplianceUnit({ link, hello, luns: this.o.luns, store: this.o.store, odc: this.odc!, run: this.o.run, log: this.log });
+    const unit = new ApplianceUnit({ link, hello, luns: this.o.luns, store: this.o.store, odc: this.odc!, run: this.o.run, maxRate: this.o.maxRate, log: this.log });
     this.units.add(unit);
     void unit.run().finally(() => {
       this.units.delete(unit);

@@ -30,6 +30,8 @@ export interface UnitOptions {
   odc: OriginalDataCache;
   /** --run CMD: an unmodified program reads the instant from {uri}. */
   run?: string;
+  /** Bytes per second the LUN is read at most. */
+  maxRate?: number;
   log: (line: string) => void;
 }
 
@@ -75,6 +77,7 @@ export class ApplianceUnit {
   private received = 0;
   private reconciled: Array<[number, number]> = [];
   private flushTimer: NodeJS.Timeout | undefined;
+  private silence: NodeJS.Timeout | undefined;
   private readonly onRoom = () => this.drainWaiting();
   private readonly totalBlocks: number;
 
@@ -105,6 +108,11 @@ export class ApplianceUnit {
         this.abort.abort(new UserError(e ? `${e.message}` : `${link.peer} closed the link before the output was complete`));
       });
       this.o.odc.onRoom(this.onRoom);
+      // The host pings every second: silence for its timeout means it (or the link) is gone.
+      this.silence = setInterval(() => {
+        const quiet = performance.now() - link.lastHeard;
+        if (quiet > hello.timeoutMs) this.abort.abort(new UserError(`${link.peer} went silent (nothing for ${(quiet / 1000).toFixed(1)} s, its timeout ${hello.timeoutMs / 1000} s): the output is abandoned`));
+      }, Math.min(1000, hello.timeoutMs / 4));
       link.send({ t: 'ready', output, odcBytes: this.o.odc.capacity * ODC_SLOT });
       this.status.state = 'running';
       this.o.log(`unit ${hello.unit} from ${hello.host}: instant ${hello.instant}, ${hello.size} bytes; writing ${output}`);
@@ -124,6 +132,7 @@ export class ApplianceUnit {
         link.close();
       }
     } finally {
+      clearInterval(this.silence);
       clearTimeout(this.flushTimer);
       this.o.odc.offRoom(this.onRoom);
       this.waiting = [];
@@ -258,6 +267,7 @@ export class ApplianceUnit {
       source: h.unit,
       volumeSize: h.size,
       onError: 'abort',
+      maxRate: this.o.maxRate,
       signal: this.abort.signal,
       cancelled: () => this.abort.signal.reason as Error,
       onProgress: (p) => {

@@ -45,6 +45,7 @@ export class ApplianceCommand extends LivesnapCommand {
   store = Option.String('--store', { required: true, description: 'Directory for the archives (and the --run socket)' });
   odc = Option.String('--odc', 'memory:256M', { description: 'Original Data Cache: memory:SIZE (default 256M) or file:PATH:SIZE' });
   runCmd = Option.String('--run', { description: 'Command reading the instant from {uri} (a read-only NBD URI) instead of an archive' });
+  maxRate = Option.String('--max-rate', { description: 'Read each LUN at most this fast (e.g. 200M), to leave the SAN to production I/O' });
   control = Option.String('--control', { description: 'Owner-only status socket (livesnap status --control PATH)' });
   foreground = Option.Boolean('--foreground', false, { description: 'Run in this process, log on stderr, until SIGINT/SIGTERM' });
 
@@ -54,6 +55,7 @@ export class ApplianceCommand extends LivesnapCommand {
     const { parseOdc } = require('../../appliance/odc') as typeof import('../../appliance/odc');
     const { loadPskFile } = require('../../nbd/tls-psk') as typeof import('../../nbd/tls-psk');
     const { ApplianceDaemon } = require('../../control/appliance-daemon') as typeof import('../../control/appliance-daemon');
+    const { parseSize } = require('../../util/size') as typeof import('../../util/size');
     /* eslint-enable @typescript-eslint/no-require-imports */
     const listen = parseApplianceAddress(this.listen, '--listen');
     let keys;
@@ -70,7 +72,8 @@ export class ApplianceCommand extends LivesnapCommand {
     const control = this.control ? path.resolve(this.control) : undefined;
     if (this.runCmd !== undefined && !this.runCmd.includes('{uri}')) throw new UserError(`--run ${this.runCmd}: the command never reads {uri}`, "put {uri} where the program takes its NBD source, e.g. --run 'nbdcopy {uri} /tape/vol.img'");
     if (!this.foreground) return this.background(store, control);
-    const d = new ApplianceDaemon({ listen, keys, luns, store, odc, run: this.runCmd, control });
+    const maxRate = this.maxRate !== undefined ? parseSize(this.maxRate, '--max-rate') : undefined;
+    const d = new ApplianceDaemon({ listen, keys, luns, store, odc, run: this.runCmd, control, maxRate });
     await d.start();
     if (this.json) process.stdout.write(JSON.stringify({ event: 'listening', ...d.status() }) + '\n');
     else process.stdout.write(`appliance listening on ${listen.host}:${listen.port}\n`);

@@ -22,6 +22,7 @@ export class StatusCommand extends LivesnapCommand {
     /* eslint-enable @typescript-eslint/no-require-imports */
     const res = await call(resolveControlPath(this.control), { op: 'status' });
     if (this.json) { process.stdout.write(JSON.stringify({ event: 'done', ...res }) + '\n'); return 0; }
+    if (res.appliance) { process.stdout.write(applianceLines(res).join('\n') + '\n'); return 0; }
     const exports = res.exports as ExportInfo[];
     const jobs = res.jobs as JobInfo[];
     const out: string[] = [`daemon pid ${res.pid}, control ${res.control}, I/O ${res.io ?? "?"}`];
@@ -43,6 +44,21 @@ export class StatusCommand extends LivesnapCommand {
     process.stdout.write(out.join('\n') + '\n');
     return 0;
   }
+}
+
+interface UnitInfo { unit: string; host: string; instant: string; state: string; output: string; bytesDone: number; bytesTotal: number; odcHeldBytes: number; originalsWaiting: number; error?: string }
+
+/** `livesnap status --control` of an appliance (control/appliance-daemon.ts). */
+function applianceLines(res: Record<string, unknown>): string[] {
+  const odc = res.odc as { description: string; capacityBytes: number; usedBytes: number; peakBytes: number };
+  const unit = (u: UnitInfo) => `  ${u.unit} from ${u.host}, instant ${u.instant}: ${u.state}${u.bytesTotal ? ` ${((100 * u.bytesDone) / u.bytesTotal).toFixed(1)}%` : ''} -> ${u.output}; ODC ${formatBytes(u.odcHeldBytes)}${u.originalsWaiting ? `, ${u.originalsWaiting} originals waiting for room` : ''}${u.error ? ` (${u.error})` : ''}`;
+  return [
+    `appliance pid ${res.pid}, listening on ${res.listen} (TLS-PSK), store ${res.store}`,
+    `  LUNs ${Object.entries(res.luns as Record<string, string>).map(([n, p]) => `${n}=${p}`).join(', ')}`,
+    `  ODC ${odc.description}: ${formatBytes(odc.usedBytes)} used, peak ${formatBytes(odc.peakBytes)}`,
+    ...((res.units as UnitInfo[]).length ? ['units:', ...(res.units as UnitInfo[]).map(unit)] : ['no unit running']),
+    ...((res.recent as UnitInfo[]).length ? ['recent:', ...(res.recent as UnitInfo[]).slice(-5).map(unit)] : []),
+  ];
 }
 
 export class CancelCommand extends LivesnapCommand {
