@@ -23,7 +23,7 @@ export const DEFAULT_APPLIANCE_TIMEOUT_MS = 30_000;
 const BS = 4096;
 
 export type ApplianceBackupEvent =
-  | { event: 'armed'; time: string; freezeMs: number; drainMs: number; flushMs: number; container: string; output: string }
+  | { event: 'armed'; time: string; freezeMs: number; presyncMs: number; drainMs: number; flushMs: number; container: string; output: string }
   | { event: 'progress'; bytesDone: number; bytesTotal: number; writesWaiting: number; originalsSentBytes: number; odcUsedBytes: number };
 
 export interface ApplianceBackupOptions {
@@ -128,34 +128,42 @@ export async function runApplianceBackup(o: ApplianceBackupOptions): Promise<App
     session = new SnapshotSession({ device: o.device, gate: o.gate, container: remote, onError: 'abort' });
     o.onSession?.(session);
     remote.onRoom = () => session!.map.changed.notify();
-    // The instant. With --freeze the window is freeze + attach + thaw.
-    let drained: Promise<void>;
+    // The instant, and the hello that tells the appliance of it. No write after arming reaches the
+    // device before the appliance acknowledged its original, and that comes after the hello: so
+    // the device read here (after the writes in flight at arming landed, and a flush) is the instant.
+    // With --freeze all of it happens inside the frozen window: the thaw itself writes (ext4
+    // commits its superblock), and that write must find the appliance ready, not wait for a hello
+    // sent after the thaw.
+    const fp = fingerprintBlocks(session.totalBlocks);
+    let drainMs = 0;
+    let flushMs = 0;
+    const instant = async () => {
+      const drained = session!.arm();
+      const td = performance.now();
+      await drained;
+      drainMs = performance.now() - td;
+      const tf = performance.now();
+      // The appliance reads the LUN, not this host's cache: every acknowledged write must be on it.
+      await o.device.sync();
+      flushMs = performance.now() - tf;
+      const bufs = await o.device.readMany(fp.map((b) => ({ offset: b * BS, length: Math.min(BS, o.device.size - b * BS) })));
+      link.send({
+        t: 'hello', version: LINK_VERSION, unit: o.unit, size: o.device.size, blockSize: BS, instant: session!.armedAt!.toISOString(),
+        host: os.hostname(), fingerprint: fp.map((b, i) => [b, sha256(bufs[i]!)] as [number, string]), timeoutMs,
+      });
+    };
     let freezeMs = 0;
+    let presyncMs = 0;
     if (o.freeze) {
-      const r = await withFrozen(o.freeze, async () => ({ drained: session!.arm() }));
-      drained = r.result.drained;
+      const r = await withFrozen(o.freeze, instant);
       freezeMs = r.frozenMs;
+      presyncMs = r.presyncMs;
     } else {
       const t = performance.now();
-      drained = session.arm();
+      await instant();
       freezeMs = performance.now() - t;
     }
     session.recordFreeze(freezeMs);
-    const td = performance.now();
-    await drained;
-    const drainMs = performance.now() - td;
-    const tf = performance.now();
-    // The appliance reads the LUN, not this host's cache: every acknowledged write must be on it.
-    await o.device.sync();
-    const flushMs = performance.now() - tf;
-    const total = session.totalBlocks;
-    const fp = fingerprintBlocks(total);
-    // Through the snapshot view: a write to one of these blocks since the instant waits for its original to go first.
-    const bufs = await session.view.readMany(fp.map((b) => ({ offset: b * BS, length: Math.min(BS, o.device.size - b * BS) })));
-    link.send({
-      t: 'hello', version: LINK_VERSION, unit: o.unit, size: o.device.size, blockSize: BS, instant: session.armedAt!.toISOString(),
-      host: os.hostname(), fingerprint: fp.map((b, i) => [b, sha256(bufs[i]!)] as [number, string]), timeoutMs,
-    });
     timer = setInterval(() => {
       if (failure) return;
       // The snapshot itself broke (an original could not be read): the job ends with that.
@@ -167,7 +175,7 @@ export async function runApplianceBackup(o: ApplianceBackupOptions): Promise<App
       if (waited > timeoutMs) fail(new UserError(`a write to the export was held ${(waited / 1000).toFixed(1)} s waiting for ${where} to take its original (--appliance-timeout ${timeoutMs / 1000} s): the snapshot was broken so writers go on, and this backup is abandoned`, 'give the appliance a larger --odc, or a larger --appliance-timeout'));
     }, Math.min(1000, timeoutMs / 4));
     const r = await Promise.race([ready, finished.then(() => { throw new Error('the appliance ended the unit before it was ready'); })]);
-    o.onEvent?.({ event: 'armed', time: session.armedAt!.toISOString(), freezeMs, drainMs, flushMs, container: remote.description, output: r.output });
+    o.onEvent?.({ event: 'armed', time: session.armedAt!.toISOString(), freezeMs, presyncMs, drainMs, flushMs, container: remote.description, output: r.output });
     const done = await finished;
     const st = session.stats();
     await session.release();

@@ -59,6 +59,8 @@ export interface FsInstantOptions {
   backupArgs: (dir: string) => string[];
   /** Method-specific checks of the done event. */
   checkDone?: (t: ExecutionContext, done: Record<string, unknown>) => void;
+  /** A target other than an image file in the scratch directory (the appliance): --to, and where the backup is once done. */
+  target?: (t: ExecutionContext, ctx: { dir: string; vol: string }) => Promise<{ to: string; args: string[]; backupOf: (done: Record<string, unknown>) => string }>;
 }
 
 export function fsInstantTest(name: string, o: FsInstantOptions): void {
@@ -67,6 +69,7 @@ export function fsInstantTest(name: string, o: FsInstantOptions): void {
     const dir = scratchDir(t, o.prefix);
     const vol = sparseFile(path.join(dir, 'vol.raw'), 512 * MiB);
     const served = await serveDevice(t, dir, vol, 'fsvol');
+    t.teardown(() => { if (!t.passed) t.log(served.logTail()); });
     const stack = await attachExport(t, dir, served, { mkfs: ['mkfs.ext4', '-q', '-F', '-b', '4096'], mount: true });
     const mnt = stack.mnt!;
 
@@ -92,8 +95,8 @@ export function fsInstantTest(name: string, o: FsInstantOptions): void {
     t.teardown(async () => { if (writer.exitCode === null && writer.signalCode === null) { writer.kill('SIGKILL'); await writerExit; } });
     await waitUntil(() => fsynced.size >= 30, 30_000, `the writer to get going (${werr})`);
 
-    const image = path.join(dir, 'backup.img');
-    const backup = startBackup(t, [served.name, '--to', image, '--freeze', mnt, ...o.backupArgs(dir), '--control', served.control]);
+    const target = o.target ? await o.target(t, { dir, vol }) : { to: path.join(dir, 'backup.img'), args: [], backupOf: () => path.join(dir, 'backup.img') };
+    const backup = startBackup(t, [served.name, '--to', target.to, '--freeze', mnt, ...target.args, ...o.backupArgs(dir), '--control', served.control]);
     const armed = await backup.armed;
     writer.stdin!.write('late\n');
     const res = await backup.exit;
@@ -114,7 +117,7 @@ export function fsInstantTest(name: string, o: FsInstantOptions): void {
 
     // Restore with livesnap, check the file system, then look at every file.
     const restored = path.join(dir, 'restored.raw');
-    const rr = await cli(['restore', image, '--to', restored]);
+    const rr = await cli(['restore', target.backupOf(done), '--to', restored]);
     t.is(rr.status, 0, rr.stderr);
     const fsck = runStatus('e2fsck', ['-fn', restored]);
     t.is(fsck.status, 0, `e2fsck -fn of the restored volume:\n${fsck.stdout}${fsck.stderr}`);
