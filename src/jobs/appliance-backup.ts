@@ -177,7 +177,10 @@ export async function runApplianceBackup(o: ApplianceBackupOptions): Promise<App
     const r = await Promise.race([ready, finished.then(() => { throw new Error('the appliance ended the unit before it was ready'); })]);
     o.onEvent?.({ event: 'armed', time: session.armedAt!.toISOString(), freezeMs, presyncMs, drainMs, flushMs, container: remote.description, output: r.output });
     const done = await finished;
+    // The output is complete: writes go straight on from now; the numbers are those of the snapshot.
+    session.disarm();
     const st = session.stats();
+    const sent = { ...remote.sent };
     await session.release();
     const cpu = process.cpuUsage(cpu0);
     return {
@@ -198,8 +201,8 @@ export async function runApplianceBackup(o: ApplianceBackupOptions): Promise<App
       freezeMs,
       worstWriteDelayMs: st.worstWriteDelayMs,
       writesDelayed: st.writesDelayed,
-      blocksSavedByWriters: st.blocksSaved,
-      originalsSentBytes: remote.sent.bytes,
+      blocksSavedByWriters: sent.blocks,
+      originalsSentBytes: sent.bytes,
       linkBytesSent: link.bytesOut,
       linkBytesReceived: link.bytesIn,
       originalsUsed: done.originalsUsed,
