@@ -26,7 +26,7 @@ if (process.argv[2] === '--appliance') {
   child.once('message', async ({ port }) => {
     const link = await connectAppliance({ host: '127.0.0.1', port }, keys, 10000);
     const payload = Buffer.alloc(PAYLOAD, 7);
-    const n = Math.ceil((mib << 20) / PAYLOAD);
+    const n = Math.ceil((mib * 2 ** 20) / PAYLOAD);
     let acked = 0, sent = 0;
     const cpu0 = process.cpuUsage();
     const t0 = performance.now();
