@@ -2,8 +2,9 @@
 // originals the hosts sent, in fixed slots, bounded (memory, or a file); the MM of each unit says,
 // per block, whether the block was read (reconciled into the output, or not part of the backup) and
 // where its original is. Only the first original of a block is kept (claims 4 and 15); a slot whose
-// original was read is free again (claim 18). With no free slot a host's original waits here, so
-// its acknowledgement is delayed and only the writer of that block waits (never a failed write).
+// original was read is free again (claim 18). Memory slots are taken first, then the spill file's.
+// With no free slot a host's original waits here, so its acknowledgement is delayed and only the
+// writer of that block waits (never a failed write).
 import * as fs from 'node:fs';
 import { SlotAllocator } from '../snapshot/container';
 import { Bitset } from '../util/bitset';
@@ -13,65 +14,81 @@ import { parseSize } from '../util/size';
 /** The one slot size: hosts send originals of 4 KiB blocks. */
 export const ODC_SLOT = 4096;
 
-export type OdcSpec = { kind: 'memory'; bytes: number } | { kind: 'file'; path: string; bytes: number };
+/** Memory slots first; past them, slots in a file (the spill). Either part may be absent, not both. */
+export interface OdcSpec { memoryBytes: number; file?: { path: string; bytes: number } }
 
-/** --odc memory:SIZE | file:PATH:SIZE */
+/** --odc memory:SIZE | file:PATH:SIZE | memory:SIZE+file:PATH:SIZE (memory first, then the file). */
 export function parseOdc(text: string): OdcSpec {
-  const hint = 'e.g. --odc memory:512M or --odc file:/var/cache/livesnap/odc:8G';
+  const hint = 'e.g. --odc memory:512M, --odc file:/var/cache/livesnap/odc:8G, or --odc memory:512M+file:/var/cache/livesnap/odc:8G';
   const sizeOf = (s: string) => {
     let n: number;
     try { n = parseSize(s); } catch { throw new UserError(`--odc ${text}: "${s}" is not a size`, hint); }
-    if (n < 16 * ODC_SLOT) throw new UserError(`--odc ${text}: at least 64K`, hint);
+    if (n < 16 * ODC_SLOT) throw new UserError(`--odc ${text}: each part at least 64K`, hint);
     return Math.floor(n / ODC_SLOT) * ODC_SLOT;
   };
-  let m = /^memory:(.+)$/.exec(text);
-  if (m) return { kind: 'memory', bytes: sizeOf(m[1]!) };
-  m = /^file:(.+):([^:]+)$/.exec(text);
-  if (m) return { kind: 'file', path: m[1]!, bytes: sizeOf(m[2]!) };
-  throw new UserError(`--odc ${text}: expected memory:SIZE or file:PATH:SIZE`, hint);
+  const m = /^(?:memory:([^+:]+))?(?:(?:^|\+)file:(.+):([^:]+))?$/.exec(text);
+  if (!m || (m[1] === undefined && m[2] === undefined)) throw new UserError(`--odc ${text}: expected memory:SIZE, file:PATH:SIZE or memory:SIZE+file:PATH:SIZE`, hint);
+  return { memoryBytes: m[1] !== undefined ? sizeOf(m[1]) : 0, ...(m[2] !== undefined ? { file: { path: m[2], bytes: sizeOf(m[3]!) } } : {}) };
 }
 
 export class OriginalDataCache {
   readonly capacity: number;
-  private readonly slots: SlotAllocator;
+  /** Slots [0, memSlots) are in memory, the rest in the file. */
+  private readonly memSlots: number;
+  private readonly memory: SlotAllocator;
+  private readonly spill: SlotAllocator;
   private readonly mem: Buffer | undefined;
   private readonly fd: number | undefined;
   private readonly one = new Int32Array(1);
   /** Units with originals waiting for room: told once per turn after slots were freed. */
   private readonly roomWaiters = new Set<() => void>();
   private notifyQueued = false;
+  private usedNow = 0;
+  peak = 0;
 
   constructor(readonly spec: OdcSpec) {
-    this.capacity = spec.bytes / ODC_SLOT;
-    this.slots = new SlotAllocator(this.capacity);
-    if (spec.kind === 'memory') {
-      // Untouched pages cost nothing until an original lands in them.
-      this.mem = Buffer.allocUnsafeSlow(spec.bytes);
-    } else {
+    this.memSlots = spec.memoryBytes / ODC_SLOT;
+    const fileSlots = (spec.file?.bytes ?? 0) / ODC_SLOT;
+    this.capacity = this.memSlots + fileSlots;
+    this.memory = new SlotAllocator(this.memSlots);
+    this.spill = new SlotAllocator(fileSlots);
+    // Untouched pages cost nothing until an original lands in them.
+    if (this.memSlots) this.mem = Buffer.allocUnsafeSlow(spec.memoryBytes);
+    if (spec.file) {
       try {
-        this.fd = fs.openSync(spec.path, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
+        this.fd = fs.openSync(spec.file.path, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
       } catch (e) {
         const code = (e as NodeJS.ErrnoException).code;
-        throw new UserError(`--odc file:${spec.path}: ${code === 'EEXIST' ? 'the file exists' : (e as Error).message}`, code === 'EEXIST' ? 'name a new file (the appliance creates it and removes it at exit)' : 'name a file on a writable file system with room for it');
+        throw new UserError(`--odc file:${spec.file.path}: ${code === 'EEXIST' ? 'the file exists' : (e as Error).message}`, code === 'EEXIST' ? 'name a new file (the appliance creates it and removes it at exit)' : 'name a file on a writable file system with room for it');
       }
-      fs.ftruncateSync(this.fd, spec.bytes);
+      fs.ftruncateSync(this.fd, spec.file.bytes);
     }
   }
 
   get description(): string {
-    return this.spec.kind === 'memory' ? `memory (${this.spec.bytes} bytes)` : `file ${this.spec.path} (${this.spec.bytes} bytes)`;
+    const parts = [];
+    if (this.memSlots) parts.push(`memory (${this.spec.memoryBytes} bytes)`);
+    if (this.spec.file) parts.push(`${this.memSlots ? 'then ' : ''}file ${this.spec.file.path} (${this.spec.file.bytes} bytes)`);
+    return parts.join(', ');
   }
 
-  get used(): number { return this.slots.used; }
-  get peak(): number { return this.slots.peak; }
+  get used(): number { return this.usedNow; }
+  /** Slots in the file now (originals that did not fit in memory). */
+  get spilled(): number { return this.spill.used; }
 
-  /** A free slot, or -1 when the cache is full. */
+  /** A free slot, memory first, or -1 when the cache is full. */
   take(): number {
-    return this.slots.take(1, this.one) === 1 ? this.one[0]! : -1;
+    let slot = -1;
+    if (this.memory.take(1, this.one) === 1) slot = this.one[0]!;
+    else if (this.spill.take(1, this.one) === 1) slot = this.memSlots + this.one[0]!;
+    if (slot >= 0 && ++this.usedNow > this.peak) this.peak = this.usedNow;
+    return slot;
   }
 
   free(slot: number): void {
-    this.slots.give(slot);
+    if (slot < 0) return;
+    if (slot < this.memSlots) this.memory.give(slot); else this.spill.give(slot - this.memSlots);
+    this.usedNow--;
     if (this.roomWaiters.size && !this.notifyQueued) {
       this.notifyQueued = true;
       queueMicrotask(() => {
@@ -87,21 +104,21 @@ export class OriginalDataCache {
 
   /** Stores `data` (at most one slot) in `slot`. */
   write(slot: number, data: Buffer): void {
-    if (this.mem) data.copy(this.mem, slot * ODC_SLOT);
-    else fs.writeSync(this.fd!, data, 0, data.length, slot * ODC_SLOT);
+    if (slot < this.memSlots) data.copy(this.mem!, slot * ODC_SLOT);
+    else fs.writeSync(this.fd!, data, 0, data.length, (slot - this.memSlots) * ODC_SLOT);
   }
 
   /** Copies `length` bytes of the original in `slot` into `into` at `at`. */
   read(slot: number, into: Buffer, at: number, length: number): void {
-    if (this.mem) this.mem.copy(into, at, slot * ODC_SLOT, slot * ODC_SLOT + length);
-    else fs.readSync(this.fd!, into, at, length, slot * ODC_SLOT);
+    if (slot < this.memSlots) this.mem!.copy(into, at, slot * ODC_SLOT, slot * ODC_SLOT + length);
+    else fs.readSync(this.fd!, into, at, length, (slot - this.memSlots) * ODC_SLOT);
   }
 
+  /** Closes and removes the spill file. Never throws. */
   close(): void {
-    if (this.fd !== undefined) {
-      try { fs.closeSync(this.fd); } catch { /* closing */ }
-      if (this.spec.kind === 'file') fs.rmSync(this.spec.path, { force: true });
-    }
+    if (this.fd === undefined) return;
+    try { fs.closeSync(this.fd); } catch { /* closing */ }
+    try { fs.rmSync(this.spec.file!.path, { force: true }); } catch { /* gone */ }
   }
 }
 

@@ -422,13 +422,20 @@ export class Daemon {
         if (ev.event === 'armed' && job.detached) { send({ type: 'result', detached: true, job: job.id }); sock.end(); }
       },
     });
-    try {
-      const summary = await run;
+    return this.settle(job, e, sock, onClose, run, (summary) => {
       job.summary = summary;
-      job.state = 'done';
       job.progress = { bytesDone: summary.bytes, bytesTotal: summary.bytes, badBlocks: summary.badBlocks.length };
       this.log(`job ${job.id}: done, ${summary.bytes} bytes, worst write delay ${summary.worstWriteDelayMs.toFixed(1)} ms`);
       return { ...summary, job: job.id, badBlockCount: summary.badBlocks.length };
+    }, true);
+  }
+
+  /** How every backup job ends: its state, error and log line, its record dropped, the export free again. */
+  private async settle<R>(job: Job, e: Entry, sock: net.Socket, onClose: () => void, run: Promise<R>, done: (r: R) => Record<string, unknown>, recorded: boolean): Promise<Record<string, unknown>> {
+    try {
+      const r = await run;
+      job.state = 'done';
+      return done(r);
     } catch (err) {
       job.state = job.abort.signal.aborted ? 'cancelled' : 'failed';
       job.error = errorText(err);
@@ -436,7 +443,7 @@ export class Daemon {
       throw err;
     } finally {
       job.finished = new Date();
-      await e.state.dropJob(job.id).catch((err: Error) => this.log(`job ${job.id}: removing its record: ${err.message}`));
+      if (recorded) await e.state.dropJob(job.id).catch((err: Error) => this.log(`job ${job.id}: removing its record: ${err.message}`));
       sock.off('close', onClose);
       if (e.job === job) e.job = undefined;
     }
@@ -453,30 +460,20 @@ export class Daemon {
     const onClose = () => { if (!job.detached && job.state === 'running') { this.log(`job ${job.id}: client went away, cancelling`); job.abort.abort(); } };
     sock.once('close', onClose);
     this.log(`job ${job.id}: backup of "${e.name}" by the appliance ${req.to}`);
-    try {
-      const summary = await runApplianceBackup({
-        device: e.directDevice, gate: e.gate, unit: e.name, address: addr, keys, timeoutMs: req.applianceTimeoutMs, freeze: req.freeze, signal: job.abort.signal,
-        onSession: (s) => (job.session = s),
-        onEvent: (ev) => {
-          if (ev.event === 'progress') job.progress = { bytesDone: ev.bytesDone, bytesTotal: ev.bytesTotal, badBlocks: 0 };
-          send({ type: 'event', ...ev, job: job.id });
-          if (ev.event === 'armed' && job.detached) { send({ type: 'result', detached: true, job: job.id }); sock.end(); }
-        },
-      });
-      job.state = 'done';
+    const run = runApplianceBackup({
+      device: e.directDevice, gate: e.gate, unit: e.name, address: addr, keys, timeoutMs: req.applianceTimeoutMs, freeze: req.freeze, signal: job.abort.signal,
+      onSession: (s) => (job.session = s),
+      onEvent: (ev) => {
+        if (ev.event === 'progress') job.progress = { bytesDone: ev.bytesDone, bytesTotal: ev.bytesTotal, badBlocks: 0 };
+        send({ type: 'event', ...ev, job: job.id });
+        if (ev.event === 'armed' && job.detached) { send({ type: 'result', detached: true, job: job.id }); sock.end(); }
+      },
+    });
+    return this.settle(job, e, sock, onClose, run, (summary) => {
       job.progress = { bytesDone: summary.bytes, bytesTotal: summary.bytes, badBlocks: 0 };
       this.log(`job ${job.id}: done: the appliance wrote ${summary.output} (${summary.bytes} bytes); ${summary.blocksSavedByWriters} originals sent; worst write delay ${summary.worstWriteDelayMs.toFixed(1)} ms`);
       return { ...summary, job: job.id, badBlockCount: 0 };
-    } catch (err) {
-      job.state = job.abort.signal.aborted ? 'cancelled' : 'failed';
-      job.error = errorText(err);
-      this.log(`job ${job.id}: ${job.state}: ${job.error}`);
-      throw err;
-    } finally {
-      job.finished = new Date();
-      sock.off('close', onClose);
-      if (e.job === job) e.job = undefined;
-    }
+    }, false);
   }
 }
 

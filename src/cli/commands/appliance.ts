@@ -43,7 +43,7 @@ export class ApplianceCommand extends LivesnapCommand {
   key = Option.String('--key', { required: true, description: 'PSK file (livesnap keygen), the same as the hosts\'' });
   lun = Option.Array('--lun', { required: true, description: 'NAME=PATH: the host export NAME is the LUN at PATH here (repeat per LUN)' });
   store = Option.String('--store', { required: true, description: 'Directory for the archives (and the --run socket)' });
-  odc = Option.String('--odc', 'memory:256M', { description: 'Original Data Cache: memory:SIZE (default 256M) or file:PATH:SIZE' });
+  odc = Option.String('--odc', 'memory:256M', { description: 'Original Data Cache: memory:SIZE (default 256M), file:PATH:SIZE, or memory:SIZE+file:PATH:SIZE (memory first, then spilling into the file)' });
   runCmd = Option.String('--run', { description: 'Command reading the instant from {uri} (a read-only NBD URI) instead of an archive' });
   maxRate = Option.String('--max-rate', { description: 'Read each LUN at most this fast (e.g. 200M), to leave the SAN to production I/O' });
   control = Option.String('--control', { description: 'Owner-only status socket (livesnap status --control PATH)' });
