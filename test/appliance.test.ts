@@ -205,3 +205,59 @@ testIf(needs)('the LUN is another volume (same size, other data; other size): re
   t.regex(r4.stderr, /has no LUN for "lun0"/);
   t.log([r.stderr, r3.stderr, r4.stderr].map((s) => s.trim()).join('\n'));
 });
+
+testIf(needs)('two exports of one daemon backed up to one appliance at once, writers on both: both archives exact, each from its own LUN', async (t) => {
+  const seed = seedFromEnv(t);
+  const { dir, size, vol, served } = await servedVolume(t, 'appliance-two-', 'lun0', 128);
+  const vol1 = path.join(dir, 'vol1.raw');
+  fs.writeFileSync(vol1, Buffer.alloc(0));
+  fs.truncateSync(vol1, size);
+  const s1 = await cli(['serve', vol1, '--name', 'lun1', '--control', served.control, '--state', path.join(served.runDir, 'state-lun1'), '--json']);
+  t.is(s1.status, 0, s1.stderr);
+  const uri1 = String(lastJsonOf(s1.stdout).uri);
+  const ns = twoHosts(t);
+  const key = await keyFile(dir);
+  const luns = { lun0: loopDevice(t, vol, { readOnly: true, directIo: true }), lun1: loopDevice(t, vol1, { readOnly: true, directIo: true }) };
+  const ap = await startAppliance(t, ns, { key, luns, store: path.join(dir, 'store'), args: ['--max-rate', '48M'] });
+  const w0 = new SelfDescribingWriters(t, path.join(dir, 'src0'), served.uri, size, rng(seed), { writers: 2, maxBlocks: 16 });
+  const w1 = new SelfDescribingWriters(t, path.join(dir, 'src1'), uri1, size, rng(seed + 1), { writers: 2, maxBlocks: 16 });
+  try {
+    w0.start(); w1.start();
+    await Promise.all([w0.acked(150), w1.acked(150)]);
+    const b0 = startBackup(t, ['lun0', '--to', `appliance://${ap.address}`, '--key', key, '--control', served.control]);
+    const b1 = startBackup(t, ['lun1', '--to', `appliance://${ap.address}`, '--key', key, '--control', served.control]);
+    const [a0, a1] = await Promise.all([b0.armed, b1.armed]);
+    const [r0, r1] = await Promise.all([b0.exit, b1.exit]);
+    await sleep(150);
+    await Promise.all([w0.stop(), w1.stop()]);
+    t.is(r0.status, 0, `${r0.stderr}\n${ap.log()}`);
+    t.is(r1.status, 0, `${r1.stderr}\n${ap.log()}`);
+    const cases: Array<[typeof r0, typeof w0, typeof b0, typeof a0, string, string]> = [[r0, w0, b0, a0, vol, 'lun0'], [r1, w1, b1, a1, vol1, 'lun1']];
+    for (const [r, w, b, a, v, name] of cases) {
+      const done = r.lines[r.lines.length - 1]!;
+      t.regex(String(done.output), new RegExp(`/${name}-[^/]+\\.tar$`));
+      t.deepEqual(w.records.filter((x) => x.failed).map((x) => `#${x.seq}: ${x.failed}`), [], `${name}: no write failed`);
+      const x = path.join(dir, `x-${name}`);
+      fs.mkdirSync(x);
+      await sh(`tar -xSf '${String(done.output)}' -C '${x}'`);
+      const check = checkSnapshot(path.join(x, 'disk.img'), size, w.records, b.launchedAt, a.receivedAt);
+      t.deepEqual(check.problems, [], `${name}: the archive is its own volume at its instant`);
+      t.deepEqual(checkFinal(v, w.records).problems, [], `${name}: every acknowledged write on the volume`);
+      t.log(`${name}: ${done.blocksSavedByWriters} originals sent, ${check.fromWrites} blocks from writes in the image; ${Number(done.durationMs).toFixed(0)} ms`);
+    }
+  } finally {
+    w0.abandon(); w1.abandon();
+  }
+});
+
+testIf(needs)('--run whose program fails: the host job fails with its exit status, the export keeps serving', async (t) => {
+  const { dir, served, key, ap } = await setUpWith(t, 'appliance-runfail-', 64, (d) => ['--run', `nbdcopy {uri} ${path.join(d, 'no-such-dir', 'x.img')}`]);
+  const r = await startBackup(t, ['lun0', '--to', `appliance://${ap.address}`, '--key', key, '--control', served.control]).exit;
+  t.not(r.status, 0);
+  t.regex(r.stderr, /--run program exited with status [1-9]\d*: the instant was not backed up/);
+  const st = await served.status();
+  t.is(st.exports[0]?.name, 'lun0');
+  t.is(st.exports[0]?.job ?? null, null);
+  t.log(r.stderr.trim().split('\n')[0]);
+  t.false(fs.existsSync(path.join(dir, 'no-such-dir')));
+});

@@ -177,6 +177,9 @@ export async function runApplianceBackup(o: ApplianceBackupOptions): Promise<App
     const r = await Promise.race([ready, finished.then(() => { throw new Error('the appliance ended the unit before it was ready'); })]);
     o.onEvent?.({ event: 'armed', time: session.armedAt!.toISOString(), freezeMs, presyncMs, drainMs, flushMs, container: remote.description, output: r.output });
     const done = await finished;
+    if (done.runStatus !== undefined && done.runStatus !== 0) {
+      throw new UserError(`the appliance's --run program exited with status ${done.runStatus}: the instant was not backed up`, 'see the appliance\'s log for the program\'s own messages, then rerun the backup');
+    }
     // The output is complete: writes go straight on from now; the numbers are those of the snapshot.
     session.disarm();
     const st = session.stats();
