@@ -102,16 +102,17 @@ export class OriginalDataCache {
   onRoom(f: () => void): void { this.roomWaiters.add(f); }
   offRoom(f: () => void): void { this.roomWaiters.delete(f); }
 
-  /** Stores `data` (at most one slot) in `slot`. */
-  write(slot: number, data: Buffer): void {
-    if (slot < this.memSlots) data.copy(this.mem!, slot * ODC_SLOT);
-    else fs.writeSync(this.fd!, data, 0, data.length, (slot - this.memSlots) * ODC_SLOT);
+  /** Stores `length` bytes (at most one slot) of `src` from `from` in `slot`. */
+  write(slot: number, src: Buffer, from = 0, length = src.length - from): void {
+    if (slot < this.memSlots) src.copy(this.mem!, slot * ODC_SLOT, from, from + length);
+    else fs.writeSync(this.fd!, src, from, length, (slot - this.memSlots) * ODC_SLOT);
   }
 
-  /** Copies `length` bytes of the original in `slot` into `into` at `at`. */
-  read(slot: number, into: Buffer, at: number, length: number): void {
-    if (slot < this.memSlots) this.mem!.copy(into, at, slot * ODC_SLOT, slot * ODC_SLOT + length);
-    else fs.readSync(this.fd!, into, at, length, (slot - this.memSlots) * ODC_SLOT);
+  /** Copies `length` bytes of the original in `slot`, from byte `from` of it, into `into` at `at`. */
+  read(slot: number, into: Buffer, at: number, length: number, from = 0): void {
+    const o = slot * ODC_SLOT + from;
+    if (slot < this.memSlots) this.mem!.copy(into, at, o, o + length);
+    else fs.readSync(this.fd!, into, at, length, o - this.memSlots * ODC_SLOT);
   }
 
   /** Closes and removes the spill file. Never throws. */
@@ -157,10 +158,11 @@ export class ModifiedMap {
   markDone(first: number, end: number): void {
     if (end <= first) return;
     if (this.slotOf.size) {
+      // Whichever is fewer: the blocks of the range, or the originals held (deleting while iterating a Map is safe).
       if (end - first < this.slotOf.size) {
         for (let b = first; b < end; b++) this.drop(b);
       } else {
-        for (const b of [...this.slotOf.keys()]) if (b >= first && b < end) this.drop(b);
+        for (const b of this.slotOf.keys()) if (b >= first && b < end) this.drop(b);
       }
     }
     this.done.setRange(first, end);

@@ -72,13 +72,7 @@ export class ReconciledView {
       const bStart = Math.max(b * bs, off);
       const bEnd = Math.min((b + 1) * bs, off + len, this.lun.size);
       if (bEnd <= bStart) continue;
-      const tmp = bStart === b * bs ? undefined : Buffer.allocUnsafe(bs);
-      if (tmp) {
-        this.odc.read(slot, tmp, 0, bs);
-        tmp.copy(buf, at + (bStart - off), bStart - b * bs, bEnd - b * bs);
-      } else {
-        this.odc.read(slot, buf, at + (bStart - off), bEnd - bStart);
-      }
+      this.odc.read(slot, buf, at + (bStart - off), bEnd - bStart, bStart - b * bs);
       if (consume) { this.substituted++; this.mm.originalsUsed++; }
     }
   }

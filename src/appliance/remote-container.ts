@@ -5,7 +5,7 @@
 // of not-yet-saved blocks and nobody else. fail() rejects every put in flight: the write then goes
 // on (copy-before-write never fails a client's write) and the backup is lost.
 import { BufferPool } from '../device/memory';
-import type { Container, Staging } from '../snapshot/container';
+import { type Container, SlotStore, type Staging } from '../snapshot/container';
 import type { HostLink } from './link';
 
 const STAGING_BLOCKS = 64;
@@ -17,8 +17,8 @@ export class RemoteContainer implements Container {
   readonly kind = 'remote' as const;
   readonly capacity: number;
   private readonly pool: BufferPool;
-  private inFlight = 0;
-  peak = 0;
+  /** Room = originals in flight (reserved, never bound to slots: nothing is held here). */
+  private readonly room: SlotStore;
   private nextId = 1;
   private readonly pending: Pending[] = [];
   private error: Error | undefined;
@@ -32,23 +32,19 @@ export class RemoteContainer implements Container {
   constructor(private readonly link: HostLink, readonly description: string, readonly blockSize: number, private readonly volumeSize: number) {
     this.pool = new BufferPool(STAGING_BLOCKS * blockSize, STAGING_BUFFERS);
     this.capacity = STAGING_BLOCKS * STAGING_BUFFERS;
+    this.room = new SlotStore(this.capacity);
     this.readyWait = new Promise((r) => { this.readyResolve = r; });
   }
 
   /** The appliance accepted the unit: originals may flow. */
   ready(): void { this.readyResolve(); }
 
-  get used(): number { return this.inFlight; }
-
-  reserve(n: number): number {
-    const k = Math.max(0, Math.min(n, this.capacity - this.inFlight));
-    this.inFlight += k;
-    if (this.inFlight > this.peak) this.peak = this.inFlight;
-    return k;
-  }
+  get used(): number { return this.room.used; }
+  get peak(): number { return this.room.peak; }
+  reserve(n: number): number { return this.room.reserve(n); }
 
   unreserve(n: number): void {
-    this.inFlight = Math.max(0, this.inFlight - n);
+    this.room.unreserve(n);
     this.onRoom?.();
   }
 

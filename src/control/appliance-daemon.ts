@@ -10,6 +10,7 @@ import { ODC_SLOT, OriginalDataCache, type OdcSpec } from '../appliance/odc';
 import { ApplianceUnit } from '../jobs/appliance-unit';
 import type { PskKeys } from '../nbd/tls-psk';
 import { UserError } from '../util/errors';
+import { type ControlReply, parseControlRequest } from './protocol';
 
 export interface ApplianceOptions {
   listen: { host: string; port: number };
@@ -114,9 +115,13 @@ export class ApplianceDaemon {
         buf += d.toString();
         const nl = buf.indexOf('\n');
         if (nl < 0) { if (buf.length > 65536) sock.destroy(); return; }
-        let op: unknown;
-        try { op = (JSON.parse(buf.slice(0, nl)) as { op?: unknown }).op; } catch { op = undefined; }
-        const reply = op === 'status' ? { type: 'result', ...this.status() } : { type: 'error', message: `the appliance answers only "status" (got ${JSON.stringify(op)})` };
+        let reply: ControlReply;
+        try {
+          const req = parseControlRequest(buf.slice(0, nl));
+          reply = req.op === 'status' ? { type: 'result', ...this.status() } : { type: 'error', message: `an appliance answers only "status", not "${req.op}"`, hint: 'that goes to the control socket of "livesnap serve"' };
+        } catch (e) {
+          reply = { type: 'error', message: (e as Error).message };
+        }
         sock.end(JSON.stringify(reply) + '\n');
       });
       sock.on('error', () => {});

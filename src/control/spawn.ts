@@ -6,7 +6,8 @@ import * as path from 'node:path';
 import { UserError } from '../util/errors';
 import { isDaemonRunning } from './client';
 
-function selfCommand(): string[] {
+/** How to run this same program again: node + script, or the single binary alone. */
+export function selfCommand(): string[] {
   let sea = false;
   try {
     // eslint-disable-next-line @typescript-eslint/no-require-imports

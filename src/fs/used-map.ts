@@ -1,6 +1,6 @@
 // The used-block map (seed 001, FIG. 13 step 1306): which blocks of a volume hold data and must
 // be copied. Read straight from the device's own structures, never through a mounted file system.
-import type { Bitset } from '../util/bitset';
+import { Bitset } from '../util/bitset';
 import type { LayoutNode } from './layout';
 
 /** What a map was read from: a file system, or a container of volumes (partition table, LVM PV). */
@@ -50,4 +50,17 @@ export interface FileSystemReader {
   kind: FileSystemKind | 'ext';
   probe(reader: import('../device/device').BlockReader): Promise<boolean>;
   read(reader: import('../device/device').BlockReader): Promise<UsedBlockMap>;
+}
+
+/**
+ * The map at another block size (a snapshot's, 4096): a block is used when any byte of it is
+ * used in `map`. `totalBlocks` is the volume at that size.
+ */
+export function usedAtBlockSize(map: UsedBlockMap, blockSize: number, totalBlocks: number): Bitset {
+  const used = new Bitset(totalBlocks);
+  const fbs = map.blockSize;
+  for (const [s, e] of map.bitmap.runs()) {
+    used.setRange(Math.floor((s * fbs) / blockSize), Math.min(totalBlocks, Math.ceil((e * fbs) / blockSize)));
+  }
+  return used;
 }

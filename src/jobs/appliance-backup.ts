@@ -17,7 +17,7 @@ import type { PskKeys } from '../nbd/tls-psk';
 import { withFrozen, checkFreezeMount } from '../snapshot/freeze';
 import { SnapshotSession } from '../snapshot/session';
 import { UserError } from '../util/errors';
-import { fingerprintBlocks, sha256 } from './appliance-unit';
+import { blockHash, fingerprintBlocks } from '../appliance/fingerprint';
 
 export const DEFAULT_APPLIANCE_TIMEOUT_MS = 30_000;
 const BS = 4096;
@@ -149,7 +149,7 @@ export async function runApplianceBackup(o: ApplianceBackupOptions): Promise<App
       const bufs = await o.device.readMany(fp.map((b) => ({ offset: b * BS, length: Math.min(BS, o.device.size - b * BS) })));
       link.send({
         t: 'hello', version: LINK_VERSION, unit: o.unit, size: o.device.size, blockSize: BS, instant: session!.armedAt!.toISOString(),
-        host: os.hostname(), fingerprint: fp.map((b, i) => [b, sha256(bufs[i]!)] as [number, string]), timeoutMs,
+        host: os.hostname(), fingerprint: fp.map((b, i) => [b, blockHash(bufs[i]!)] as [number, string]), timeoutMs,
       });
     };
     let freezeMs = 0;

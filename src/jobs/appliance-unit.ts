@@ -4,20 +4,23 @@
 // the reconciled view, into an archive in the store, or into an unmodified backup program through a
 // read-only NBD export of the view (--run). Its output is complete only when it says done.
 import { spawn } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { createArchiveSink } from '../archive';
 import type { ApplianceLink } from '../appliance/link';
 import { type Hello, LINK_VERSION, type Orig } from '../appliance/link-protocol';
+import { blockHash } from '../appliance/fingerprint';
 import { ModifiedMap, ODC_SLOT, type OriginalDataCache } from '../appliance/odc';
 import { ReconciledView } from '../appliance/reconciled-view';
 import { CopyMap } from '../copy/copy-map';
 import { Device } from '../device/device';
 import { NbdServer } from '../nbd/server';
-import type { NbdBackend } from '../nbd/backend';
 import type { PointInTime, SnapshotMethod } from '../snapshot/method';
-import { Bitset } from '../util/bitset';
+import { readUsedBlockMap } from '../fs/detect';
+import { usedAtBlockSize } from '../fs/used-map';
+import type { Bitset } from '../util/bitset';
+import { PointInTimeBackend } from '../export/point-in-time-backend';
 import { UserError } from '../util/errors';
 import { runBackupJob } from './backup-job';
 
@@ -52,17 +55,6 @@ export interface UnitStatus {
 /** UTC instant as a file name part: 2026-12-03T05-53-03.123Z. */
 function instantName(iso: string): string {
   return iso.replace(/:/g, '-');
-}
-
-/** [block, sha256] of the blocks a host fingerprints its volume with (both sides pick the same). */
-export function fingerprintBlocks(totalBlocks: number, n = 16): number[] {
-  const out = new Set<number>([0, 1, 2, totalBlocks - 1]);
-  for (let i = 1; i < n - 4; i++) out.add(Math.floor((totalBlocks * i) / (n - 4)));
-  return [...out].filter((b) => b >= 0 && b < totalBlocks).sort((a, b) => a - b);
-}
-
-export function sha256(b: Buffer): string {
-  return createHash('sha256').update(b).digest('hex');
 }
 
 export class ApplianceUnit {
@@ -152,7 +144,7 @@ export class ApplianceUnit {
     if (this.lun.size !== h.size) throw new UserError(`the LUN ${lunPath} given for "${h.unit}" is ${this.lun.size} bytes, the host's volume ${h.size}: it is another volume`, `check --lun ${h.unit}=PATH on the appliance`);
     const blocks = h.fingerprint.map(([b]) => b);
     const bufs = await this.lun.readMany(blocks.map((b) => ({ offset: b * h.blockSize, length: Math.min(h.blockSize, h.size - b * h.blockSize) })));
-    const differ = h.fingerprint.filter(([, hash], i) => sha256(bufs[i]!) !== hash).map(([b]) => b);
+    const differ = h.fingerprint.filter(([, hash], i) => blockHash(bufs[i]!) !== hash).map(([b]) => b);
     if (differ.length) throw new UserError(`the LUN ${lunPath} given for "${h.unit}" is not the host's volume: ${differ.length} of ${blocks.length} fingerprint blocks differ (first: block ${differ[0]})`, `check --lun ${h.unit}=PATH on the appliance: it must be this appliance's path to the same shared LUN`);
     this.mm = new ModifiedMap(this.totalBlocks, this.o.odc);
     this.view = new ReconciledView(this.lun, this.mm, this.o.odc, h.blockSize, (first, end) => this.consumed(first, end));
@@ -183,7 +175,8 @@ export class ApplianceUnit {
         if (mm.wants(b)) {
           const slot = odc.take();
           if (slot < 0) break;
-          odc.write(slot, w.payload.subarray(w.next * bs, Math.min((w.next + 1) * bs, w.payload.length)));
+          const from = w.next * bs;
+          odc.write(slot, w.payload, from, Math.min(bs, w.payload.length - from));
           mm.keep(b, slot);
         } else {
           mm.originalsIgnored++;
@@ -219,6 +212,12 @@ export class ApplianceUnit {
     this.reconciled = [];
   }
 
+  /** Blocks outside the backup (not in `used`): no original of them is needed, their slots are free. */
+  private outsideBackup(used: Bitset): void {
+    for (let s = used.next(0, false); s < this.totalBlocks; s = used.next(used.next(s, true), false)) this.consumed(s, used.next(s, true));
+    this.drainWaiting();
+  }
+
   /** The instant as a snapshot method: the view's reader for metadata, its consuming face for the copy. */
   private method(): SnapshotMethod {
     const h = this.o.hello;
@@ -232,18 +231,8 @@ export class ApplianceUnit {
         reader: view.reader,
         restrict: (used) => {
           const bs = h.blockSize;
-          const bits = new Bitset(this.totalBlocks);
-          for (const [s, e] of used.bitmap.runs()) bits.setRange(Math.floor((s * used.blockSize) / bs), Math.min(this.totalBlocks, Math.ceil((e * used.blockSize) / bs)));
-          // Blocks outside the backup: no original of them is needed.
-          let at = 0;
-          while (at < this.totalBlocks) {
-            const s = bits.next(at, false);
-            if (s >= this.totalBlocks) break;
-            const e = bits.next(s, true);
-            this.consumed(s, e);
-            at = e;
-          }
-          this.drainWaiting();
+          const bits = usedAtBlockSize(used, bs, this.totalBlocks);
+          this.outsideBackup(bits);
           const map = new CopyMap(this.totalBlocks, false);
           map.pending.orWith(bits);
           return { blockSize: bs, used: bits, source: { device: view.consuming, map } };
@@ -306,20 +295,11 @@ export class ApplianceUnit {
     const view = this.view!;
     fs.mkdirSync(this.o.store, { recursive: true });
     const sock = path.join(this.o.store, `.${h.unit}-${process.pid}-${Date.now()}.sock`);
-    let bytesRead = 0;
-    const backend: NbdBackend = {
-      size: h.size, minBlockSize: 512, preferredBlockSize: 4096, maxBlockSize: 32 << 20, readOnly: true,
-      description: `livesnap appliance: ${h.unit} at ${h.instant}`,
-      read: async (offset, length) => {
-        const data = await view.reader.read(offset, length);
-        bytesRead += length;
-        return { data, release: () => {} };
-      },
-      write: async () => { throw new Error('read-only'); },
-      flush: async () => {},
-      trim: async () => { throw new Error('read-only'); },
-      writeZeroes: async () => { throw new Error('read-only'); },
-    };
+    // The instant as the snapshot command serves one: free blocks read as zeros and are holes.
+    const map = await readUsedBlockMap(view.reader, h.unit);
+    const used = usedAtBlockSize(map, h.blockSize, this.totalBlocks);
+    this.outsideBackup(used);
+    const backend = new PointInTimeBackend(view.reader, used, h.blockSize, h.size, `livesnap appliance: ${h.unit} at ${h.instant}`);
     const server = new NbdServer({ exports: { [h.unit]: backend }, log: (lvl, m) => { if (lvl !== 'debug') this.o.log(`unit ${h.unit}: nbd: ${m}`); } });
     await server.listenUnix(sock);
     const uri = `nbd+unix:///${encodeURIComponent(h.unit)}?socket=${sock}`;
@@ -332,14 +312,14 @@ export class ApplianceUnit {
         child.once('error', reject);
         child.once('exit', (code, sig) => {
           this.abort.signal.removeEventListener('abort', onAbort);
-          resolve(code ?? 128 + (sig ? 15 : 0));
+          resolve(code ?? 128 + (sig ? os.constants.signals[sig] : 0));
         });
       });
       if (this.abort.signal.aborted) throw this.abort.signal.reason;
       this.o.log(`unit ${h.unit}: --run exited with status ${status}`);
       return {
-        t: 'done' as const, output: `run: ${cmd}`, bytes: bytesRead, blocks: Math.ceil(bytesRead / h.blockSize), usedBlocks: 0, totalBlocks: this.totalBlocks,
-        filesystem: 'unknown', outputBytes: 0, checksums: { kind: 'none', chunks: 0, digest: '' },
+        t: 'done' as const, output: `run: ${cmd}`, bytes: backend.bytesRead, blocks: Math.ceil(backend.bytesRead / h.blockSize), usedBlocks: used.setCount, totalBlocks: this.totalBlocks,
+        filesystem: map.filesystem, outputBytes: 0, checksums: { kind: 'none', chunks: 0, digest: '' },
         originalsReceived: this.received, originalsUsed: view.substituted, odcPeakBytes: this.o.odc.peak * ODC_SLOT,
         durationMs: performance.now() - t0, runStatus: status,
       };

@@ -3,7 +3,7 @@
 // refine the pending set with the used-block map read through the snapshot view, copy, disarm.
 import { type ErrorPolicy, UnreadableBlockError } from '../copy/errors';
 import type { Device } from '../device/device';
-import type { UsedBlockMap } from '../fs/used-map';
+import { type UsedBlockMap, usedAtBlockSize } from '../fs/used-map';
 import { Bitset } from '../util/bitset';
 import type { SnapshotFilter } from '../export/snapshot-filter';
 import { type CbwStats, CopyBeforeWrite } from './cbw';
@@ -112,12 +112,7 @@ export class SnapshotSession {
    * the container's own blocks. Returns that set at the snapshot's block size (the sink's map).
    */
   refine(usedMap: UsedBlockMap): Bitset {
-    const bs = this.blockSize;
-    const used = new Bitset(this.totalBlocks);
-    const fbs = usedMap.blockSize;
-    for (const [s, e] of usedMap.bitmap.runs()) {
-      used.setRange(Math.floor((s * fbs) / bs), Math.ceil((e * fbs) / bs));
-    }
+    const used = usedAtBlockSize(usedMap, this.blockSize, this.totalBlocks);
     used.andNot(this.excluded);
     this.map.pending.andWith(used);
     // Originals saved before the map was known that the backup does not hold: give the space back.

@@ -93,10 +93,9 @@ export class ApplianceCommand extends LivesnapCommand {
     const logFile = path.join(store, 'appliance.log');
     const log = fs.openSync(logFile, 'a', 0o600);
     const args = process.argv.slice(process.argv.indexOf('appliance'));
-    let sea = false;
-    // eslint-disable-next-line @typescript-eslint/no-require-imports
-    try { sea = (require('node:sea') as { isSea(): boolean }).isSea(); } catch { /* not a single binary */ }
-    const child = spawn(process.execPath, [...(sea ? [] : [process.argv[1]!]), ...args, '--foreground'], { detached: true, stdio: ['ignore', 'pipe', log] });
+    // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded on use (startup time)
+    const { selfCommand } = require('../../control/spawn') as typeof import('../../control/spawn');
+    const child = spawn(process.execPath, [...selfCommand(), ...args, '--foreground'], { detached: true, stdio: ['ignore', 'pipe', log] });
     fs.closeSync(log);
     const line = await new Promise<string | undefined>((resolve) => {
       let out = '';
