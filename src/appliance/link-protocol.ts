@@ -39,6 +39,8 @@ const isHello = t.isObject({
 const isOrig = t.isObject({ t: t.isLiteral('orig'), id: nat, first: nat, count: t.cascade(t.isNumber(), [t.isInteger(), t.isInInclusiveRange(1, 64)]) });
 const isPing = t.isObject({ t: t.isLiteral('ping'), at: t.isNumber() });
 const isCancel = t.isObject({ t: t.isLiteral('cancel'), reason: shortStr });
+/** After `done`: the host's snapshot held to the end, so the output is the instant (else: cancel). */
+const isCommit = t.isObject({ t: t.isLiteral('commit') });
 
 // Appliance to host.
 const isReady = t.isObject({ t: t.isLiteral('ready'), output: shortStr, odcBytes: nat });
@@ -70,7 +72,7 @@ const isError = t.isObject({ t: t.isLiteral('error'), message: shortStr, hint: t
 
 export type Hello = t.InferType<typeof isHello>;
 export type Orig = t.InferType<typeof isOrig>;
-export type HostMessage = Hello | Orig | t.InferType<typeof isPing> | t.InferType<typeof isCancel>;
+export type HostMessage = Hello | Orig | t.InferType<typeof isPing> | t.InferType<typeof isCancel> | t.InferType<typeof isCommit>;
 export type Ready = t.InferType<typeof isReady>;
 export type Done = t.InferType<typeof isDone>;
 export type ApplianceMessage = Ready | t.InferType<typeof isAck> | t.InferType<typeof isReconciled> | t.InferType<typeof isPong>
@@ -78,7 +80,7 @@ export type ApplianceMessage = Ready | t.InferType<typeof isAck> | t.InferType<t
 
 export type MessageSchemas = Record<string, t.StrictValidator<unknown, unknown>>;
 type Schemas = MessageSchemas;
-export const HOST_MESSAGES: Schemas = { hello: isHello, orig: isOrig, ping: isPing, cancel: isCancel };
+export const HOST_MESSAGES: Schemas = { hello: isHello, orig: isOrig, ping: isPing, cancel: isCancel, commit: isCommit };
 export const APPLIANCE_MESSAGES: Schemas = { ready: isReady, ack: isAck, reconciled: isReconciled, pong: isPong, progress: isProgress, done: isDone, error: isError };
 /** Messages that carry a payload, and those that must not. */
 const WITH_PAYLOAD = new Set(['orig']);

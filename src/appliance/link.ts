@@ -25,6 +25,7 @@ export class Link<In extends { t: string }, Out extends { t: string }> {
   constructor(readonly socket: tls.TLSSocket, schemas: MessageSchemas, readonly peer: string) {
     this.decoder = new FrameDecoder<In>(schemas, peer);
     socket.on('data', (chunk: Buffer) => {
+      if (this.closedWith !== undefined) return; // nothing after the end is acted on
       this.bytesIn += chunk.length;
       this.lastHeard = performance.now();
       try {

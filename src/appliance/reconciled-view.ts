@@ -44,7 +44,9 @@ export class ReconciledView {
         for (let i = 0; i * 3 < segments.length; i++) {
           const off = segments[i * 3]!;
           const len = segments[i * 3 + 1]!;
-          if (res[i]! < 0) continue; // the engine reports the unreadable range
+          // Only a complete read is the instant's run: a short or failed one is read again by the
+          // engine (block by block, through here), so its originals must stay.
+          if (res[i]! < Math.min(len, size - off)) continue;
           this.substitute(view, segments[i * 3 + 2]!, off, len, true);
           const first = Math.floor(off / bs);
           const end = Math.ceil((off + len) / bs);

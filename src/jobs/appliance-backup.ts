@@ -177,13 +177,20 @@ export async function runApplianceBackup(o: ApplianceBackupOptions): Promise<App
     const r = await Promise.race([ready, finished.then(() => { throw new Error('the appliance ended the unit before it was ready'); })]);
     o.onEvent?.({ event: 'armed', time: session.armedAt!.toISOString(), freezeMs, presyncMs, drainMs, flushMs, container: remote.description, output: r.output });
     const done = await finished;
+    // A snapshot that broke before the end (an original could not be read) left writes through:
+    // the appliance's output is not the instant, and a cancel makes it remove it.
+    const broke = failure ?? session.failure;
+    if (broke) throw broke;
     if (done.runStatus !== undefined && done.runStatus !== 0) {
       throw new UserError(`the appliance's --run program exited with status ${done.runStatus}: the instant was not backed up`, 'see the appliance\'s log for the program\'s own messages, then rerun the backup');
     }
+    link.send({ t: 'commit' });
     // The output is complete: writes go straight on from now; the numbers are those of the snapshot.
     session.disarm();
     const st = session.stats();
     const sent = { ...remote.sent };
+    // Saves still waiting for an ack need not: the output is complete, their writes go on now.
+    remote.fail(new Error('the appliance\'s output is complete'));
     await session.release();
     const cpu = process.cpuUsage(cpu0);
     return {

@@ -70,6 +70,9 @@ export class ApplianceUnit {
   private reconciled: Array<[number, number]> = [];
   private flushTimer: NodeJS.Timeout | undefined;
   private silence: NodeJS.Timeout | undefined;
+  private paused = false;
+  /** Set while `done` waits for the host's commit. */
+  private committed: (() => void) | undefined;
   private readonly onRoom = () => this.drainWaiting();
   private readonly totalBlocks: number;
 
@@ -93,6 +96,7 @@ export class ApplianceUnit {
         if (m.t === 'orig') this.original(m, payload!);
         else if (m.t === 'ping') link.send({ t: 'pong', at: m.at });
         else if (m.t === 'cancel') this.abort.abort(new UserError(`the host cancelled: ${m.reason}`));
+        else if (m.t === 'commit') this.committed?.();
         else if (m.t === 'hello') this.abort.abort(new UserError('the host sent a second hello'));
       });
       link.onClose((e) => {
@@ -102,6 +106,8 @@ export class ApplianceUnit {
       this.o.odc.onRoom(this.onRoom);
       // The host pings every second: silence for its timeout means it (or the link) is gone.
       this.silence = setInterval(() => {
+        // While originals wait for ODC room this side stopped reading: that is not the host's silence.
+        if (this.waiting.length) return;
         const quiet = performance.now() - link.lastHeard;
         if (quiet > hello.timeoutMs) this.abort.abort(new UserError(`${link.peer} went silent (nothing for ${(quiet / 1000).toFixed(1)} s, its timeout ${hello.timeoutMs / 1000} s): the output is abandoned`));
       }, Math.min(1000, hello.timeoutMs / 4));
@@ -109,9 +115,19 @@ export class ApplianceUnit {
       this.status.state = 'running';
       this.o.log(`unit ${hello.unit} from ${hello.host}: instant ${hello.instant}, ${hello.size} bytes; writing ${output}`);
       const done = this.o.run ? await this.runProgram(this.o.run) : await this.archive(output);
-      this.status.state = 'done';
       this.flushReconciled();
+      // The output stands only if the host's snapshot held to the end: it answers commit, or cancel.
+      const confirmed = new Promise<boolean>((resolve) => {
+        this.committed = () => resolve(true);
+        if (this.abort.signal.aborted) resolve(false);
+        this.abort.signal.addEventListener('abort', () => resolve(false), { once: true });
+      });
       link.send(done);
+      if (!(await confirmed)) {
+        if (!this.o.run) fs.rmSync(output, { force: true });
+        throw new UserError(`the host did not confirm the output (its snapshot broke before the end, or it went away)${this.o.run ? '' : `: ${output} removed`}`);
+      }
+      this.status.state = 'done';
       link.close();
       this.o.log(`unit ${hello.unit}: done, ${done.bytes} bytes of ${done.usedBlocks} used blocks; ${done.originalsUsed} originals substituted of ${done.originalsReceived} received; ODC peak ${done.odcPeakBytes} bytes`);
     } catch (e) {
@@ -152,6 +168,8 @@ export class ApplianceUnit {
 
   /** An original from the host: kept if it is the first of its block and the block is not read yet. */
   private original(m: Orig, payload: Buffer): void {
+    // After the unit ended (its MM cleared), an original still in flight must not take a slot.
+    if (this.status.state !== 'running') return;
     const bs = this.o.hello.blockSize;
     const want = Math.min(m.count * bs, this.o.hello.size - m.first * bs);
     if (m.first + m.count > this.totalBlocks || payload.length !== want || m.id <= this.lastAcked) {
@@ -176,7 +194,15 @@ export class ApplianceUnit {
           const slot = odc.take();
           if (slot < 0) break;
           const from = w.next * bs;
-          odc.write(slot, w.payload, from, Math.min(bs, w.payload.length - from));
+          try {
+            odc.write(slot, w.payload, from, Math.min(bs, w.payload.length - from));
+          } catch (e) {
+            // The spill file failed (ENOSPC, EIO): this unit cannot keep its originals.
+            odc.free(slot);
+            this.waiting = [];
+            this.abort.abort(new UserError(`the ODC spill file failed: ${(e as Error).message}`, 'give --odc a file on a file system with room, or more memory'));
+            return;
+          }
           mm.keep(b, slot);
         } else {
           mm.originalsIgnored++;
@@ -192,7 +218,14 @@ export class ApplianceUnit {
     this.status.odcHeldBytes = mm.held * ODC_SLOT;
     this.status.originalsKept = mm.originalsKept;
     // Backpressure: while originals wait, TCP holds the rest on the host.
-    if (this.waiting.length) this.o.link.pause(); else this.o.link.resume();
+    if (this.waiting.length) {
+      this.o.link.pause();
+      this.paused = true;
+    } else if (this.paused) {
+      this.paused = false;
+      this.o.link.lastHeard = performance.now();
+      this.o.link.resume();
+    }
   }
 
   /** Blocks read for the output (or outside the backup): the host need not send them. */
@@ -305,6 +338,7 @@ export class ApplianceUnit {
     const uri = `nbd+unix:///${encodeURIComponent(h.unit)}?socket=${sock}`;
     const t0 = performance.now();
     try {
+      if (this.abort.signal.aborted) throw this.abort.signal.reason;
       const status = await new Promise<number>((resolve, reject) => {
         const child = spawn('/bin/sh', ['-c', cmd.split('{uri}').join(uri)], { stdio: ['ignore', 'inherit', 'inherit'] });
         const onAbort = () => child.kill('SIGTERM');
