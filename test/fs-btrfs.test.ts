@@ -118,7 +118,13 @@ async function checkConfig(t: ExecutionContext, c: Config, seed: number): Promis
   fill(mnt, seed, (c.sizeMiB * MiB) / 4, !!c.snapshots);
   run('umount', [mnt]);
   if (c.tune) run('btrfstune', ['-f', ...c.tune, loop]);
-  const check = runStatus('btrfs', ['check', '--readonly', loop]);
+  // Right after umount the kernel (or udev's probe of the change) may still hold the device for a
+  // moment, and btrfs check opens it exclusively: look again a few times before calling it a failure.
+  let check = runStatus('btrfs', ['check', '--readonly', loop]);
+  for (let i = 0; i < 20 && check.status !== 0 && /Device or resource busy/.test(check.stderr); i++) {
+    await new Promise((r) => setTimeout(r, 100));
+    check = runStatus('btrfs', ['check', '--readonly', loop]);
+  }
   t.is(check.status, 0, check.stderr);
   const map = await readMap(img);
   t.false(map.allBlocks);
