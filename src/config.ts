@@ -28,6 +28,13 @@ export interface Config {
   /** LIVESNAP_NBD_READ_BUFFER=0 / LIVESNAP_NBD_SEND_BUFFER=0: the plain socket paths, to compare. */
   readonly nbdReadBuffer: boolean;
   readonly nbdSendBuffer: boolean;
+  /** LIVESNAP_CHANGE_TRACKING=off: serve without the change map (bench/incremental measures its cost; every backup is then full). */
+  readonly changeTracking: boolean;
+  /**
+   * LIVESNAP_TEST_KILL_AT=replica:N — test fault injection only: the replica code SIGKILLs its own
+   * process when it reaches its N-th I/O step (a real kill -9 at a chosen point of the apply).
+   */
+  readonly testKillAt: { readonly scope: 'replica'; readonly step: number } | undefined;
 }
 
 function positiveInt(env: NodeJS.ProcessEnv, name: string, min: number): number | undefined {
@@ -36,6 +43,14 @@ function positiveInt(env: NodeJS.ProcessEnv, name: string, min: number): number 
   const n = Number(v);
   if (!Number.isSafeInteger(n) || n < min) throw new UserError(`${name}=${v}: expected a whole number of at least ${min}`, `unset ${name} or give a valid value`);
   return n;
+}
+
+function killAt(env: NodeJS.ProcessEnv): Config['testKillAt'] {
+  const v = env.LIVESNAP_TEST_KILL_AT;
+  if (v === undefined || v === '') return undefined;
+  const m = /^replica:([1-9][0-9]{0,14})$/.exec(v);
+  if (!m) throw new UserError(`LIVESNAP_TEST_KILL_AT=${v}: expected replica:N (N a whole number from 1)`, 'it is for tests only: unset it');
+  return { scope: 'replica', step: Number(m[1]) };
 }
 
 function oneOf<T extends string>(env: NodeJS.ProcessEnv, name: string, values: readonly T[], dflt: T): T {
@@ -58,6 +73,8 @@ export function readConfig(env: NodeJS.ProcessEnv = process.env): Config {
     autoTrace: env.LIVESNAP_AUTO_TRACE || undefined,
     nbdReadBuffer: env.LIVESNAP_NBD_READ_BUFFER !== '0',
     nbdSendBuffer: env.LIVESNAP_NBD_SEND_BUFFER !== '0',
+    changeTracking: oneOf(env, 'LIVESNAP_CHANGE_TRACKING', ['on', 'off'] as const, 'on') === 'on',
+    testKillAt: killAt(env),
   };
 }
 

@@ -9,7 +9,7 @@ import type { BackupSink, DataBatch, FinishInfo, VolumeInfo } from '../sink/sink
 import type { Bitset } from '../util/bitset';
 import { UserError } from '../util/errors';
 import {
-  ARCHIVE_FORMAT, FORMAT_VERSION, IMAGE_NAME, IMAGE_PAX_NAME, IMAGE_USTAR_NAME, MANIFEST_NAME, TRAILER_NAME,
+  ARCHIVE_FORMAT, FORMAT_VERSION, MAX_ZERO_RANGES, type ManifestBackup, IMAGE_NAME, IMAGE_PAX_NAME, IMAGE_USTAR_NAME, MANIFEST_NAME, TRAILER_NAME,
   MAX_BAD_BLOCKS, archiveLimitProblem, defaultChunkSize, hex, sealJson, type ChunkRow, type Manifest, type Trailer,
 } from './manifest';
 import { BLOCK, USTAR_MAX_SIZE, padTo512, paxRecords, smallMember, ustarHeader, type Owner } from './pax-header';
@@ -108,6 +108,7 @@ export class ArchiveSink implements BackupSink {
       compression: this.target.compression,
       notes: volume.notes,
       ...(volume.layout ? { layout: volume.layout } : {}),
+      ...(volume.backup ? { backup: manifestBackup(volume) } : {}),
     };
 
     const output = await this.target.open();
@@ -225,4 +226,20 @@ export class ArchiveSink implements BackupSink {
     this.state = 'aborted';
     await this.target.discard();
   }
+}
+
+/** The chain facts of the manifest; zeroed blocks as byte ranges (clamped to the volume). */
+function manifestBackup(volume: VolumeInfo): ManifestBackup {
+  const b = volume.backup!;
+  const zeroRanges: Array<[number, number]> = [];
+  if (b.zeroed) {
+    for (const [s, e] of b.zeroed.runs()) {
+      const off = s * volume.blockSize, end = Math.min(volume.size, e * volume.blockSize);
+      if (end > off) zeroRanges.push([off, end - off]);
+    }
+  }
+  if (zeroRanges.length > MAX_ZERO_RANGES) {
+    throw new UserError(`this incremental backup would zero ${zeroRanges.length} separate ranges (blocks changed since the parent that are free or excluded now), more than an archive records (${MAX_ZERO_RANGES})`, 'run a full backup (without --incremental)');
+  }
+  return { id: b.id, parent: b.parent, kind: b.kind, granularity: b.granularity, ...(b.fullBecause ? { fullBecause: b.fullBecause } : {}), excludedBytes: b.excludedBytes, zeroRanges };
 }

@@ -60,7 +60,24 @@ export interface Manifest {
   notes: string[];
   /** What the volume holds, as `inspect` shows it (absent in archives written before it existed). */
   layout?: LayoutNode;
+  /** Its place in a chain (online backups of a served export; absent in older archives). */
+  backup?: ManifestBackup;
 }
+
+/** A backup's chain facts: an incremental's disk.img holds only the blocks changed since `parent`. */
+export interface ManifestBackup {
+  id: string;
+  parent: string | null;
+  kind: 'full' | 'incremental';
+  granularity: number;
+  fullBecause?: string;
+  excludedBytes: number;
+  /** [volume offset, length]: changed since the parent but free or excluded now: zeros after applying. */
+  zeroRanges: Array<[number, number]>;
+}
+
+export const MAX_ZERO_RANGES = 1 << 18;
+const BACKUP_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$/;
 
 /** One row per chunk: [index, volume offset of its first byte, length, XXH3-128 hex]. */
 export type ChunkRow = [number, number, number, string];
@@ -133,6 +150,24 @@ export function validateManifest(o: Record<string, unknown>, archiveOffset: numb
   need(typeof o.snapshotTime === 'string' && !Number.isNaN(Date.parse(o.snapshotTime)), w, 'snapshotTime', archiveOffset);
   need(o.compression === 'none' || o.compression === 'zstd', w, 'compression', archiveOffset);
   need(o.checksum === 'xxh3-128', w, 'checksum', archiveOffset);
+  if (o.backup !== undefined) {
+    const b = o.backup as Record<string, unknown>;
+    const size = o.volumeSize as number;
+    need(typeof b === 'object' && b !== null, w, 'backup', archiveOffset);
+    need(typeof b.id === 'string' && BACKUP_ID.test(b.id), w, 'backup.id', archiveOffset);
+    need(b.parent === null || (typeof b.parent === 'string' && BACKUP_ID.test(b.parent)), w, 'backup.parent', archiveOffset);
+    need(b.kind === 'full' ? b.parent === null : b.kind === 'incremental' && b.parent !== null, w, 'backup.kind', archiveOffset);
+    need(isCount(b.granularity) && pow2(b.granularity as number), w, 'backup.granularity', archiveOffset);
+    need(isCount(b.excludedBytes), w, 'backup.excludedBytes', archiveOffset);
+    need(b.fullBecause === undefined || typeof b.fullBecause === 'string', w, 'backup.fullBecause', archiveOffset);
+    const z = b.zeroRanges;
+    need(Array.isArray(z) && z.length <= MAX_ZERO_RANGES, w, 'backup.zeroRanges', archiveOffset);
+    let end = 0;
+    for (const r of z as unknown[]) {
+      need(Array.isArray(r) && r.length === 2 && isCount(r[0]) && isCount(r[1]) && (r[1] as number) > 0 && (r[0] as number) >= end && (r[0] as number) + (r[1] as number) <= size, w, 'backup.zeroRanges (ascending ranges inside the volume)', archiveOffset);
+      end = (r as number[])[0]! + (r as number[])[1]!;
+    }
+  }
   if (o.layout !== undefined) {
     const why = layoutProblem(o.layout);
     if (why) throw new ArchiveError(`${w} at archive offset ${archiveOffset} is invalid: bad "layout" (${why})`, archiveOffset);

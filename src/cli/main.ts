@@ -7,6 +7,7 @@ import { BackupCommand } from './commands/backup';
 import { DemoCommand } from './commands/demo';
 import { InspectCommand } from './commands/inspect';
 import { KeygenCommand } from './commands/keygen';
+import { ReplicaCommand, ReplicaRecoverCommand, ReplicaStatusCommand } from './commands/replica';
 import { RestoreCommand } from './commands/restore';
 import { VerifyCommand } from './commands/verify';
 import { VersionCommand } from './commands/version';
@@ -14,7 +15,7 @@ import { DaemonCommand, ServeCommand, StopCommand } from './commands/serve';
 import { CancelCommand, StatusCommand } from './commands/status';
 import { SnapshotCommand } from './commands/snapshot';
 
-const COMMANDS = [InspectCommand, BackupCommand, RestoreCommand, VerifyCommand, ServeCommand, SnapshotCommand, StatusCommand, CancelCommand, StopCommand, ApplianceCommand, KeygenCommand, DaemonCommand, DemoCommand, VersionCommand];
+const COMMANDS = [InspectCommand, BackupCommand, RestoreCommand, VerifyCommand, ServeCommand, SnapshotCommand, StatusCommand, CancelCommand, StopCommand, ReplicaCommand, ReplicaStatusCommand, ReplicaRecoverCommand, ApplianceCommand, KeygenCommand, DaemonCommand, DemoCommand, VersionCommand];
 
 export function buildCli(): Cli {
   // No colours unless standard output is a terminal: clipanion's help ("--help", no arguments) otherwise

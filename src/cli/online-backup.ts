@@ -54,6 +54,7 @@ export async function runOnlineBackupViaDaemon(control: string, req: BackupReque
           `  snapshot      ${m.snapshotTime}, freeze window ${s.freezeMs.toFixed(1)} ms`,
           `  file system   ${m.filesystem}, ${s.usedBlocks} of ${s.totalBlocks} blocks used`,
           `  copied        ${formatBytes(s.bytes)} in ${(s.copyMs / 1000).toFixed(2)} s (${formatRate(s.bytes, s.copyMs)})`,
+          ...chainLines(m.chain as ChainLine | undefined, s.blockSize),
           ...(m.method === 'hold' ? [holdLine(m.hold as Record<string, number | boolean | string>)] : []),
           `  writers       worst delay ${s.worstWriteDelayMs.toFixed(1)} ms, ${s.writesDelayed} delayed, ${s.blocksSavedByWriters} originals saved to the container (peak ${formatBytes(s.containerPeakBytes)} of ${formatBytes(s.containerCapacityBytes)})`,
           `  bad blocks    ${s.badBlocks.length ? s.badBlocks.slice(0, 20).join(', ') : 'none'}`,
@@ -78,6 +79,17 @@ export async function runOnlineBackupViaDaemon(control: string, req: BackupReque
     process.off('SIGINT', onSignal);
     c.close();
   }
+}
+
+interface ChainLine { id: string; parent: string | null; kind: string; fullBecause?: string; changedBlocks: number; excludedBytes: number; excludedFiles: string[] }
+
+/** The backup's place in its chain, and what the protection map left out. */
+function chainLines(c: ChainLine | undefined, blockSize: number): string[] {
+  if (!c) return [];
+  return [
+    `  backup        ${c.kind} ${c.id}${c.parent ? ` (parent ${c.parent}; ${formatBytes(c.changedBlocks * blockSize)} changed since)` : ''}${c.fullBecause ? `: full because ${c.fullBecause}` : ''}`,
+    ...(c.excludedBytes || c.excludedFiles.length ? [`  excluded      ${formatBytes(c.excludedBytes)} in ${c.excludedFiles.length} files (${c.excludedFiles.slice(0, 5).join(', ')}${c.excludedFiles.length > 5 ? ', ...' : ''})`] : []),
+  ];
 }
 
 /** The summary line of --method hold. */

@@ -64,6 +64,12 @@ const isBackupRequest = t.isObject({
   /** --to appliance://HOST:PORT: the PSK file (--key) and --appliance-timeout in ms. */
   key: optStr,
   applianceTimeoutMs: optNum,
+  /** --incremental: only blocks changed since the export's last backup (and used and wanted). */
+  incremental: optBool,
+  /** The protection map: --exclude PATTERN..., --exclude-swap (default true), and --mount MOUNTPOINT to resolve them. */
+  exclude: t.isOptional(t.isArray(t.isString())),
+  excludeSwap: optBool,
+  mount: optStr,
 });
 /** `livesnap snapshot`: arm a snapshot of an export and serve the instant read-only. */
 const isSnapshotRequest = t.isObject({

@@ -15,6 +15,10 @@ import { CACHE_MODES, type CacheMode, EXPORT_NAME, type ExportSpec } from './exp
 import { checkTcpSecurity, formatHostPort, type ListenAddress, parseListen, plaintextWarning } from './listen';
 import * as path from 'node:path';
 import { type Leftover, StateDir } from './state-dir';
+import { ChangeFilter } from './change-filter';
+import { ChangeMap } from '../incremental/change-map';
+import { deviceStamp } from '../incremental/stamp';
+import { config } from '../config';
 
 export interface ExportContext {
   /** Where state directories go when the request names none. */
@@ -54,6 +58,9 @@ export class ServedExport {
     readonly state: StateDir,
     /** The hold filter in front of the gate (--method hold queues changes here). */
     readonly hold: HoldFilter,
+    /** Change tracking at the head of the chain (incremental backups); absent with LIVESNAP_CHANGE_TRACKING=off. */
+    readonly changes: ChangeFilter | undefined,
+    private readonly stamp: () => Promise<import('../incremental/change-map').DeviceStamp>,
   ) {}
 
   get uri(): string {
@@ -107,6 +114,13 @@ export class ServedExport {
       }
       const backend = new DeviceBackend(device, { description: `livesnap export of ${req.device}` });
       undo.push(() => backend.dispose());
+      // The change map is judged before anything writes the device (a hold-log replay would look
+      // like a write made while unserved); the replayed writes were marked when acknowledged.
+      const stampFiles = identity.lockPaths.filter((p) => p !== undefined);
+      const stamp = () => deviceStamp(directDevice, stampFiles);
+      const changeMap = !config().changeTracking ? undefined : await ChangeMap.open(state.dir, identity.files[0] ?? identity.devices[0] ?? req.device, device.size, stamp, state.created);
+      undo.push(() => changeMap?.closeNow());
+      if (changeMap?.resetBecause && !state.created) ctx.log(`[${req.name}] the change map cannot be trusted: ${changeMap.resetBecause}; the next backup is full`);
       // Acknowledged writes a killed daemon left only in its hold log go onto the device before any client.
       const replay = await replayPendingHoldLog(state.dir, holdLogDevice(identity, req.device, device.size), backend);
       if (replay) ctx.log(`[${req.name}] replayed ${replay.records} held writes (${replay.bytes} bytes) from the hold log ${replay.log} before serving${replay.tornBytes ? `; dropped a torn tail of ${replay.tornBytes} bytes (never acknowledged)` : ''}`);
@@ -114,13 +128,14 @@ export class ServedExport {
       // then the snapshot filter (copy-before-write attaches here; a hold's released changes pass it).
       const gate = new SnapshotFilter(backend);
       const hold = new HoldFilter(gate);
-      const chain = hold;
+      const changes = changeMap ? new ChangeFilter(hold, changeMap) : undefined;
+      const chain = changes ?? hold;
       const nbd = createNbdServer({ exports: { [req.name]: chain }, defaultExport: req.name, log: (level, m) => { if (level !== 'debug') ctx.log(`[${req.name}] ${m}`); } });
       undo.push(() => nbd.close());
       await nbd.listenUnix(socket).catch((e: Error) => {
         throw new UserError(`cannot listen on ${socket}: ${e.message}`, 'give another --socket, or stop what listens there');
       });
-      const exp = new ServedExport(req.name, req.device, identity, device, directDevice, backingLock, cache, backend, gate, nbd, socket, keys, state, hold);
+      const exp = new ServedExport(req.name, req.device, identity, device, directDevice, backingLock, cache, backend, gate, nbd, socket, keys, state, hold, changes, stamp);
       // Locked: this daemon alone owns the export now, so what a dead one left is ours to clean.
       exp.holdLogReplay = replay;
       exp.leftovers = await state.collectLeftovers();
@@ -149,6 +164,8 @@ export class ServedExport {
   async close(): Promise<void> {
     await this.nbd.close();
     await this.device.sync().catch(() => {});
+    // A clean stop: the map is stamped with the device as it is now.
+    await this.changes?.map.close(this.stamp).catch(() => this.changes?.map.closeNow());
     this.backend.dispose();
     if (this.directDevice !== this.device) this.directDevice.close();
     this.backingLock?.close();

@@ -66,6 +66,8 @@ const alive = (pid: number, start: string | undefined) => {
 export class StateDir {
   /** The device this directory belonged to before, when it was taken over from one that is gone. */
   adoptedFrom: string | undefined;
+  /** export.json was written now: a new directory (or one taken over, or one not trusted). */
+  created = false;
 
   private constructor(readonly dir: string, readonly device: string) {}
 
@@ -101,6 +103,7 @@ export class StateDir {
     if (text === undefined || adopted !== undefined || 'bad' in unseal(text)) await writeFileDurably(file, seal({ kind: 'export', device, key, created: new Date().toISOString() }));
     const sd = new StateDir(dir, device);
     sd.adoptedFrom = adopted;
+    sd.created = text === undefined || adopted !== undefined;
     return sd;
   }
 

@@ -8,7 +8,7 @@ import type { ErrorPolicy } from '../copy/errors';
 import type { BlockReader } from '../device/device';
 import type { UsedBlockMap } from '../fs/used-map';
 import { CompletenessCheck } from '../sink/completeness';
-import type { BackupSink, VolumeInfo } from '../sink/sink';
+import type { BackupIdentity, BackupSink, VolumeInfo } from '../sink/sink';
 import type { InstantFacts, PointInTime, SnapshotMethod } from '../snapshot/method';
 import { TOOL_VERSION } from './version';
 
@@ -30,6 +30,8 @@ export interface BackupJobOptions {
   readUsedMap?: (reader: BlockReader, name: string) => Promise<UsedBlockMap>;
   batchBytes?: number;
   depth?: number;
+  /** Where the backup stands in its chain, once restrict() has chosen its blocks (online backups). */
+  backupIdentity?: () => BackupIdentity | undefined;
   onArmed?(pit: PointInTime): void;
   onMap?(map: UsedBlockMap, usedBlocks: number, blockSize: number): void;
   onProgress?(p: CopyProgress): void;
@@ -82,6 +84,7 @@ export async function runBackupJob(o: BackupJobOptions): Promise<BackupJobResult
       notes,
       toolVersion: TOOL_VERSION,
       layout: map.layout,
+      ...(o.backupIdentity?.() ? { backup: o.backupIdentity()! } : {}),
     };
     sinkBegun = true;
     await sink.begin(volume, r.used);

@@ -17,6 +17,7 @@ import { DEFAULT_WRITER_PRIORITY, type WriterPriority } from '../snapshot/writer
 import { UserError } from '../util/errors';
 import type { CopySummary } from './backup';
 import { runBackupJob } from './backup-job';
+import { SelectingMethod, type SelectionOptions } from './incremental-selection';
 
 export type OnlineBackupEvent =
   | { event: 'armed'; time: string; freezeMs: number; presyncMs: number; prepareMs: number; drainMs: number; container: string }
@@ -62,6 +63,8 @@ export interface OnlineBackupOptions {
    */
   writeWaitLimitMs?: number;
   /** --method hold: the export's hold filter, the mode, and the limit (hold-method.ts). */
+  /** A served export's change tracking: the backup starts a new epoch; --incremental, the protection map. */
+  selection?: SelectionOptions;
   hold?: { filter: HoldFilter; mode?: HoldMode; limitBytes?: number; holdLog?: HoldOptions['holdLog']; onStats?: (stats: () => HoldJobStats | undefined) => void; log?: (line: string) => void };
 }
 
@@ -83,7 +86,22 @@ export interface HoldSummary {
   log?: { path: string; records: number; bytes: number; capacity: number; syncs: number; full: boolean };
 }
 
+/** Where the backup stands in its chain (the done event and the manifest say the same). */
+export interface ChainSummary {
+  id: string;
+  parent: string | null;
+  kind: 'full' | 'incremental';
+  fullBecause?: string;
+  granularity: number;
+  /** Blocks written since the parent (regions of the change map, in blocks), whether used or not. */
+  changedBlocks: number;
+  zeroedBlocks: number;
+  excludedBytes: number;
+  excludedFiles: string[];
+}
+
 export interface OnlineBackupSummary extends CopySummary {
+  chain?: ChainSummary;
   method: 'online' | 'hold';
   freezeMs: number;
   prepareMs: number;
@@ -118,11 +136,13 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
     freeze: opts.freeze, onError: opts.onError, writeWaitLimitMs: opts.writeWaitLimitMs, log: h.log, holdLog: h.holdLog,
   }) : undefined;
   h?.onStats?.(() => holdMethod?.stats());
-  const method = holdMethod ?? new CopyBeforeWriteMethod({
+  const base = holdMethod ?? new CopyBeforeWriteMethod({
     device, gate: opts.gate, container: opts.container, blockSize: bs, freeze: opts.freeze, onError: opts.onError,
     throttle: opts.throttle, writerPriority: priority, writeWaitLimitMs: opts.writeWaitLimitMs,
     onSession: (s) => { session = s; opts.onSession?.(s); },
   });
+  const selecting = opts.selection ? new SelectingMethod(base, opts.selection, bs, Math.ceil(device.size / bs)) : undefined;
+  const method = selecting ?? base;
   let lastProgress = 0;
   const interval = opts.progressIntervalMs ?? 250;
   const r = await runBackupJob({
@@ -136,6 +156,7 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
     signal: opts.signal,
     cancelled: () => cancelled(opts.signal!),
     readUsedMap: opts.readUsedMap,
+    backupIdentity: () => selecting?.identity,
     batchBytes: opts.batchBytes,
     depth: opts.depth,
     onArmed: (pit) => {
@@ -182,9 +203,18 @@ export async function runOnlineBackup(opts: OnlineBackupOptions): Promise<Online
     ...(f.hold ? holdFields(f.hold as HoldSummary) : {}),
     notes: r.notes,
     layout: r.map.layout,
+    ...(selecting?.identity ? { chain: chainSummary(selecting) } : {}),
   };
   opts.onEvent?.({ event: 'done', summary });
   return summary;
+}
+
+function chainSummary(m: SelectingMethod): ChainSummary {
+  const id = m.identity!;
+  return {
+    id: id.id, parent: id.parent, kind: id.kind, ...(id.fullBecause ? { fullBecause: id.fullBecause } : {}), granularity: id.granularity,
+    changedBlocks: m.changedBlocks, zeroedBlocks: id.zeroed?.setCount ?? 0, excludedBytes: id.excludedBytes, excludedFiles: m.excludedFiles,
+  };
 }
 
 function holdFields(hs: HoldSummary): Pick<OnlineBackupSummary, 'hold' | 'heldWrites' | 'maxHoldMs' | 'releaseMs'> {

@@ -20,6 +20,8 @@ export class ImageSink implements BackupSink {
   private volumeSize = 0;
   private readonly workPath: string;
   private readonly isDevice: boolean;
+  /** Writing over an earlier state (a chain's incrementals): zero blocks must be written too. */
+  inPlace = false;
 
   constructor(readonly target: string, opts: ImageSinkOptions = {}) {
     let st: fs.Stats | undefined;
@@ -67,7 +69,7 @@ export class ImageSink implements BackupSink {
     const dev = this.dev!;
     // In a new sparse file an all-zero block is already there as a hole: leave it one (a volume with
     // no known file system is copied whole, and its never-written areas read as zeros).
-    const segments = this.isDevice ? batch.segments : withoutZeroRuns(batch.buffer, batch.segments);
+    const segments = this.isDevice || this.inPlace ? batch.segments : withoutZeroRuns(batch.buffer, batch.segments);
     if (segments.length === 0) return;
     const res = await dev.writeBatch(batch.buffer, segments);
     for (let i = 0; i < res.length; i++) {
@@ -81,6 +83,11 @@ export class ImageSink implements BackupSink {
       if (errno === 122 /* EDQUOT */) throw new UserError(`disk quota exceeded writing ${this.target}`);
       throw new UserError(`writing ${this.target} failed at byte ${off} (errno ${errno})`);
     }
+  }
+
+  /** [offset, offset+length) reads as zeros (a chain's zero ranges). */
+  async zero(offset: number, length: number): Promise<void> {
+    await this.dev!.zeroRange(offset, length);
   }
 
   async finish(_info: FinishInfo): Promise<void> {

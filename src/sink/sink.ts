@@ -19,6 +19,27 @@ export interface VolumeInfo {
   toolVersion: string;
   /** What the volume holds (disk -> partitions -> LVs -> file systems), when read. */
   layout?: LayoutNode;
+  /** Where this backup stands in a chain (online backups of a served export; see src/incremental). */
+  backup?: BackupIdentity;
+}
+
+/**
+ * A backup's place in its chain. A full backup has no parent and holds every used, wanted block; an
+ * incremental one holds only the blocks changed since `parent` (and used and wanted at its instant):
+ * applied over the parent's state it gives this instant. `zeroed` are blocks (at the volume's
+ * blockSize) that changed since the parent but are free or excluded now: zeros after applying.
+ */
+export interface BackupIdentity {
+  id: string;
+  parent: string | null;
+  kind: 'full' | 'incremental';
+  /** Change-tracking granularity in bytes (64 KiB). */
+  granularity: number;
+  /** Why this backup is full when an incremental was asked for (first backup, untrusted map, ...). */
+  fullBecause?: string;
+  zeroed?: Bitset;
+  /** Bytes of used blocks left out by the protection map (--exclude, swap). */
+  excludedBytes: number;
 }
 
 /**

@@ -47,6 +47,22 @@ export class BackupCommand extends LivesnapCommand {
       the appliance dies, or it is silent or holds a write for \`--appliance-timeout\` (default 30s),
       the snapshot is broken at once: writers go on, none fails, the backup fails saying why.
 
+      Incremental backups (an export only). A served export tracks which 64 KiB regions are written
+      (its change map, in the state directory, crash-proof: a region's bit is on disk before the
+      first write to it is acknowledged). Every online backup starts a new epoch at its instant.
+      \`--incremental\` sends only the blocks changed since the export's last completed backup, that
+      are used and not excluded, as they were at the instant; the archive's manifest names the
+      backup's id and its parent's. The first backup, or one after the map could not be trusted
+      (missing, torn, another device, the device written while not served), is full and says why.
+      A failed or cancelled backup loses nothing: its changes count for the next one. Restore a
+      chain with "livesnap restore full.tar inc1.tar inc2.tar --to X" (ids and order checked).
+      \`--to replica:PATH\` keeps an image file or device that always holds exactly one snapshot:
+      the first run is full, later runs send only the changes, staged in a journal beside it and
+      applied only once complete (see "livesnap replica --help").
+      \`--exclude PATTERN\` (with --mount or --freeze MOUNTPOINT: where the export's file system is
+      mounted) leaves out matching files, and \`--exclude-swap\` (on) swap files: their blocks are
+      not sent and read as zeros after a restore; the done event reports the bytes left out.
+
       Methods:
       - \`offline\` (default): the volume must not be mounted read-write.
       - \`freeze\`: the volume is mounted; its file system is frozen (FIFREEZE) for the whole copy so
@@ -71,6 +87,9 @@ export class BackupCommand extends LivesnapCommand {
       ['Online, file system consistent, container on another disk', '$0 backup data --freeze /srv/data --container file:/scratch/cow.bin:4G --to /backup/data.tar'],
       ['Online, the clients first: they keep about half their write speed, the backup takes longer', '$0 backup data --to /backup/data.img --writer-priority high'],
       ['Online, to a backup appliance that reads the shared LUN itself', '$0 backup data --to appliance://10.0.0.2:10810 --key /etc/livesnap/appliance.psk'],
+      ['Nightly incremental of a served export (the first one is full)', '$0 backup data --incremental --to /backup/data-$(date +%F).tar'],
+      ['Leave out temporary files and caches', '$0 backup data --freeze /srv/data --exclude "tmp/**" --exclude "*.cache" --to /backup/data.tar'],
+      ['Keep a replica that only moves between snapshots', '$0 backup data --to replica:/backup/data.replica'],
       ['Keep going past bad blocks', '$0 backup /dev/sdc --to /backup/sdc.img --on-error ignore'],
     ],
   });
@@ -98,12 +117,17 @@ export class BackupCommand extends LivesnapCommand {
   control = Option.String('--control', { description: 'Online: daemon control socket' });
   key = Option.String('--key', { description: 'With --to appliance://HOST:PORT: the PSK file shared with the appliance (livesnap keygen)' });
   applianceTimeout = Option.String('--appliance-timeout', { description: 'With --to appliance://: break the snapshot (writers go on, the backup fails) when the appliance is silent, or holds a write, this long (default 30s)' });
+  incremental = Option.Boolean('--incremental', false, { description: 'Online: only the blocks changed since the export\'s last backup (and used, and not excluded), as an archive whose manifest names its parent; the first backup is full, and says so. Restore a chain with "livesnap restore full.tar d1.tar d2.tar --to X"' });
+  exclude = Option.Array('--exclude', { description: 'Online: leave out files matching PATTERN (relative to --mount/--freeze; "*", "**", "?"; repeatable): their blocks are not sent and read as zeros after a restore' });
+  excludeSwap = Option.Boolean('--exclude-swap', true, { description: 'Online: leave out swap files of the mounted file system (default on; --no-exclude-swap keeps them)' });
   format = Option.String('--format', { description: 'raw | tar (default: from the target: .img raw; .tar, - and tape devices tar)', validator: t.isEnum(['raw', 'tar'] as const) });
 
   private online(): Promise<number> {
     if (this.to.startsWith('appliance://')) return this.toAppliance();
     if (this.key !== undefined || this.applianceTimeout !== undefined) throw new UserError(`${this.key !== undefined ? '--key' : '--appliance-timeout'} goes with --to appliance://HOST:PORT`);
-    if ((this.method !== 'offline' && this.method !== 'hold') || this.mount) throw new UserError('--method offline|freeze and --mount are for devices; an online backup of an export uses --freeze <mountpoint> (and --method hold to queue writes instead of copy-before-write)');
+    if (this.method !== 'offline' && this.method !== 'hold') throw new UserError('--method offline|freeze are for devices; an online backup of an export uses --freeze <mountpoint> (and --method hold to queue writes instead of copy-before-write)');
+    if (this.mount !== undefined && this.freeze !== undefined) throw new UserError('--mount and --freeze both name the mount point: give one (--freeze also freezes it at the instant)');
+    const mount = this.mount !== undefined ? path.resolve(this.mount) : undefined;
     const hold = this.method === 'hold';
     if (!hold && (this.hold !== undefined || this.holdLimit !== undefined || this.holdLog !== undefined)) throw new UserError(`${this.hold !== undefined ? '--hold' : this.holdLog !== undefined ? '--hold-log' : '--hold-limit'} goes with --method hold`, 'add --method hold, or drop the option');
     // eslint-disable-next-line @typescript-eslint/no-require-imports -- checked here for the message, parsed again by the daemon
@@ -132,6 +156,10 @@ export class BackupCommand extends LivesnapCommand {
       maxRate: this.maxRate !== undefined ? parseSize(this.maxRate, '--max-rate') : undefined,
       writerPriority: this.writerPriority,
       writeWaitLimitMs: this.writeWaitLimit !== undefined ? parseDuration(this.writeWaitLimit, '--write-wait-limit') : undefined,
+      incremental: this.incremental || undefined,
+      exclude: this.exclude?.length ? this.exclude : undefined,
+      excludeSwap: this.excludeSwap,
+      mount,
       ...(hold ? { method: 'hold' as const, hold: this.hold, holdLimit, holdLog: this.holdLog !== undefined ? path.resolve(this.holdLog) : undefined } : {}),
     }, this.reporter);
   }
@@ -146,6 +174,7 @@ export class BackupCommand extends LivesnapCommand {
       ['--next-volume-command', this.nextVolume], ['--max-rate', this.maxRate], ['--writer-priority', this.writerPriority], ['--high-water', this.highWater], ['--hold', this.hold], ['--hold-log', this.holdLog],
       ['--hold-limit', this.holdLimit], ['--write-wait-limit', this.writeWaitLimit], ['--mount', this.mount]];
     for (const [flag, v] of notHere) if (v !== undefined) throw new UserError(`${flag} does not go with --to appliance://: the appliance reads the LUN and writes the output itself`, flag === '--write-wait-limit' ? 'use --appliance-timeout' : 'drop the option (the appliance\'s own options decide the output)');
+    if (this.incremental || this.exclude?.length || this.mount !== undefined) throw new UserError(`${this.incremental ? '--incremental' : this.mount !== undefined ? '--mount' : '--exclude'} does not go with --to appliance:// (the appliance reads the whole LUN)`);
     if (this.method !== 'offline') throw new UserError('--method does not go with --to appliance:// (the host saves originals for the appliance: copy-before-write)');
     if (this.force || this.onError !== 'abort') throw new UserError(`${this.force ? '--force' : '--on-error'} does not go with --to appliance://`);
     // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded on use (startup time)
@@ -177,6 +206,8 @@ export class BackupCommand extends LivesnapCommand {
       if (v !== undefined) throw new UserError(`${flag} is for online backups of a served export, and ${this.source} is a device or file`, 'serve it with "livesnap serve" and back up the export by name, or drop the option');
     }
     if (this.detach) throw new UserError('--detach is for online backups of a served export');
+    if (this.incremental || this.exclude?.length) throw new UserError(`${this.incremental ? '--incremental' : '--exclude'} is for online backups of a served export (its change map and mounted file system), and ${this.source} is a device or file`, 'serve it with "livesnap serve" and back up the export by name');
+    if (this.to.startsWith('replica:')) throw new UserError(`--to replica:PATH keeps a replica of a served export, and ${this.source} is a device or file`, 'serve it, then "livesnap backup <name> --to replica:PATH"');
     if (this.to.startsWith('appliance://')) throw new UserError(`--to appliance:// backs up an export served by "livesnap serve", and ${this.source} is a device or file`, 'serve it, then "livesnap backup <name> --to appliance://HOST:PORT --key FILE"');
     if (this.key !== undefined || this.applianceTimeout !== undefined) throw new UserError(`${this.key !== undefined ? '--key' : '--appliance-timeout'} goes with --to appliance://HOST:PORT`);
     if (this.method === 'hold' || this.hold !== undefined || this.holdLimit !== undefined || this.holdLog !== undefined) throw new UserError(`--method hold is for online backups of a served export, and ${this.source} is a device or file`, 'serve it with "livesnap serve" and back up the export by name');

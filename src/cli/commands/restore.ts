@@ -20,17 +20,26 @@ export class RestoreCommand extends LivesnapCommand {
       A file is taken for an archive when it starts like one (and must then be a valid livesnap
       archive), for a raw image when it holds a partition table, LVM2 or a known file system; a raw
       image of unknown contents needs --raw. Empty, cut-off or damaged backups are refused.
+
+      A chain (archives of "livesnap backup <export> --incremental") is restored by naming the full
+      backup first and then every incremental after it, in order: each manifest names its backup's
+      id and its parent's, and a chain with a gap, a wrong order or another volume is refused before
+      anything is written. Each incremental writes its changed blocks over the state before it and
+      zeroes the blocks that became free or excluded; the target gets its name only after the last
+      archive's checksums were all checked. Blocks a backup excluded (--exclude, swap) read as zeros.
     `,
     examples: [
       ['Restore to a disk', '$0 restore /backup/sdb1.img --to /dev/sdb1'],
       ['Restore into a new sparse file', '$0 restore /backup/sdb1.img --to /var/tmp/copy.img'],
       ['Restore from tape', 'mt -f /dev/nst0 rewind && $0 restore /dev/nst0 --to /dev/sdb1'],
       ['Restore from a stream', 'ssh vault "cat sdb1.tar.zst" | $0 restore - --to /dev/sdb1'],
+      ['Restore a chain: the full backup, then each incremental in order', '$0 restore /backup/full.tar /backup/inc1.tar /backup/inc2.tar --to /dev/sdb1'],
       ['Restore a raw image of an unformatted volume', '$0 restore /backup/raw.img --to /dev/sdc --raw'],
     ],
   });
 
   image = Option.String({ name: 'image' });
+  more = Option.Rest({ name: 'incremental' });
   to = Option.String('--to', { required: true, description: 'Target block device or image file' });
   force = Option.Boolean('--force', false, { description: 'Overwrite an existing target file' });
   raw = Option.Boolean('--raw', false, { description: 'The image is raw and of unknown contents: restore every block (images of known file systems need no flag)' });
@@ -46,6 +55,7 @@ export class RestoreCommand extends LivesnapCommand {
     const { refuseServed } = require('../../jobs/served-check') as typeof import('../../jobs/served-check'); // eslint-disable-line @typescript-eslint/no-require-imports
     await refuseServed(this.to, 'restore destination');
     const r = this.reporter;
+    if (this.more.length) return this.restoreChain();
     if ((await classifyBackup(this.image, { raw: this.raw })) === 'archive') {
       if (this.image !== '-') refuseImageOnTarget(this.image, this.to);
       const t0 = performance.now();
@@ -75,6 +85,34 @@ export class RestoreCommand extends LivesnapCommand {
     r.done(
       { image: this.image, target: this.to, filesystem: res.map.filesystem, blockSize: res.map.blockSize, usedBlocks: res.map.usedBlocks, bytes: res.bytes, durationMs: res.durationMs },
       [`restore complete: ${this.image} -> ${this.to}`, `  wrote ${formatBytes(res.bytes)} in ${(res.durationMs / 1000).toFixed(2)} s (${formatRate(res.bytes, res.durationMs)})`],
+    );
+    return 0;
+  }
+
+  private async restoreChain(): Promise<number> {
+    /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
+    const { restoreChain } = require('../../jobs/chain-restore') as typeof import('../../jobs/chain-restore');
+    const { classifyBackup } = require('../../jobs/backup-kind') as typeof import('../../jobs/backup-kind');
+    /* eslint-enable @typescript-eslint/no-require-imports */
+    const inputs = [this.image, ...this.more];
+    if (this.nextVolume !== undefined || this.raw) throw new UserError(`${this.raw ? '--raw' : '--next-volume-command'} does not go with a chain of archives`, 'restore a chain from archive files, one per backup');
+    for (const f of inputs) {
+      if (f === '-') throw new UserError('a chain is restored from archive files, not standard input', 'save each archive to a file first');
+      if ((await classifyBackup(f, {})) !== 'archive') throw new UserError(`${f} is not a livesnap archive: a chain is made of archives`, 'name the .tar files of the full backup and its incrementals');
+      refuseImageOnTarget(f, this.to);
+    }
+    const r = this.reporter;
+    const t0 = performance.now();
+    const s = await restoreChain({
+      inputs, target: this.to, force: this.force,
+      onArchive: (i, m) => r.info(`${i === 0 ? 'full' : 'incremental'} ${m.backup?.id ?? ''} of ${m.source} taken ${m.snapshotTime} (${inputs[i]})`),
+      onProgress: (d, t) => r.progress('restore', d, t, `${formatBytes(d)}/${formatBytes(t)}`),
+    });
+    const ms = performance.now() - t0;
+    const last = s.manifests[s.manifests.length - 1]!;
+    r.done(
+      { images: inputs, target: this.to, format: 'tar', chain: s.manifests.map((m) => ({ id: m.backup?.id ?? null, parent: m.backup?.parent ?? null, kind: m.backup?.kind ?? 'full', snapshotTime: m.snapshotTime })), snapshotTime: last.snapshotTime, volumeSize: last.volumeSize, bytes: s.bytes, zeroedBytes: s.zeroedBytes, chunksVerified: s.summaries.reduce((a, x) => a + x.chunksVerified, 0), durationMs: ms },
+      [`restore complete: a chain of ${inputs.length} backups -> ${this.to}, the volume as it was at ${last.snapshotTime}`, `  wrote ${formatBytes(s.bytes)} (zeroed ${formatBytes(s.zeroedBytes)}) in ${(ms / 1000).toFixed(2)} s (${formatRate(s.bytes, ms)}), every chunk checksum verified`],
     );
     return 0;
   }

@@ -15,14 +15,20 @@ export class VerifyCommand extends LivesnapCommand {
       Compares every block the backup stored (the used blocks of the image's file system) with the
       same block on the device. Exit status 0 when all match; 1 with the first differing block and
       the count otherwise.
+
+      Several archives are a chain (a full backup, then its incrementals in order): every archive is
+      checked whole, and so is the chain (each incremental's parent is the backup before it, all of
+      one volume).
     `,
     examples: [
       ['Check an image against its source', '$0 verify /backup/sdb1.img --against /dev/sdb1'],
       ['Check an archive on tape', '$0 verify /dev/nst0'],
+      ['Check a chain: the full backup and its incrementals, in order', '$0 verify full.tar inc1.tar inc2.tar'],
     ],
   });
 
   image = Option.String({ name: 'image' });
+  more = Option.Rest({ name: 'incremental' });
   against = Option.String('--against', { description: 'Device (or image) to compare with' });
   raw = Option.Boolean('--raw', false, { description: 'The image is raw and of unknown contents: compare every block' });
 
@@ -33,6 +39,7 @@ export class VerifyCommand extends LivesnapCommand {
     const { verifyImage } = require('../../jobs/restore') as typeof import('../../jobs/restore');
     const { classifyBackup } = require('../../jobs/backup-kind') as typeof import('../../jobs/backup-kind');
     /* eslint-enable @typescript-eslint/no-require-imports */
+    if (this.more.length) return this.verifyChain();
     if ((await classifyBackup(this.image, { raw: this.raw })) === 'archive') return this.verifyArchive();
     if (!this.against) throw new UserError('a raw image carries no checksums: verify needs --against <device>', `e.g. livesnap verify ${this.image} --against /dev/sdb1`);
     const r = this.reporter;
@@ -45,6 +52,26 @@ export class VerifyCommand extends LivesnapCommand {
         : [`verify FAILED: ${res.differingBlocks} of ${res.map.usedBlocks} used blocks differ; first differing block ${res.firstDifferingBlock} (byte offset ${res.firstDifferingBlock! * res.map.blockSize}, ${res.map.blockSize}-byte blocks)`],
     );
     return ok ? 0 : 1;
+  }
+
+  private async verifyChain(): Promise<number> {
+    /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
+    const { verifyArchive } = require('../../jobs/archive-restore') as typeof import('../../jobs/archive-restore');
+    const { peekManifest, linkOf } = require('../../jobs/chain-restore') as typeof import('../../jobs/chain-restore');
+    const { checkChain } = require('../../incremental/chain') as typeof import('../../incremental/chain');
+    /* eslint-enable @typescript-eslint/no-require-imports */
+    if (this.against !== undefined) throw new UserError('--against compares one backup with a device, not a chain', 'restore the chain to a scratch file and compare that, or verify the last archive alone');
+    const inputs = [this.image, ...this.more];
+    if (inputs.includes('-')) throw new UserError('a chain is verified from archive files, not standard input');
+    const links = [];
+    for (const f of inputs) links.push(linkOf(f, await peekManifest(f)));
+    checkChain(links);
+    const r = this.reporter;
+    let chunks = 0;
+    for (const f of inputs) chunks += (await verifyArchive({ input: f, onProgress: (d, t) => r.progress('verify', d, t, `${f}: ${formatBytes(d)}/${formatBytes(t)}`) })).chunksVerified;
+    r.done({ images: inputs, format: 'tar', match: true, chain: links.map((l) => ({ id: l.id ?? null, parent: l.parent ?? null, kind: l.kind ?? 'full', snapshotTime: l.snapshotTime })), chunksVerified: chunks },
+      [`chain ok: ${inputs.length} archives, each incremental follows the one before it; ${chunks} chunk checksums verified; restores the volume as at ${links[links.length - 1]!.snapshotTime}`]);
+    return 0;
   }
 
   private async verifyArchive(): Promise<number> {
