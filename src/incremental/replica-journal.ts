@@ -249,7 +249,7 @@ export async function readJournal(src: JournalSource, name: string): Promise<Jou
   // From here on the journal says it was committed (an apply may have begun): anything wrong is damage.
   const damaged = (at: number, why: string) => new JournalDamagedError(
     `the replica journal ${name} is committed but damaged at byte ${at}: ${why}`,
-    'it was not applied; the replica may hold part of an earlier apply of it: run a full backup to the replica (that rewrites it and drops this journal)',
+    'it was not applied, and the replica may hold part of an earlier apply of it: run a full backup to the replica ("livesnap backup <export> --to replica:PATH" rewrites it and drops this journal)',
   );
   let pos = 0, seq = 0, prev: Buffer = NO_CHECK, dataBytes = 0, zeroBytes = 0;
   let header: JournalHeader | undefined;
