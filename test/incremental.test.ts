@@ -246,3 +246,44 @@ fsTest('excluded files are zeros after the restore, every other file is exact (e
     runStatus('umount', [m]);
   }
 });
+
+test('--to replica:PATH under concurrent writers: the first run is full, later ones send only the changes, the replica is the volume at each instant and names its snapshot', async (t) => {
+  const seed = seedFromEnv(t);
+  const dir = scratchDir(t, 'incr-replica-');
+  const size = 32 * MiB;
+  const vol = sparseFile(path.join(dir, 'vol.raw'), size);
+  const served = await serveDevice(t, dir, vol, 'repl');
+  const replica = path.join(dir, 'data.replica');
+  const writers = new SelfDescribingWriters(t, path.join(dir, 'src'), served.uri, size, rng(seed), { writers: 2, maxBlocks: 4, region: [4 * MiB, 12 * MiB] });
+  writers.start();
+  try {
+    let after = -Infinity;
+    for (let k = 0; k < 3; k++) {
+      await writers.acked(40, 30_000, after);
+      const b = startBackup(t, [served.name, '--to', `replica:${replica}`, '--control', served.control]);
+      const armed = await b.armed;
+      const res = await b.exit;
+      after = armed.receivedAt;
+      t.is(res.status, 0, `${res.stderr}\n${served.logTail()}`);
+      const done = res.lines[res.lines.length - 1]!;
+      const c = chainOf(done);
+      t.is(c.kind, k === 0 ? 'full' : 'incremental', `run ${k}: ${c.fullBecause ?? ''}`);
+      if (k > 0) t.true(Number(done.bytes) <= 8 * MiB, `run ${k} sent ${done.bytes} bytes (the writers write 8 MiB of the 32)`);
+      // The writers go on: the replica must be the instant of this run (checked before the next).
+      const check = checkSnapshot(replica, size, writers.records, b.launchedAt, armed.receivedAt);
+      t.deepEqual(check.problems, [], `the replica is the volume at run ${k}'s instant`);
+      const st = await cli(['replica', 'status', replica, '--json']);
+      t.is(st.status, 0, st.stderr);
+      const j = lastJsonOf(st.stdout);
+      t.is(j.state, 'consistent');
+      t.is(j.snapshotId, c.id);
+      t.false(fs.existsSync(`${replica}.livesnap-journal`), 'the journal is gone once applied');
+    }
+  } finally {
+    await writers.stop();
+  }
+  // Not a replica target's options.
+  const bad = await cli(['backup', served.name, '--to', `replica:${replica}`, '--compress', 'zstd', '--control', served.control]);
+  t.is(bad.status, 1);
+  t.regex(bad.stderr, /--compress does not go with --to replica:PATH/);
+});

@@ -402,10 +402,13 @@ export class Daemon {
     const holdLog = req.holdLog !== undefined ? { spec: parseHoldLog(req.holdLog), stateDir: e.state.dir, device: holdLogDevice(e.identity, e.devicePath, e.device.size) } : undefined;
     if (holdLog && overlapsServed(holdLog.spec.path, [...this.exports.values()])) throw new UserError(`--hold-log ${holdLog.spec.path} is a served volume`, 'put the log on another device, outside every served volume');
     let held: string | null | undefined;
+    let heldUntrusted: string | undefined;
     let replicaSink: BackupSink | undefined;
     if (replicaPath !== undefined) {
-      const { ReplicaSink, replicaHolds } = await import('../incremental/replica');
-      held = await replicaHolds(replicaPath);
+      const { ReplicaSink, replicaHolding } = await import('../incremental/replica');
+      const h = await replicaHolding(replicaPath);
+      held = h.snapshotId;
+      heldUntrusted = h.untrusted;
       replicaSink = new ReplicaSink(replicaPath);
     }
     const sink = replicaSink ?? (req.to === '-' ? await this.stdoutSink(req, send) : openBackupTarget(req.to, { force: req.force, format: req.format, recordSize: req.recordSize, compress: req.compress, tapeSize: req.tapeSize, nextVolumeCommand: req.nextVolumeCommand }));
@@ -440,7 +443,7 @@ export class Daemon {
       maxRate: req.maxRate,
       writerPriority: job.writerPriority,
       writeWaitLimitMs: req.writeWaitLimitMs,
-      selection: e.changes && { changes: e.changes, name: e.name, incremental: !!req.incremental, protection, held, log: (l) => this.log(`job ${job.id}: ${l}`) },
+      selection: e.changes && { changes: e.changes, name: e.name, incremental: !!req.incremental || replicaPath !== undefined, protection, held, heldUntrusted, log: (l) => this.log(`job ${job.id}: ${l}`) },
       ...(req.method === 'hold' ? { hold: { filter: e.hold, mode: req.hold, limitBytes: req.holdLimit, holdLog, onStats: (f) => (job.hold = f), log: (l) => this.log(`job ${job.id}: ${l}`) } } : {}),
       onSession: (s) => (job.session = s),
       onEvent: (ev) => {

@@ -21,6 +21,8 @@ export interface SelectionOptions {
   protection: ProtectionSpec;
   /** A replica target: the snapshot it holds now (null: none); an incremental needs it to be the parent. */
   held?: string | null;
+  /** Why the replica holds nothing usable (its metadata or journal could not be trusted). */
+  heldUntrusted?: string;
   log?: (line: string) => void;
 }
 
@@ -80,7 +82,7 @@ export class SelectingMethod implements SnapshotMethod {
       if (this.o.incremental) {
         if (mapDistrust) fullBecause = mapDistrust;
         else if (parent === null) fullBecause = 'this is the first backup of the export';
-        else if (this.o.held !== undefined && this.o.held !== parent) fullBecause = this.o.held === null ? 'the replica holds no snapshot yet' : `the replica holds snapshot ${this.o.held}, not the last backup ${parent}`;
+        else if (this.o.held !== undefined && this.o.held !== parent) fullBecause = this.o.held === null ? (this.o.heldUntrusted ? `the replica cannot be trusted: ${this.o.heldUntrusted}` : 'the replica holds no snapshot yet') : `the replica holds snapshot ${this.o.held}, not the last backup ${parent}`;
       }
       const kind: BackupIdentity['kind'] = this.o.incremental && !fullBecause ? 'incremental' : 'full';
       if (fullBecause) this.o.log?.(`full backup: ${fullBecause}`);
