@@ -101,6 +101,7 @@ test('killed before the fine map was written out: every region under a marked in
   const f = new ChangeFilter(backend, map);
   await f.write(5 * MiB, Buffer.alloc(4096, 4), false);
   map.closeNow(); // at once: the intent is on disk, the fine bit maybe not
+  await new Promise((r) => setTimeout(r, 100)); // writes the kernel already had finish on the old fd
   const a = await ChangeMap.open(dir, 'dev-i', 16 * MiB, stamp, false);
   await a.beginEpoch('b');
   const got = await a.freezeEpoch(4096, 4096);

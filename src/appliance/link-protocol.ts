@@ -42,7 +42,29 @@ const isCancel = t.isObject({ t: t.isLiteral('cancel'), reason: shortStr });
 /** After `done`: the host's snapshot held to the end, so the output is the instant (else: cancel). */
 const isCommit = t.isObject({ t: t.isLiteral('commit') });
 
+// A replica over the link (replica://HOST:PORT/NAME): the host asks what the appliance's replica
+// NAME holds, then streams one backup into it (the appliance stages and applies it with its journal).
+const replicaName = t.cascade(t.isString(), [t.hasMinLength(1), t.hasMaxLength(255)]);
+const isRQuery = t.isObject({ t: t.isLiteral('rquery'), version: nat, replica: replicaName });
+const isRBegin = t.isObject({
+  t: t.isLiteral('rbegin'), replica: replicaName, size: pos, blockSize: t.cascade(t.isNumber(), [t.isInteger(), t.isInInclusiveRange(512, 65536)]),
+  id: shortStr, parent: t.isNullable(shortStr), kind: t.isEnum(['full', 'incremental'] as const), granularity: pos, instant: shortStr, source: shortStr,
+  usedBlocks: nat, zeroedBlocks: nat, excludedBytes: nat,
+});
+/** Block ranges [start, end) of the blocks data will come for (`rused`) or that become zeros (`rzero`), in order. */
+const isRUsed = t.isObject({ t: t.isLiteral('rused'), ranges: t.cascade(t.isArray(range), [t.hasMaxLength(MAX_RANGES)]) });
+const isRZero = t.isObject({ t: t.isLiteral('rzero'), ranges: t.cascade(t.isArray(range), [t.hasMaxLength(MAX_RANGES)]) });
+/** The sets are complete: the appliance opens the replica (checks parent, size) and answers rready. */
+const isRSets = t.isObject({ t: t.isLiteral('rsets') });
+/** Volume bytes [offset, offset + length) in the payload. */
+const isRData = t.isObject({ t: t.isLiteral('rdata'), offset: nat, length: pos });
+const isRFinish = t.isObject({ t: t.isLiteral('rfinish'), badBlocks: t.cascade(t.isArray(nat), [t.hasMaxLength(MAX_RANGES)]) });
+
 // Appliance to host.
+const isRHeld = t.isObject({ t: t.isLiteral('rheld'), snapshotId: t.isNullable(shortStr), untrusted: t.isOptional(shortStr) });
+const isRReady = t.isObject({ t: t.isLiteral('rready') });
+/** The replica holds the new snapshot (journal committed and applied). */
+const isRDone = t.isObject({ t: t.isLiteral('rdone'), snapshotId: shortStr, bytes: nat });
 const isReady = t.isObject({ t: t.isLiteral('ready'), output: shortStr, odcBytes: nat });
 /** Originals of `orig` messages up to and including `id` are in the ODC (acks are in order). */
 const isAck = t.isObject({ t: t.isLiteral('ack'), id: nat });
@@ -72,18 +94,24 @@ const isError = t.isObject({ t: t.isLiteral('error'), message: shortStr, hint: t
 
 export type Hello = t.InferType<typeof isHello>;
 export type Orig = t.InferType<typeof isOrig>;
-export type HostMessage = Hello | Orig | t.InferType<typeof isPing> | t.InferType<typeof isCancel> | t.InferType<typeof isCommit>;
+export type RBegin = t.InferType<typeof isRBegin>;
+export type ReplicaHostMessage = t.InferType<typeof isRQuery> | RBegin | t.InferType<typeof isRUsed> | t.InferType<typeof isRZero> | t.InferType<typeof isRSets> | t.InferType<typeof isRData> | t.InferType<typeof isRFinish>;
+export type ReplicaApplianceMessage = t.InferType<typeof isRHeld> | t.InferType<typeof isRReady> | t.InferType<typeof isRDone>;
+export type HostMessage = Hello | Orig | t.InferType<typeof isPing> | t.InferType<typeof isCancel> | t.InferType<typeof isCommit> | ReplicaHostMessage;
 export type Ready = t.InferType<typeof isReady>;
 export type Done = t.InferType<typeof isDone>;
 export type ApplianceMessage = Ready | t.InferType<typeof isAck> | t.InferType<typeof isReconciled> | t.InferType<typeof isPong>
-  | t.InferType<typeof isProgress> | Done | t.InferType<typeof isError>;
+  | t.InferType<typeof isProgress> | Done | t.InferType<typeof isError> | ReplicaApplianceMessage;
 
 export type MessageSchemas = Record<string, t.StrictValidator<unknown, unknown>>;
 type Schemas = MessageSchemas;
-export const HOST_MESSAGES: Schemas = { hello: isHello, orig: isOrig, ping: isPing, cancel: isCancel, commit: isCommit };
-export const APPLIANCE_MESSAGES: Schemas = { ready: isReady, ack: isAck, reconciled: isReconciled, pong: isPong, progress: isProgress, done: isDone, error: isError };
+export const HOST_MESSAGES: Schemas = {
+  hello: isHello, orig: isOrig, ping: isPing, cancel: isCancel, commit: isCommit,
+  rquery: isRQuery, rbegin: isRBegin, rused: isRUsed, rzero: isRZero, rsets: isRSets, rdata: isRData, rfinish: isRFinish,
+};
+export const APPLIANCE_MESSAGES: Schemas = { ready: isReady, ack: isAck, reconciled: isReconciled, pong: isPong, progress: isProgress, done: isDone, error: isError, rheld: isRHeld, rready: isRReady, rdone: isRDone };
 /** Messages that carry a payload, and those that must not. */
-const WITH_PAYLOAD = new Set(['orig']);
+const WITH_PAYLOAD = new Set(['orig', 'rdata']);
 
 export class LinkProtocolError extends Error {
   override name = 'LinkProtocolError';

@@ -9,7 +9,7 @@ import { formatBytes, formatRate } from '../util/size';
 import type { Reporter } from './reporter';
 
 export async function runOnlineBackupViaDaemon(control: string, req: BackupRequest, r: Reporter): Promise<number> {
-  const to = req.to === '-' || req.to.startsWith('/dev/') || req.to.startsWith('appliance://') ? req.to
+  const to = req.to === '-' || req.to.startsWith('/dev/') || req.to.startsWith('appliance://') || req.to.startsWith('replica://') ? req.to
     : req.to.startsWith('replica:') ? `replica:${path.resolve(req.to.slice('replica:'.length))}` : path.resolve(req.to);
   const c = await request(control, { ...req, to, freeze: req.freeze ? path.resolve(req.freeze) : undefined });
   // Closing the connection is how the daemon learns to cancel (the job lives only as long as this CLI).

@@ -8,6 +8,7 @@ import { type ApplianceLink, listenForHosts } from '../appliance/link';
 import type { Hello } from '../appliance/link-protocol';
 import { ODC_SLOT, OriginalDataCache, type OdcSpec } from '../appliance/odc';
 import { ApplianceUnit } from '../jobs/appliance-unit';
+import { ReplicaUnit } from '../jobs/replica-unit';
 import type { PskKeys } from '../nbd/tls-psk';
 import { UserError } from '../util/errors';
 import { type ControlReply, parseControlRequest } from './protocol';
@@ -16,6 +17,8 @@ export interface ApplianceOptions {
   listen: { host: string; port: number };
   keys: PskKeys;
   luns: ReadonlyMap<string, string>;
+  /** --replica NAME=PATH: replicas kept here for hosts' replica://HOST:PORT/NAME. */
+  replicas?: ReadonlyMap<string, string>;
   store: string;
   odc: OdcSpec;
   run?: string;
@@ -32,6 +35,7 @@ export class ApplianceDaemon {
   private control: net.Server | undefined;
   private odc: OriginalDataCache | undefined;
   private readonly units = new Set<ApplianceUnit>();
+  private readonly replicaUnits = new Set<ReplicaUnit>();
   private readonly finished: ApplianceUnit[] = [];
   private readonly links = new Set<ApplianceLink>();
   readonly log: (line: string) => void;
@@ -55,7 +59,7 @@ export class ApplianceDaemon {
       await this.stop();
       throw e;
     }
-    this.log(`appliance: listening on ${o.listen.host}:${o.listen.port} (TLS-PSK, ${o.keys.identities.length} key(s) of ${o.keys.source}); LUNs ${[...o.luns].map(([n, p]) => `${n}=${p}`).join(', ')}; store ${o.store}; ODC ${this.odc.description}${o.run ? `; --run ${o.run}` : ''}`);
+    this.log(`appliance: listening on ${o.listen.host}:${o.listen.port} (TLS-PSK, ${o.keys.identities.length} key(s) of ${o.keys.source}); LUNs ${[...o.luns].map(([n, p]) => `${n}=${p}`).join(', ') || 'none'}; replicas ${[...(o.replicas ?? [])].map(([n, p]) => `${n}=${p}`).join(', ') || 'none'}; store ${o.store}; ODC ${this.odc.description}${o.run ? `; --run ${o.run}` : ''}`);
   }
 
   private accept(link: ApplianceLink, identity: string): void {
@@ -65,7 +69,28 @@ export class ApplianceDaemon {
     const t = setTimeout(() => link.close(new UserError('no hello within the time allowed')), this.o.helloTimeoutMs ?? 30_000);
     let unit: ApplianceUnit | undefined;
     link.onClose((e) => { clearTimeout(t); if (!unit) this.log(`${link.peer}: ${e ? e.message : 'closed'} before a hello`); });
+    let replica: ReplicaUnit | undefined;
     link.onMessage((m) => {
+      if (!unit && !replica && m.t === 'rquery') {
+        clearTimeout(t);
+        const p = this.o.replicas?.get(m.replica);
+        if (p === undefined) {
+          link.send({ t: 'error', message: `the appliance keeps no replica named "${m.replica}"`, hint: `start it with --replica ${m.replica}=PATH` });
+          link.close();
+          return;
+        }
+        if ([...this.replicaUnits].some((u) => u.status.path === p)) {
+          link.send({ t: 'error', message: `the replica "${m.replica}" is being written by another backup`, hint: 'wait for it to end' });
+          link.close();
+          return;
+        }
+        replica = new ReplicaUnit(link, p, m.replica, this.log);
+        this.replicaUnits.add(replica);
+        const r = replica;
+        void r.run().finally(() => this.replicaUnits.delete(r));
+        return;
+      }
+      if (replica) return;
       if (unit || m.t !== 'hello') {
         if (!unit) link.close(new UserError(`${link.peer} sent "${m.t}" before its hello`));
         return;

@@ -382,22 +382,24 @@ export class Daemon {
       if (req.incremental || req.exclude?.length || req.mount !== undefined) throw new UserError(`${req.incremental ? '--incremental' : req.mount !== undefined ? '--mount' : '--exclude'} does not go with --to appliance:// (the appliance reads the whole LUN)`, 'drop the option');
       return this.applianceBackup(req, send, sock, e);
     }
-    if (req.key !== undefined || req.applianceTimeoutMs !== undefined) throw new UserError('--key and --appliance-timeout go with --to appliance://HOST:PORT');
-    const replicaPath = req.to.startsWith('replica:') ? path.resolve(req.to.slice('replica:'.length)) : undefined;
-    if (replicaPath !== undefined) {
+    const remoteReplica = req.to.startsWith('replica://');
+    if (!remoteReplica && (req.key !== undefined || req.applianceTimeoutMs !== undefined)) throw new UserError('--key and --appliance-timeout go with --to appliance://HOST:PORT or replica://HOST:PORT/NAME');
+    if (remoteReplica && req.key === undefined) throw new UserError(`--to ${req.to} needs --key FILE`, 'the PSK file the appliance was started with (livesnap keygen FILE)');
+    const replicaPath = req.to.startsWith('replica:') && !remoteReplica ? path.resolve(req.to.slice('replica:'.length)) : undefined;
+    if (replicaPath !== undefined || remoteReplica) {
       if (replicaPath === '/' || req.to === 'replica:') throw new UserError(`--to ${req.to}: name the replica's image file or device, e.g. replica:/backup/data.replica`);
       for (const [flag, v] of [['--format', req.format], ['--compress', req.compress], ['--record-size', req.recordSize], ['--tape-size', req.tapeSize], ['--next-volume-command', req.nextVolumeCommand], ['--force', req.force || undefined]] as const) {
         if (v !== undefined) throw new UserError(`${flag} does not go with --to replica:PATH (a replica is an image kept in place)`, 'drop the option');
       }
     }
-    if (!e.changes && (req.incremental || req.exclude?.length || replicaPath !== undefined)) throw new UserError(`this daemon serves "${e.name}" without change tracking (LIVESNAP_CHANGE_TRACKING=off): no incremental, replica or --exclude`, 'serve it from a daemon started without LIVESNAP_CHANGE_TRACKING=off');
+    if (!e.changes && (req.incremental || req.exclude?.length || replicaPath !== undefined || remoteReplica)) throw new UserError(`this daemon serves "${e.name}" without change tracking (LIVESNAP_CHANGE_TRACKING=off): no incremental, replica or --exclude`, 'serve it from a daemon started without LIVESNAP_CHANGE_TRACKING=off');
     const protection = { mount: req.mount ?? req.freeze, patterns: req.exclude ?? [], excludeSwap: req.excludeSwap ?? true };
     checkProtection(protection);
     if (req.mount !== undefined) await checkFreezeMount(req.mount, e.directDevice);
-    if (req.incremental && replicaPath === undefined && req.to !== '-' && checkTargetOptions(req.to, req) === 'raw' && req.to !== '/dev/null') {
+    if (req.incremental && replicaPath === undefined && !remoteReplica && req.to !== '-' && checkTargetOptions(req.to, req) === 'raw' && req.to !== '/dev/null') {
       throw new UserError(`--incremental writes an archive of the changed blocks, and ${req.to} is a raw image`, 'give a .tar target (file, "-", tape), or keep a replica with --to replica:PATH');
     }
-    await this.checkBackupPaths(replicaPath !== undefined ? { ...req, to: replicaPath } : req);
+    await this.checkBackupPaths(replicaPath !== undefined ? { ...req, to: replicaPath } : remoteReplica ? { ...req, to: '/dev/null' } : req);
     if (req.holdLog !== undefined && req.method !== 'hold') throw new UserError('--hold-log goes with --method hold', 'add --method hold, or drop the option');
     const holdLog = req.holdLog !== undefined ? { spec: parseHoldLog(req.holdLog), stateDir: e.state.dir, device: holdLogDevice(e.identity, e.devicePath, e.device.size) } : undefined;
     if (holdLog && overlapsServed(holdLog.spec.path, [...this.exports.values()])) throw new UserError(`--hold-log ${holdLog.spec.path} is a served volume`, 'put the log on another device, outside every served volume');
@@ -410,6 +412,14 @@ export class Daemon {
       held = h.snapshotId;
       heldUntrusted = h.untrusted;
       replicaSink = new ReplicaSink(replicaPath);
+    } else if (remoteReplica) {
+      const { RemoteReplicaSink } = await import('../appliance/remote-replica');
+      let keys: PskKeys;
+      try { keys = loadPskFile(req.key!); } catch (err) { throw new UserError(`--key: ${(err as Error).message}`, 'the PSK file the appliance was started with (livesnap keygen FILE)'); }
+      const r = await RemoteReplicaSink.open(req.to, keys, req.applianceTimeoutMs);
+      held = r.held;
+      heldUntrusted = r.untrusted;
+      replicaSink = r.sink;
     }
     const sink = replicaSink ?? (req.to === '-' ? await this.stdoutSink(req, send) : openBackupTarget(req.to, { force: req.force, format: req.format, recordSize: req.recordSize, compress: req.compress, tapeSize: req.tapeSize, nextVolumeCommand: req.nextVolumeCommand }));
     const job: Job = { kind: 'backup', id: `${e.name}-${++this.jobSeq}`, export: e.name, to: req.to, started: new Date(), state: 'running', abort: new AbortController(), progress: { bytesDone: 0, bytesTotal: 0, badBlocks: 0 }, detached: !!req.detach, writerPriority: req.writerPriority ?? DEFAULT_WRITER_PRIORITY };
@@ -417,7 +427,7 @@ export class Daemon {
     this.jobs.set(job.id, job);
     // What this job will create, on record in the export's state directory until it ends: if the
     // daemon is killed, the next serve finds and removes it.
-    const record: JobRecord = { job: job.id, export: e.name, pid: SELF.pid, pidStart: SELF.start, started: job.started.toISOString(), to: req.to, files: replicaPath !== undefined ? [] : await jobFiles(req) };
+    const record: JobRecord = { job: job.id, export: e.name, pid: SELF.pid, pidStart: SELF.start, started: job.started.toISOString(), to: req.to, files: replicaPath !== undefined || remoteReplica ? [] : await jobFiles(req) };
     try {
       await e.state.recordJob(record);
     } catch (err) {
@@ -443,7 +453,7 @@ export class Daemon {
       maxRate: req.maxRate,
       writerPriority: job.writerPriority,
       writeWaitLimitMs: req.writeWaitLimitMs,
-      selection: e.changes && { changes: e.changes, name: e.name, incremental: !!req.incremental || replicaPath !== undefined, protection, held, heldUntrusted, log: (l) => this.log(`job ${job.id}: ${l}`) },
+      selection: e.changes && { changes: e.changes, name: e.name, incremental: !!req.incremental || replicaPath !== undefined || remoteReplica, protection, held, heldUntrusted, log: (l) => this.log(`job ${job.id}: ${l}`) },
       ...(req.method === 'hold' ? { hold: { filter: e.hold, mode: req.hold, limitBytes: req.holdLimit, holdLog, onStats: (f) => (job.hold = f), log: (l) => this.log(`job ${job.id}: ${l}`) } } : {}),
       onSession: (s) => (job.session = s),
       onEvent: (ev) => {

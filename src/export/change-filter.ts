@@ -14,6 +14,9 @@ export class ChangeFilter extends Filter {
   private gen: 0 | 1 = 0;
   private readonly inFlight = [0, 0];
   private drained: (() => void) | undefined;
+  /** Writes waiting for their mark, and the last one's mark: a read waits until they have gone down. */
+  private waiting = 0;
+  private lastMark: Promise<void> | undefined;
 
   constructor(next: NbdBackend, readonly map: ChangeMap) {
     super(next);
@@ -23,12 +26,27 @@ export class ChangeFilter extends Filter {
     const g = this.gen;
     this.inFlight[g]!++;
     const m = this.map.mark(offset, length);
-    const p = m ? m.then(op) : op();
+    let p: Promise<void>;
+    if (m) {
+      this.waiting++;
+      this.lastMark = m;
+      p = m.then(() => { this.waiting--; return op(); }, (e: unknown) => { this.waiting--; throw e; });
+    } else {
+      p = op();
+    }
     const exit = () => {
       if (--this.inFlight[g]! === 0 && g !== this.gen) this.drained?.();
     };
     p.then(exit, exit);
     return p;
+  }
+
+  // A write sent before a read reaches the filters below first (the hold queue answers reads with
+  // held data): a read waits while earlier writes wait for their mark.
+  override read(offset: number, length: number): ReturnType<Filter['read']> {
+    if (this.waiting === 0 || !this.lastMark) return this.next.read(offset, length);
+    const go = () => this.next.read(offset, length);
+    return this.lastMark.then(go, go);
   }
 
   override write(offset: number, data: Buffer, fua: boolean): Promise<void> {

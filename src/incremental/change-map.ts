@@ -104,7 +104,7 @@ class SlotBits {
     const p = this.pages.get(Math.floor(r / PAGE_BITS));
     if (!p) return false;
     const o = r % PAGE_BITS;
-    return (p[Math.floor(o / 8)]! & (1 << (o % 8))) !== 0;
+    return (p[Math.floor(o / 8)]! & (1 << (o % 8))) !== 0; // 32-bit-ok: bit and byte offsets inside one 4 KiB page
   }
   /** Sets bit r; returns its page number if the bit was clear. */
   set(r: number): number | undefined {
@@ -112,9 +112,9 @@ class SlotBits {
     let p = this.pages.get(k);
     if (!p) { p = new Uint8Array(PAGE); this.pages.set(k, p); }
     const o = r % PAGE_BITS;
-    const byte = Math.floor(o / 8), bit = 1 << (o % 8);
-    if (p[byte]! & bit) return undefined;
-    p[byte]! |= bit;
+    const byte = Math.floor(o / 8), bit = 1 << (o % 8); // 32-bit-ok: bit and byte offsets inside one 4 KiB page
+    if (p[byte]! & bit) return undefined; // 32-bit-ok: bit and byte offsets inside one 4 KiB page
+    p[byte]! |= bit; // 32-bit-ok: bit and byte offsets inside one 4 KiB page
     return k;
   }
   /** Clears bit r (the page stays, zeroed or not, so that it is written out). */
@@ -131,7 +131,7 @@ class SlotBits {
       let p = this.pages.get(k);
       if (!p) { p = new Uint8Array(PAGE); this.pages.set(k, p); }
       let diff = false;
-      for (let i = 0; i < PAGE; i++) { const v = p[i]! | src[i]!; if (v !== p[i]) { p[i] = v; diff = true; } }
+      for (let i = 0; i < PAGE; i++) { const v = p[i]! | src[i]!; if (v !== p[i]) { p[i] = v; diff = true; } } // 32-bit-ok: bit and byte offsets inside one 4 KiB page
       if (diff) changed.push(k);
     }
     return changed;
@@ -147,7 +147,7 @@ class SlotBits {
       for (let i = 0; i < PAGE; i++) {
         const v = page[i]!;
         if (v === 0) continue;
-        for (let b = 0; b < 8; b++) if (v & (1 << b)) yield k * PAGE_BITS + i * 8 + b;
+        for (let b = 0; b < 8; b++) if (v & (1 << b)) yield k * PAGE_BITS + i * 8 + b; // 32-bit-ok: bit and byte offsets inside one 4 KiB page
       }
     }
   }
@@ -180,6 +180,8 @@ export class ChangeMap {
   private heartbeat: NodeJS.Timeout | undefined;
   private persister: NodeJS.Timeout | undefined;
   private persisting: Promise<void> | undefined;
+  /** closeNow() was called: nothing more is written (the fd is closed once writes in flight end). */
+  private closed = false;
   /** Flushes done, intent regions marked, fine regions marked (for status and the benchmark). */
   flushes = 0;
   intentsMarked = 0;
@@ -273,7 +275,7 @@ export class ChangeMap {
       map.writeHeaderSync();
       map.heartbeat = setInterval(() => { map.header.aliveAt = Date.now(); void map.writeHeader().catch(() => {}); }, ALIVE_INTERVAL_MS);
       map.heartbeat.unref();
-      map.persister = setInterval(() => { map.persisting ??= map.persist().finally(() => { map.persisting = undefined; }); }, PERSIST_INTERVAL_MS);
+      map.persister = setInterval(() => { map.persisting ??= map.persist().catch(() => {}).finally(() => { map.persisting = undefined; }); }, PERSIST_INTERVAL_MS);
       map.persister.unref();
       return map;
     } catch (e) {
@@ -325,6 +327,7 @@ export class ChangeMap {
   /** Header writes go one at a time, each durable before the next. */
   private writeHeader(): Promise<void> {
     const run = async () => {
+      if (this.closed) return;
       this.header.generation++;
       const b = sealHeader(this.header);
       const gen = this.header.generation;
@@ -383,11 +386,13 @@ export class ChangeMap {
     void (async () => {
       try {
         for (const k of f.pages) {
+          if (this.closed) throw new Error('closed');
           const area = Math.floor(k / 1e12), page = k - area * 1e12;
           // A copy: the page may change while the write is in flight (such changes wait for the next flush).
           const data = Buffer.from(this.bitsOf(area).pages.get(page) ?? new Uint8Array(PAGE));
           await new Promise<void>((res, rej) => fs.write(this.fd, data, 0, PAGE, this.pageOffset(area, page), (e) => (e ? rej(e) : res())));
         }
+        if (this.closed) throw new Error('closed');
         await new Promise<void>((res, rej) => fs.fdatasync(this.fd, (e) => (e ? rej(e) : res())));
         this.flushes++;
         f.resolve();
@@ -527,9 +532,13 @@ export class ChangeMap {
 
   /** Stops without a clean stamp (as a crash leaves it: the next open trusts it as after kill -9). */
   closeNow(): void {
+    if (this.closed) return;
+    this.closed = true;
     clearInterval(this.heartbeat);
     clearInterval(this.persister);
-    try { fs.closeSync(this.fd); } catch { /* closed */ }
+    // Writes already handed to the kernel finish on this fd; none starts after this (checked above).
+    const inFlight = [this.headerChain, this.flushing?.done, this.persisting].map((p) => p?.catch(() => {}));
+    void Promise.all(inFlight).then(() => { try { fs.closeSync(this.fd); } catch { /* closed */ } });
   }
 
   /** Bytes of map per TiB of volume at this granularity (two fine slots and the intent bitmap). */

@@ -29,6 +29,11 @@ export class ApplianceCommand extends LivesnapCommand {
       With --run the originals stay in the ODC until CMD exits (a program may read a block twice):
       size --odc for the writes expected meanwhile.
 
+      --replica NAME=PATH keeps a replica for hosts that back up with --to replica://HOST:PORT/NAME
+      --key FILE: the image file or device PATH here always holds exactly one snapshot of the host's
+      export; each backup arrives over the same TLS-PSK link, is staged in PATH's journal and applied
+      only once complete (old or new state after any crash; "livesnap replica status|recover PATH").
+
       Without --foreground it starts in the background (log: appliance.log in --store) and returns
       once it listens; stop it with SIGTERM (its pid is in "livesnap status --control PATH").
     `,
@@ -36,12 +41,15 @@ export class ApplianceCommand extends LivesnapCommand {
       ['Serve two LUNs, archives in /backup', '$0 appliance --listen 0.0.0.0:10810 --key /etc/livesnap/appliance.psk --lun data=/dev/mapper/mpatha --lun logs=/dev/sdc --store /backup --control /run/livesnap/appliance.sock'],
       ['Hand the instant to an unmodified program', "$0 appliance --listen 10.0.0.2:10810 --key k.psk --lun data=/dev/sdb --store /var/tmp --run 'nbdcopy {uri} /tape/data.img' --foreground"],
       ['On the host', '$0 backup data --to appliance://10.0.0.2:10810 --key k.psk'],
+      ['Keep a replica of a host\'s export "data"', '$0 appliance --listen 10.0.0.2:10810 --key k.psk --replica data=/backup/data.replica --store /backup'],
+      ['... and on the host', '$0 backup data --to replica://10.0.0.2:10810/data --key k.psk'],
     ],
   });
 
   listen = Option.String('--listen', { required: true, description: 'HOST:PORT to listen on for hosts (TLS-PSK)' });
   key = Option.String('--key', { required: true, description: 'PSK file (livesnap keygen), the same as the hosts\'' });
-  lun = Option.Array('--lun', { required: true, description: 'NAME=PATH: the host export NAME is the LUN at PATH here (repeat per LUN)' });
+  lun = Option.Array('--lun', [], { description: 'NAME=PATH: the host export NAME is the LUN at PATH here (repeat per LUN)' });
+  replica = Option.Array('--replica', [], { description: 'NAME=PATH: keep the replica NAME (hosts back up with --to replica://THIS:PORT/NAME) in the image file or device PATH here (repeat per replica)' });
   store = Option.String('--store', { required: true, description: 'Directory for the archives (and the --run socket)' });
   odc = Option.String('--odc', 'memory:256M', { description: 'Original Data Cache: memory:SIZE (default 256M), file:PATH:SIZE, or memory:SIZE+file:PATH:SIZE (memory first, then spilling into the file)' });
   runCmd = Option.String('--run', { description: 'Command reading the instant from {uri} (a read-only NBD URI) instead of an archive' });
@@ -67,13 +75,21 @@ export class ApplianceCommand extends LivesnapCommand {
       if (luns.has(m[1]!)) throw new UserError(`--lun ${m[1]} is given twice`);
       luns.set(m[1]!, path.resolve(m[2]!));
     }
+    const replicas = new Map<string, string>();
+    for (const l of this.replica) {
+      const m = /^([A-Za-z0-9][A-Za-z0-9._-]{0,254})=(.+)$/.exec(l);
+      if (!m) throw new UserError(`--replica ${l}: expected NAME=PATH`, 'NAME is what hosts name in replica://HOST:PORT/NAME, PATH this machine\'s image file or device for it');
+      if (replicas.has(m[1]!)) throw new UserError(`--replica ${m[1]} is given twice`);
+      replicas.set(m[1]!, path.resolve(m[2]!));
+    }
+    if (!luns.size && !replicas.size) throw new UserError('an appliance needs at least one --lun NAME=PATH or --replica NAME=PATH', 'e.g. --lun data=/dev/mapper/mpatha, or --replica data=/backup/data.replica');
     const odc = parseOdc(this.odc);
     const store = path.resolve(this.store);
     const control = this.control ? path.resolve(this.control) : undefined;
     if (this.runCmd !== undefined && !this.runCmd.includes('{uri}')) throw new UserError(`--run ${this.runCmd}: the command never reads {uri}`, "put {uri} where the program takes its NBD source, e.g. --run 'nbdcopy {uri} /tape/vol.img'");
     if (!this.foreground) return this.background(store, control);
     const maxRate = this.maxRate !== undefined ? parseSize(this.maxRate, '--max-rate') : undefined;
-    const d = new ApplianceDaemon({ listen, keys, luns, store, odc, run: this.runCmd, control, maxRate });
+    const d = new ApplianceDaemon({ listen, keys, luns, replicas, store, odc, run: this.runCmd, control, maxRate });
     await d.start();
     if (this.json) process.stdout.write(JSON.stringify({ event: 'listening', ...d.status() }) + '\n');
     else process.stdout.write(`appliance listening on ${listen.host}:${listen.port}\n`);

@@ -56,6 +56,8 @@ export class BackupCommand extends LivesnapCommand {
       (missing, torn, another device, the device written while not served), is full and says why.
       A failed or cancelled backup loses nothing: its changes count for the next one. Restore a
       chain with "livesnap restore full.tar inc1.tar inc2.tar --to X" (ids and order checked).
+      \`--to replica://HOST:PORT/NAME --key FILE\` does the same with the replica NAME kept by
+      "livesnap appliance --replica NAME=PATH" on another machine, over its TLS-PSK link.
       \`--to replica:PATH\` keeps an image file or device that always holds exactly one snapshot:
       the first run is full, later runs send only the changes, staged in a journal beside it and
       applied only once complete (see "livesnap replica --help").
@@ -90,6 +92,7 @@ export class BackupCommand extends LivesnapCommand {
       ['Nightly incremental of a served export (the first one is full)', '$0 backup data --incremental --to /backup/data-$(date +%F).tar'],
       ['Leave out temporary files and caches', '$0 backup data --freeze /srv/data --exclude "tmp/**" --exclude "*.cache" --to /backup/data.tar'],
       ['Keep a replica that only moves between snapshots', '$0 backup data --to replica:/backup/data.replica'],
+      ['... or on another machine (livesnap appliance --replica data=PATH there)', '$0 backup data --to replica://10.0.0.2:10810/data --key /etc/livesnap/appliance.psk'],
       ['Keep going past bad blocks', '$0 backup /dev/sdc --to /backup/sdc.img --on-error ignore'],
     ],
   });
@@ -124,7 +127,13 @@ export class BackupCommand extends LivesnapCommand {
 
   private online(): Promise<number> {
     if (this.to.startsWith('appliance://')) return this.toAppliance();
-    if (this.key !== undefined || this.applianceTimeout !== undefined) throw new UserError(`${this.key !== undefined ? '--key' : '--appliance-timeout'} goes with --to appliance://HOST:PORT`);
+    const remoteReplica = this.to.startsWith('replica://');
+    if (!remoteReplica && (this.key !== undefined || this.applianceTimeout !== undefined)) throw new UserError(`${this.key !== undefined ? '--key' : '--appliance-timeout'} goes with --to appliance://HOST:PORT or replica://HOST:PORT/NAME`);
+    if (remoteReplica) {
+      // eslint-disable-next-line @typescript-eslint/no-require-imports -- checked here for the message, parsed again by the daemon
+      (require('../../appliance/remote-replica') as typeof import('../../appliance/remote-replica')).parseReplicaUrl(this.to);
+      if (this.key === undefined) throw new UserError(`--to ${this.to} needs --key FILE`, 'the PSK file the appliance was started with (livesnap keygen FILE, copied to both machines)');
+    }
     if (this.method !== 'offline' && this.method !== 'hold') throw new UserError('--method offline|freeze are for devices; an online backup of an export uses --freeze <mountpoint> (and --method hold to queue writes instead of copy-before-write)');
     if (this.mount !== undefined && this.freeze !== undefined) throw new UserError('--mount and --freeze both name the mount point: give one (--freeze also freezes it at the instant)');
     const mount = this.mount !== undefined ? path.resolve(this.mount) : undefined;
@@ -160,6 +169,7 @@ export class BackupCommand extends LivesnapCommand {
       exclude: this.exclude?.length ? this.exclude : undefined,
       excludeSwap: this.excludeSwap,
       mount,
+      ...(remoteReplica ? { key: path.resolve(this.key!), applianceTimeoutMs: this.applianceTimeout !== undefined ? parseDuration(this.applianceTimeout, '--appliance-timeout') : undefined } : {}),
       ...(hold ? { method: 'hold' as const, hold: this.hold, holdLimit, holdLog: this.holdLog !== undefined ? path.resolve(this.holdLog) : undefined } : {}),
     }, this.reporter);
   }
