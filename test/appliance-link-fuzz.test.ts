@@ -95,6 +95,14 @@ test('hostile frames are refused with a message naming what is wrong, before any
   refuse(msg({ ...hello, fingerprint: [[0, 'zz']] }), /malformed "hello"/);
   refuse(msg({ t: 'ready', output: 'x', odcBytes: -1 }), /malformed "ready"/, APPLIANCE_MESSAGES);
   refuse(msg({ t: 'reconciled', ranges: [[1, 2, 3]] }), /malformed "reconciled"/, APPLIANCE_MESSAGES);
+  // The replica's messages (replica://HOST:PORT/NAME).
+  refuse(msg({ t: 'rdata', offset: 0, length: 4096 }), /"rdata" message without a payload/);
+  refuse(msg({ t: 'rdata', offset: -512, length: 512 }, Buffer.alloc(512)), /malformed "rdata"/);
+  refuse(msg({ t: 'rused', ranges: Array.from({ length: 8193 }, (_, i) => [i, i + 1]) }), /malformed "rused"/);
+  refuse(msg({ t: 'rbegin', replica: 'd', size: 1 << 20, blockSize: 4096, id: 'x', parent: null, kind: 'sideways', granularity: 65536, instant: 'now', source: 's', usedBlocks: 1, zeroedBlocks: 0, excludedBytes: 0 }), /malformed "rbegin"/);
+  refuse(msg({ t: 'rquery', version: 1, replica: '' }), /malformed "rquery"/);
+  refuse(msg({ t: 'rheld', snapshotId: 7 }), /malformed "rheld"/, APPLIANCE_MESSAGES);
+  t.deepEqual(decodeAll([msg({ t: 'rdata', offset: 2 ** 33, length: 512 }, Buffer.alloc(512, 9))])[0]!.m, { t: 'rdata', offset: 2 ** 33, length: 512 });
   // Once refused, the decoder stays refused (nothing after a bad frame is trusted).
   const d = new FrameDecoder<{ t: string }>(HOST_MESSAGES, 'the peer');
   t.throws(() => d.push(Buffer.from('garbage!garbage!'), () => {}), { instanceOf: LinkProtocolError });
