@@ -287,3 +287,20 @@ test('--to replica:PATH under concurrent writers: the first run is full, later o
   t.is(bad.status, 1);
   t.regex(bad.stderr, /--compress does not go with --to replica:PATH/);
 });
+
+test('--method hold --incremental: the chain is exact too (the hold queue is below the change tracking)', async (t) => {
+  const dir = scratchDir(t, 'incr-hold-');
+  const size = 16 * MiB;
+  const vol = sparseFile(path.join(dir, 'vol.raw'), size);
+  const served = await serveDevice(t, dir, vol, 'hinc');
+  await writeAt(t, dir, served.uri, 0, 2 * MiB, 0x41);
+  const full = await backup(t, served, ['--method', 'hold', '--incremental', '--to', path.join(dir, 'full.tar')]);
+  await writeAt(t, dir, served.uri, 6 * MiB, 8192, 0x42);
+  const inc = await backup(t, served, ['--method', 'hold', '--incremental', '--to', path.join(dir, 'inc.tar')]);
+  t.is(chainOf(inc).kind, 'incremental');
+  t.is(chainOf(inc).parent, chainOf(full).id);
+  t.true(Number(inc.bytes) <= 64 * 1024, `${inc.bytes} bytes`);
+  const out = path.join(dir, 'r.img');
+  t.is((await cli(['restore', path.join(dir, 'full.tar'), path.join(dir, 'inc.tar'), '--to', out])).status, 0);
+  t.is(sha(out), sha(vol));
+});
