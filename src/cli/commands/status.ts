@@ -5,7 +5,7 @@ import { LivesnapCommand } from '../base';
 import { controlOption } from './serve';
 
 interface JobInfo { id: string; export: string; to: string; state: string; bytesDone: number; bytesTotal: number; badBlocks: number; containerUsedBytes: number | null; containerCapacityBytes: number | null; writesWaiting: number; worstWriteDelayMs: number; writerPriority?: string; error: string | null; kind?: string; view?: string; uri?: string; livedMs?: number; bytesRead?: number }
-interface ExportInfo { name: string; device: string; size: number; cache?: string; socket: string; tcp: string | null; tls?: string | null; connections: number; requests: number; bytesWritten: number; job: JobInfo | null; leftovers?: Array<{ job: string; pid: number; started: string; to: string; cleaned: string[] }> }
+interface ExportInfo { name: string; device: string; size: number; cache?: string; socket: string; tcp: string | null; tls?: string | null; connections: number; requests: number; bytesWritten: number; job: JobInfo | null; leftovers?: Array<{ job: string; pid: number; started: string; to: string; cleaned: string[] }>; changes?: { base: string | null; changedRegions: number; granularity: number; nextBackupFullBecause: string | null } | null }
 
 export class StatusCommand extends LivesnapCommand {
   static override paths = [['status']];
@@ -30,6 +30,8 @@ export class StatusCommand extends LivesnapCommand {
     for (const e of exports) {
       for (const l of e.leftovers ?? []) out.push(`  found at serve: what a daemon that died left of backup ${l.job} (pid ${l.pid}, started ${l.started}, to ${l.to}): ${l.cleaned.join('; ') || 'nothing'}`);
       out.push(`export ${e.name}: ${e.device} (${formatBytes(e.size)}, cache ${e.cache ?? 'none'}), ${e.socket}${e.tcp ? `, tcp ${e.tcp} (${e.tls === 'psk' ? 'TLS-PSK' : 'NO TLS'})` : ''}, ${e.connections} client(s), ${formatBytes(e.bytesWritten)} written`);
+      const c = e.changes;
+      if (c) out.push(`  changes since ${c.base ? `backup ${c.base}` : 'no backup yet'}: ${c.changedRegions} regions of ${formatBytes(c.granularity)} (${formatBytes(c.changedRegions * c.granularity)})${c.nextBackupFullBecause ? `; the next backup is full: ${c.nextBackupFullBecause}` : ''}`);
     }
     for (const j of jobs) {
       if (j.kind === 'snapshot') {
