@@ -84,8 +84,8 @@ test('the epoch switch: writes before it belong to this backup, writes between b
   await f.write(3 * MiB, d, false); // inside the window
   const thisOne = await f.freezeEpoch(4096, 4096);
   await f.write(4 * MiB, d, false); // after
-  const per = GRANULARITY / 4096;
-  const at = (mib: number) => `${(mib * MiB) / 4096}-${(mib * MiB) / 4096 + per}`;
+  // The daemon saw these whole epochs: the in-memory 4 KiB map says exactly which blocks.
+  const at = (mib: number) => `${(mib * MiB) / 4096}-${(mib * MiB) / 4096 + 1}`;
   t.is(blocks(thisOne), [at(1), at(2), at(3)].join(','));
   await first.commitEpoch();
   await f.beginEpoch('b2');
@@ -130,7 +130,7 @@ test('a failed backup merges its epoch back, also across a restart', async (t) =
   await f.write(8 * MiB, d, false);
   await map.abandonEpoch();
   await f.beginEpoch('y');
-  t.is((await f.freezeEpoch(4096, 4096)).setCount, 2 * GRANULARITY / 4096);
+  t.is((await f.freezeEpoch(4096, 4096)).setCount, 2, 'the two 4 KiB blocks written (the in-memory map, merged back too)');
   // Dies with 'y' pending: the next open merges it back (fine map written out first: exact).
   await f.write(12 * MiB, d, false);
   await map.settle();
@@ -138,8 +138,21 @@ test('a failed backup merges its epoch back, also across a restart', async (t) =
   const again = await ChangeMap.open(dir, 'dev-c', 16 * MiB, stamp, false);
   t.is(again.pending, null);
   await again.beginEpoch('z');
-  t.is((await again.freezeEpoch(4096, 4096)).setCount, 3 * GRANULARITY / 4096);
+  t.is((await again.freezeEpoch(4096, 4096)).setCount, 3 * GRANULARITY / 4096, 'after a restart: the 64 KiB regions on disk');
   await again.close();
+});
+
+test('the 4 KiB in-memory map narrows what is sent only while the daemon saw the whole epoch, and only inside marked regions', async (t) => {
+  const { dir, backend } = setup(t);
+  const map = await ChangeMap.open(dir, 'dev-s', 16 * MiB, stamp, true);
+  const f = new ChangeFilter(backend, map);
+  await f.write(MiB, Buffer.alloc(4096, 1), false); // before any epoch this daemon began: 64 KiB
+  await f.beginEpoch('full'); await f.freezeEpoch(4096, 4096); await map.commitEpoch();
+  await f.write(2 * MiB + 512, Buffer.alloc(1024, 2), false); // a partial block: its whole block
+  await f.write(3 * MiB - 4096, Buffer.alloc(8192, 3), false); // across a region boundary: two blocks
+  await f.beginEpoch('b');
+  t.is(blocks(await f.freezeEpoch(4096, 4096)), `${(2 * MiB) / 4096}-${(2 * MiB) / 4096 + 1},${(3 * MiB) / 4096 - 1}-${(3 * MiB) / 4096 + 1}`);
+  await map.close();
 });
 
 test('regions on both sides of 2^32 (a 256 TiB+ volume) are marked, kept and read back', async (t) => {

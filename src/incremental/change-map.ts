@@ -5,7 +5,8 @@
 // memory and written out lazily, every second. An intent bit is cleared once the fine map written
 // out covers every write to its region. After kill -9 or power loss the map is the fine map on disk
 // plus every region of every intent still set: a superset of the changes, never less. Steady state
-// costs no flush at all; a first write costs one per 4 MiB (64x fewer than one per region).
+// costs no flush at all; a first write costs one per 4 MiB (64x fewer than one per region). Each
+// epoch this daemon saw whole is also kept at 4 KiB in memory: a backup then sends only those blocks.
 //
 // File "changes.map" in the export's state directory:
 //   [0, 4K) and [4K, 8K)   two header copies, written alternately (sealed JSON, highest valid
@@ -30,6 +31,9 @@ const INTENT_SPAN = 64;
 /** How often the fine map is written out (and intents cleared). */
 export const PERSIST_INTERVAL_MS = 1000;
 const INTENT = 2;
+/** The in-memory map's block (the snapshot's block size), and the most memory it may take per epoch. */
+const SUB_BLOCK = 4096;
+const SUB_MEMORY = 64 << 20;
 const HEADER = 4096;
 const PAGE = 4096;
 const PAGE_BITS = PAGE * 8;
@@ -166,6 +170,12 @@ const key = (area: number, page: number) => area * 1e12 + page;
 
 export class ChangeMap {
   private readonly slots: [SlotBits, SlotBits] = [new SlotBits(), new SlotBits()];
+  /**
+   * The same epochs at 4 KiB, in memory only (never on disk: the 64 KiB map is what survives a
+   * crash): what a backup sends when the daemon saw the whole epoch. Undefined = not known (the
+   * epoch began before this daemon, or it grew past SUB_MEMORY): the 64 KiB regions are sent.
+   */
+  private readonly sub: [Bitset | undefined, Bitset | undefined] = [undefined, undefined];
   private readonly intent = new SlotBits();
   /** The last write (sequence number) to enter each intent region that is set. */
   private readonly lastWrite = new Map<number, number>();
@@ -353,6 +363,11 @@ export class ChangeMap {
         const page = bits.set(r);
         if (page !== undefined) { this.regionsMarked++; this.lazy.add(key(s, page)); }
       }
+      const sub = this.sub[s];
+      if (sub) {
+        sub.setRange(Math.floor(offset / SUB_BLOCK), Math.min(sub.size, Math.ceil((offset + Math.max(length, 1)) / SUB_BLOCK)));
+        if (sub.leafMemory > SUB_MEMORY) this.sub[s] = undefined;
+      }
     }
     let wait: Flush | undefined;
     for (let c = Math.floor(first / INTENT_SPAN); c <= Math.floor((end - 1) / INTENT_SPAN); c++) {
@@ -451,6 +466,7 @@ export class ChangeMap {
     await this.settle();
     const old = [...this.slots[next].pages.keys()];
     this.slots[next].pages.clear();
+    this.sub[next] = new Bitset(Math.ceil(this.header.volumeSize / SUB_BLOCK));
     for (const k of old) this.lazy.delete(key(next, k));
     this.writePagesSync(next, old);
     fs.fdatasyncSync(this.fd);
@@ -477,6 +493,8 @@ export class ChangeMap {
     const out = new Bitset(totalBlocks);
     const per = GRANULARITY / blockSize;
     if (this.header.fullBecause) { out.setRange(0, totalBlocks); return out; }
+    const sub = this.sub[slot];
+    if (sub && blockSize === SUB_BLOCK && sub.size === totalBlocks) { out.orWith(sub); return out; }
     for (const r of this.slots[slot].bits()) {
       if (r >= this.regions) continue;
       out.setRange(Math.min(totalBlocks, r * per), Math.min(totalBlocks, (r + 1) * per));
@@ -506,6 +524,8 @@ export class ChangeMap {
     this.marking = [this.header.active];
     await this.settle();
     const changed = this.slots[this.header.active].orWith(this.slots[p.slot]);
+    const a = this.sub[this.header.active], n = this.sub[p.slot];
+    if (a && n) a.orWith(n); else this.sub[this.header.active] = undefined;
     this.writePagesSync(this.header.active, changed);
     fs.fdatasyncSync(this.fd);
     this.header.pending = null;

@@ -36,6 +36,8 @@ export class SelectingMethod implements SnapshotMethod {
   identity: BackupIdentity | undefined;
   /** Blocks changed in the closing epoch (at the snapshot block size), for the summary. */
   changedBlocks = 0;
+  /** 64 KiB regions of the change map in the closing epoch. */
+  changedRegions = 0;
   excludedFiles: string[] = [];
   readonly id: string;
 
@@ -70,6 +72,7 @@ export class SelectingMethod implements SnapshotMethod {
     try {
       const changed = await changes.freezeEpoch(bs, total);
       this.changedBlocks = changed.setCount;
+      this.changedRegions = changes.map.changedRegions();
       let excluded = new Bitset(total);
       if (before) {
         const after = await resolveExcluded(protection, false);

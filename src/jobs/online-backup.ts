@@ -95,6 +95,8 @@ export interface ChainSummary {
   granularity: number;
   /** Blocks written since the parent (regions of the change map, in blocks), whether used or not. */
   changedBlocks: number;
+  /** 64 KiB regions of the change map written since the parent (what survives a crash). */
+  changedRegions: number;
   zeroedBlocks: number;
   excludedBytes: number;
   excludedFiles: string[];
@@ -213,7 +215,7 @@ function chainSummary(m: SelectingMethod): ChainSummary {
   const id = m.identity!;
   return {
     id: id.id, parent: id.parent, kind: id.kind, ...(id.fullBecause ? { fullBecause: id.fullBecause } : {}), granularity: id.granularity,
-    changedBlocks: m.changedBlocks, zeroedBlocks: id.zeroed?.setCount ?? 0, excludedBytes: id.excludedBytes, excludedFiles: m.excludedFiles,
+    changedBlocks: m.changedBlocks, changedRegions: m.changedRegions, zeroedBlocks: id.zeroed?.setCount ?? 0, excludedBytes: id.excludedBytes, excludedFiles: m.excludedFiles,
   };
 }
 
