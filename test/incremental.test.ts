@@ -84,6 +84,10 @@ test('a full backup and three incrementals under concurrent writers: every resto
   t.is(gap.status, 1);
   t.regex(gap.stderr, /follows .* not .*b0\.tar/);
   t.false(fs.existsSync(path.join(dir, 'gap.img')) || fs.existsSync(path.join(dir, 'gap.img.partial')));
+  const alone = await cli(['restore', runs[1]!.file, '--to', path.join(dir, 'alone.img')]);
+  t.is(alone.status, 1);
+  t.regex(alone.stderr, /is an incremental backup .*restore the chain/s);
+  t.false(fs.existsSync(path.join(dir, 'alone.img')));
   const wrongFirst = await cli(['restore', runs[1]!.file, runs[2]!.file, '--to', path.join(dir, 'w.img')]);
   t.is(wrongFirst.status, 1);
   t.regex(wrongFirst.stderr, /is an incremental backup .*a chain starts with a full backup/);
@@ -210,7 +214,7 @@ test('a failed backup merges its epoch back: nothing it would have held is lost 
   t.is(sha(out), sha(vol));
 });
 
-fsTest('excluded files are zeros after the restore, every other file is exact (ext4 through nbdfuse + loop), full and incremental', async (t) => {
+fsTest('excluded files are zeros after the restore, every other file is exact (ext4 through nbdfuse + loop), full and incremental; an excluded file renamed to a wanted name is exact in the next', async (t) => {
   const dir = scratchDir(t, 'incr-exclude-');
   const size = 128 * MiB;
   const vol = sparseFile(path.join(dir, 'vol.raw'), size);
@@ -225,7 +229,7 @@ fsTest('excluded files are zeros after the restore, every other file is exact (e
   t.true(c.excludedBytes >= 8 * MiB + 8_000_000 && c.excludedBytes <= 8 * MiB + 9 * MiB, `excluded ${c.excludedBytes} bytes`);
   const want0 = await sums();
   // Change some files, grow an excluded one, then an incremental.
-  await sh(`head -c 500000 /dev/urandom > ${mnt}/data/f5 && dd if=/dev/urandom of=${mnt}/data/f2 bs=4096 count=10 seek=20 conv=notrunc status=none && head -c 1000000 /dev/urandom >> ${mnt}/tmp/t1 && sync`);
+  await sh(`head -c 500000 /dev/urandom > ${mnt}/data/f5 && dd if=/dev/urandom of=${mnt}/data/f2 bs=4096 count=10 seek=20 conv=notrunc status=none && head -c 1000000 /dev/urandom >> ${mnt}/tmp/t1 && mv ${mnt}/tmp/t2 ${mnt}/data/renamed && sync`);
   const inc = await backup(t, served, ['--incremental', '--freeze', mnt, '--exclude', 'tmp/**', '--exclude', '*.cache', '--to', path.join(dir, 'inc.tar')]);
   t.is(chainOf(inc).kind, 'incremental');
   t.true(Number(inc.bytes) < 4 * MiB, `the incremental holds ${inc.bytes} bytes`);

@@ -453,7 +453,7 @@ export class Daemon {
       maxRate: req.maxRate,
       writerPriority: job.writerPriority,
       writeWaitLimitMs: req.writeWaitLimitMs,
-      selection: e.changes && { changes: e.changes, name: e.name, incremental: !!req.incremental || replicaPath !== undefined || remoteReplica, protection, held, heldUntrusted, log: (l) => this.log(`job ${job.id}: ${l}`) },
+      selection: e.changes && { changes: e.changes, name: e.name, chained: replicaPath !== undefined || remoteReplica || req.to === '-' || checkTargetOptions(req.to, req) === 'tar', incremental: !!req.incremental || replicaPath !== undefined || remoteReplica, protection, held, heldUntrusted, log: (l) => this.log(`job ${job.id}: ${l}`) },
       ...(req.method === 'hold' ? { hold: { filter: e.hold, mode: req.hold, limitBytes: req.holdLimit, holdLog, onStats: (f) => (job.hold = f), log: (l) => this.log(`job ${job.id}: ${l}`) } } : {}),
       onSession: (s) => (job.session = s),
       onEvent: (ev) => {
@@ -465,6 +465,13 @@ export class Daemon {
         if (ev.event === 'armed' && job.detached) { send({ type: 'result', detached: true, job: job.id }); sock.end(); }
       },
     });
+    if (remoteReplica) {
+      // The link was opened before the job: whatever ends the job early (a cancel, a failed arming)
+      // closes it, so the appliance drops the uncommitted journal and frees the replica.
+      const endLink = () => void replicaSink!.abort(new Error('the backup ended'));
+      job.abort.signal.addEventListener('abort', endLink, { once: true });
+      run.catch(endLink);
+    }
     return this.settle(job, e, sock, onClose, run, (summary) => {
       job.summary = summary;
       job.progress = { bytesDone: summary.bytes, bytesTotal: summary.bytes, badBlocks: summary.badBlocks.length };

@@ -285,7 +285,7 @@ export class ChangeMap {
       map.writeHeaderSync();
       map.heartbeat = setInterval(() => { map.header.aliveAt = Date.now(); void map.writeHeader().catch(() => {}); }, ALIVE_INTERVAL_MS);
       map.heartbeat.unref();
-      map.persister = setInterval(() => { map.persisting ??= map.persist().catch(() => {}).finally(() => { map.persisting = undefined; }); }, PERSIST_INTERVAL_MS);
+      map.persister = setInterval(() => { if (!map.persisting) void map.settle().catch(() => {}); }, PERSIST_INTERVAL_MS);
       map.persister.unref();
       return map;
     } catch (e) {
@@ -319,15 +319,18 @@ export class ChangeMap {
   }
 
   private writePagesSync(slot: 0 | 1, pages: number[]): void {
+    if (this.closed) throw new Error(`the change map ${this.file} is closed`);
     for (const k of pages) fs.writeSync(this.fd, this.slots[slot].pages.get(k) ?? new Uint8Array(PAGE), 0, PAGE, this.pageOffset(slot, k));
   }
 
   private writeIntentSync(pages: number[]): void {
+    if (this.closed) throw new Error(`the change map ${this.file} is closed`);
     for (const k of pages) fs.writeSync(this.fd, this.intent.pages.get(k) ?? new Uint8Array(PAGE), 0, PAGE, this.pageOffset(INTENT, k));
     fs.fdatasyncSync(this.fd);
   }
 
   private writeHeaderSync(): void {
+    if (this.closed) throw new Error(`the change map ${this.file} is closed`);
     this.header.generation++;
     fs.writeSync(this.fd, sealHeader(this.header), 0, HEADER, (this.header.generation % 2) * HEADER);
     fs.fdatasyncSync(this.fd);
@@ -437,8 +440,10 @@ export class ChangeMap {
       const pages = this.lazy;
       this.lazy = new Set();
       for (const k of pages) this.queue(k);
-      await this.drainFlushes();
     }
+    // Every fine page queued so far (by this write-out or one running beside it) is on disk before
+    // any intent is cleared, and the clears go in a flush of their own.
+    await this.drainFlushes();
     let cleared = false;
     for (const [c, last] of this.lastWrite) {
       if (last > since) continue;
@@ -451,8 +456,24 @@ export class ChangeMap {
 
   /** Every mark made so far is on disk (fine bits included). */
   async settle(): Promise<void> {
-    await this.persisting;
-    await this.persist();
+    // One write-out at a time: the timer's and this one are chained, never side by side.
+    while (this.persisting) await this.persisting;
+    const p = this.persist();
+    this.persisting = p.catch(() => {}).finally(() => { if (this.persisting === mine) this.persisting = undefined; });
+    const mine = this.persisting;
+    await p;
+  }
+
+  /**
+   * Marks whole blocks (at `blockSize`) as changed in the epoch writes mark now, without a write:
+   * blocks a backup left out (excluded, unreadable) so the next one looks at them again.
+   */
+  markBlocks(blocks: Bitset, blockSize: number): void {
+    for (const [s, e] of blocks.runs()) {
+      const off = s * blockSize;
+      const len = Math.min(this.header.volumeSize, e * blockSize) - off;
+      if (len > 0) void this.mark(off, len)?.catch(() => {});
+    }
   }
 
   // Epochs. A backup's instant falls between beginEpoch() and freezeEpoch(): writes meanwhile are
@@ -534,6 +555,7 @@ export class ChangeMap {
 
   /** A clean stop: every mark on disk, the device's stamp recorded. */
   async close(stampNow?: () => Promise<DeviceStamp>): Promise<void> {
+    if (this.closed) return;
     clearInterval(this.heartbeat);
     clearInterval(this.persister);
     try {
@@ -546,6 +568,7 @@ export class ChangeMap {
       await this.writeHeader();
     } finally {
       await this.headerChain.catch(() => {});
+      this.closed = true;
       fs.closeSync(this.fd);
     }
   }

@@ -33,7 +33,12 @@ async function archiveToSink(o: ArchiveJobOptions, sink: BackupSink | undefined)
   let begun = false;
   try {
     const summary = await readArchive(openInput(o), {
-      onManifest: (m) => { total = m.storedBytes; o.onManifest?.(m); },
+      onManifest: (m) => {
+        if (m.backup?.kind === 'incremental' && sink) {
+          throw new UserError(`this archive is an incremental backup (${m.backup.id}): it holds only the blocks changed since ${m.backup.parent}`, 'restore the chain: name the full backup first, then every incremental after it, in order (livesnap restore full.tar inc1.tar ... --to X)');
+        }
+        total = m.storedBytes; o.onManifest?.(m);
+      },
       onSparseMap: async (map) => {
         if (!sink) return;
         const blockSize = 512;

@@ -21,6 +21,11 @@ export interface SelectionOptions {
   protection: ProtectionSpec;
   /** A replica target: the snapshot it holds now (null: none); an incremental needs it to be the parent. */
   held?: string | null;
+  /**
+   * The target keeps the backup's id in a chain (an archive, a replica): it becomes the parent of
+   * the next. Otherwise (a raw image, /dev/null) its epoch merges back, as if it had not run.
+   */
+  chained: boolean;
   /** Why the replica holds nothing usable (its metadata or journal could not be trusted). */
   heldUntrusted?: string;
   log?: (line: string) => void;
@@ -53,9 +58,9 @@ export class SelectingMethod implements SnapshotMethod {
     const before = wantsExclusion ? await resolveExcluded(protection, true) : undefined;
     const parent = changes.map.base;
     const mapDistrust = changes.map.fullBecause;
-    await changes.beginEpoch(this.id);
     let pit: PointInTime;
     try {
+      await changes.beginEpoch(this.id);
       pit = await this.inner.arm();
     } catch (e) {
       await changes.map.abandonEpoch().catch(() => {});
@@ -65,9 +70,16 @@ export class SelectingMethod implements SnapshotMethod {
     let settled = false;
     const settle = async (ok: boolean) => {
       if (settled) return;
-      settled = true;
-      if (ok) await changes.map.commitEpoch();
-      else await changes.map.abandonEpoch();
+      try {
+        if (ok && this.o.chained) await changes.map.commitEpoch();
+        else await changes.map.abandonEpoch();
+      } catch (e) {
+        // The epoch must not stay pending: merge it back (nothing lost), then report.
+        await changes.map.abandonEpoch().catch(() => {});
+        throw e;
+      } finally {
+        settled = true;
+      }
     };
     try {
       const changed = await changes.freezeEpoch(bs, total);
@@ -97,6 +109,9 @@ export class SelectingMethod implements SnapshotMethod {
           const used = usedAtBlockSize(map, bs, total);
           const usedExcluded = used.clone();
           usedExcluded.andWith(excluded);
+          // Left out now, maybe wanted later (an excluded file renamed to a wanted name writes no
+          // data): they count as changed for the next backup, which looks at them again.
+          changes.map.markBlocks(usedExcluded, bs);
           const wanted = used;
           wanted.andNot(excluded);
           let zeroed: Bitset | undefined;
