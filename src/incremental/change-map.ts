@@ -121,6 +121,22 @@ class SlotBits {
     p[byte]! |= bit; // 32-bit-ok: bit and byte offsets inside one 4 KiB page
     return k;
   }
+  /** Sets bits [first, end); returns the pages where a bit was clear. Whole bytes at a time (a trim of TiB). */
+  setRange(first: number, end: number): number[] {
+    const touched: number[] = [];
+    for (let k = Math.floor(first / PAGE_BITS); k * PAGE_BITS < end; k++) {
+      const a = Math.max(first, k * PAGE_BITS) - k * PAGE_BITS, b = Math.min(end, (k + 1) * PAGE_BITS) - k * PAGE_BITS;
+      let p = this.pages.get(k);
+      if (!p) { p = new Uint8Array(PAGE); this.pages.set(k, p); }
+      let changed = false;
+      let i = a;
+      for (; i < b && i % 8 !== 0; i++) { const m = 1 << (i % 8); if (!(p[Math.floor(i / 8)]! & m)) { p[Math.floor(i / 8)]! |= m; changed = true; } } // 32-bit-ok: bit and byte offsets inside one 4 KiB page
+      for (; i + 8 <= b; i += 8) { if (p[i / 8] !== 0xff) { p[i / 8] = 0xff; changed = true; } }
+      for (; i < b; i++) { const m = 1 << (i % 8); if (!(p[Math.floor(i / 8)]! & m)) { p[Math.floor(i / 8)]! |= m; changed = true; } } // 32-bit-ok: bit and byte offsets inside one 4 KiB page
+      if (changed) touched.push(k);
+    }
+    return touched;
+  }
   /** Clears bit r (the page stays, zeroed or not, so that it is written out). */
   clear(r: number): number {
     const k = Math.floor(r / PAGE_BITS);
@@ -362,9 +378,14 @@ export class ChangeMap {
     const seq = ++this.writeSeq;
     for (const s of this.marking) {
       const bits = this.slots[s];
-      for (let r = first; r < end; r++) {
-        const page = bits.set(r);
-        if (page !== undefined) { this.regionsMarked++; this.lazy.add(key(s, page)); }
+      if (end - first > 64) {
+        for (const page of bits.setRange(first, end)) this.lazy.add(key(s, page));
+        this.regionsMarked += end - first;
+      } else {
+        for (let r = first; r < end; r++) {
+          const page = bits.set(r);
+          if (page !== undefined) { this.regionsMarked++; this.lazy.add(key(s, page)); }
+        }
       }
       const sub = this.sub[s];
       if (sub) {
