@@ -6,7 +6,7 @@ import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { ExecutionContext } from 'ava';
-import { attachExport, checkSnapshot, cli, lastJsonOf, QemuIo, SelfDescribingWriters, serialIf, serveDevice, sh, sleep, startBackup, type Served } from './helpers/online';
+import { attachExport, checkSnapshot, cli, lastJsonOf, QemuIo, SelfDescribingWriters, serialIf, serveDevice, servedVolume, sh, sleep, startBackup, type Served } from './helpers/online';
 import { loopDevice, mount, rng, runStatus, scratchDir, seedFromEnv, sparseFile } from './helpers/system';
 
 const MiB = 1 << 20;
@@ -35,10 +35,7 @@ const chainOf = (done: Record<string, unknown>) => done.chain as { id: string; p
 
 test('a full backup and three incrementals under concurrent writers: every restored chain is its instant, and incrementals hold only what changed', async (t) => {
   const seed = seedFromEnv(t);
-  const dir = scratchDir(t, 'incr-chain-');
-  const size = 64 * MiB;
-  const vol = sparseFile(path.join(dir, 'vol.raw'), size);
-  const served = await serveDevice(t, dir, vol, 'chain');
+  const { dir, size, vol, served } = await servedVolume(t, 'incr-chain-', 'chain', 64);
   const writers = new SelfDescribingWriters(t, path.join(dir, 'src'), served.uri, size, rng(seed), { writers: 2, maxBlocks: 8 });
   const runs: Array<{ file: string; launchedAt: number; armedAt: number; done: Record<string, unknown> }> = [];
   try {
@@ -94,10 +91,9 @@ test('a full backup and three incrementals under concurrent writers: every resto
 });
 
 test('kill -9 of the daemon between backups: the change map still holds every acknowledged write, the next incremental stays small and the chain is exact', async (t) => {
-  const dir = scratchDir(t, 'incr-kill-');
-  const size = 32 * MiB;
-  const vol = sparseFile(path.join(dir, 'vol.raw'), size);
-  let served = await serveDevice(t, dir, vol, 'kill');
+  const v = await servedVolume(t, 'incr-kill-', 'kill', 32);
+  const { dir, size, vol } = v;
+  let served = v.served;
   await writeAt(t, dir, served.uri, 0, 4 * MiB, 0x11);
   const full = await backup(t, served, ['--incremental', '--to', path.join(dir, 'full.tar')]);
   t.is(chainOf(full).kind, 'full');
@@ -197,10 +193,7 @@ test('a change map that cannot be trusted is never used: truncated, the device w
 });
 
 test('a failed backup merges its epoch back: nothing it would have held is lost to the next incremental', async (t) => {
-  const dir = scratchDir(t, 'incr-fail-');
-  const size = 16 * MiB;
-  const vol = sparseFile(path.join(dir, 'vol.raw'), size);
-  const served = await serveDevice(t, dir, vol, 'merge');
+  const { dir, size, vol, served } = await servedVolume(t, 'incr-fail-', 'merge', 16);
   const full = await backup(t, served, ['--incremental', '--to', path.join(dir, 'full.tar')]);
   await writeAt(t, dir, served.uri, 4 * MiB, 64 * 1024, 0x61);
   // A backup that fails: its target's directory does not exist.
@@ -215,10 +208,7 @@ test('a failed backup merges its epoch back: nothing it would have held is lost 
 });
 
 fsTest('excluded files are zeros after the restore, every other file is exact (ext4 through nbdfuse + loop), full and incremental; an excluded file renamed to a wanted name is exact in the next', async (t) => {
-  const dir = scratchDir(t, 'incr-exclude-');
-  const size = 128 * MiB;
-  const vol = sparseFile(path.join(dir, 'vol.raw'), size);
-  const served = await serveDevice(t, dir, vol, 'excl');
+  const { dir, size, vol, served } = await servedVolume(t, 'incr-exclude-', 'excl', 128);
   const stack = await attachExport(t, dir, served, { mount: true, mkfs: ['mkfs.ext4', '-q', '-F', '-b', '4096', '-E', 'lazy_itable_init=0,lazy_journal_init=0'] });
   const mnt = stack.mnt!;
   await sh(`mkdir -p ${mnt}/data ${mnt}/tmp ${mnt}/cache && for i in 1 2 3 4; do head -c 3000000 /dev/urandom > ${mnt}/data/f$i; head -c 2000000 /dev/urandom > ${mnt}/tmp/t$i; done; head -c 1000000 /dev/urandom > ${mnt}/cache/x.cache; dd if=/dev/zero of=${mnt}/swapfile bs=1M count=8 status=none; chmod 600 ${mnt}/swapfile; mkswap ${mnt}/swapfile >/dev/null; sync`);
@@ -253,10 +243,7 @@ fsTest('excluded files are zeros after the restore, every other file is exact (e
 
 test('--to replica:PATH under concurrent writers: the first run is full, later ones send only the changes, the replica is the volume at each instant and names its snapshot', async (t) => {
   const seed = seedFromEnv(t);
-  const dir = scratchDir(t, 'incr-replica-');
-  const size = 32 * MiB;
-  const vol = sparseFile(path.join(dir, 'vol.raw'), size);
-  const served = await serveDevice(t, dir, vol, 'repl');
+  const { dir, size, vol, served } = await servedVolume(t, 'incr-replica-', 'repl', 32);
   const replica = path.join(dir, 'data.replica');
   const writers = new SelfDescribingWriters(t, path.join(dir, 'src'), served.uri, size, rng(seed), { writers: 2, maxBlocks: 4, region: [4 * MiB, 12 * MiB] });
   writers.start();
@@ -293,10 +280,7 @@ test('--to replica:PATH under concurrent writers: the first run is full, later o
 });
 
 test('--method hold --incremental: the chain is exact too (the hold queue is below the change tracking)', async (t) => {
-  const dir = scratchDir(t, 'incr-hold-');
-  const size = 16 * MiB;
-  const vol = sparseFile(path.join(dir, 'vol.raw'), size);
-  const served = await serveDevice(t, dir, vol, 'hinc');
+  const { dir, size, vol, served } = await servedVolume(t, 'incr-hold-', 'hinc', 16);
   await writeAt(t, dir, served.uri, 0, 2 * MiB, 0x41);
   const full = await backup(t, served, ['--method', 'hold', '--incremental', '--to', path.join(dir, 'full.tar')]);
   await writeAt(t, dir, served.uri, 6 * MiB, 8192, 0x42);

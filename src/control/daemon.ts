@@ -396,7 +396,9 @@ export class Daemon {
     const protection = { mount: req.mount ?? req.freeze, patterns: req.exclude ?? [], excludeSwap: req.excludeSwap ?? true };
     checkProtection(protection);
     if (req.mount !== undefined) await checkFreezeMount(req.mount, e.directDevice);
-    if (req.incremental && replicaPath === undefined && !remoteReplica && req.to !== '-' && checkTargetOptions(req.to, req) === 'raw' && req.to !== '/dev/null') {
+    // Where the backup's id is kept in a chain (an archive, a replica): only such a backup becomes the next one's parent.
+    const chained = replicaPath !== undefined || remoteReplica || checkTargetOptions(req.to, req) === 'tar';
+    if (req.incremental && !chained && req.to !== '/dev/null') {
       throw new UserError(`--incremental writes an archive of the changed blocks, and ${req.to} is a raw image`, 'give a .tar target (file, "-", tape), or keep a replica with --to replica:PATH');
     }
     await this.checkBackupPaths(replicaPath !== undefined ? { ...req, to: replicaPath } : remoteReplica ? { ...req, to: '/dev/null' } : req);
@@ -453,7 +455,7 @@ export class Daemon {
       maxRate: req.maxRate,
       writerPriority: job.writerPriority,
       writeWaitLimitMs: req.writeWaitLimitMs,
-      selection: e.changes && { changes: e.changes, name: e.name, chained: replicaPath !== undefined || remoteReplica || req.to === '-' || checkTargetOptions(req.to, req) === 'tar', incremental: !!req.incremental || replicaPath !== undefined || remoteReplica, protection, held, heldUntrusted, log: (l) => this.log(`job ${job.id}: ${l}`) },
+      selection: e.changes && { changes: e.changes, name: e.name, chained, incremental: !!req.incremental || replicaPath !== undefined || remoteReplica, protection, held, heldUntrusted, log: (l) => this.log(`job ${job.id}: ${l}`) },
       ...(req.method === 'hold' ? { hold: { filter: e.hold, mode: req.hold, limitBytes: req.holdLimit, holdLog, onStats: (f) => (job.hold = f), log: (l) => this.log(`job ${job.id}: ${l}`) } } : {}),
       onSession: (s) => (job.session = s),
       onEvent: (ev) => {

@@ -6,7 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { identify } from '../device/identity';
-import { xxh128 } from '../device/hash';
+import { sealed, unsealed } from '../device/sealed-json';
 import { writeFileDurably } from '../util/durable-file';
 import { UserError } from '../util/errors';
 
@@ -31,8 +31,7 @@ export interface Leftover extends JobRecord {
 }
 
 function seal(body: Record<string, unknown>): string {
-  const text = JSON.stringify({ format: FORMAT, version: VERSION, ...body });
-  return JSON.stringify({ ...JSON.parse(text), checksum: xxh128(Buffer.from(text)).toString('hex') }, null, 1) + '\n';
+  return JSON.stringify(sealed({ format: FORMAT, version: VERSION, ...body }), null, 1) + '\n';
 }
 
 /** The body of a sealed file, or why it cannot be trusted. */
@@ -41,8 +40,8 @@ function unseal(text: string): { body: Record<string, unknown> } | { bad: string
   try { j = JSON.parse(text) as Record<string, unknown>; } catch { return { bad: 'not JSON (torn or overwritten)' }; }
   if (j.format !== FORMAT) return { bad: `not a livesnap state file (format ${String(j.format)})` };
   if (j.version !== VERSION) return { bad: `version ${String(j.version)}, this livesnap reads ${VERSION}` };
-  const { checksum, ...rest } = j;
-  if (checksum !== xxh128(Buffer.from(JSON.stringify(rest))).toString('hex')) return { bad: 'checksum mismatch' };
+  const rest = unsealed(j);
+  if (!rest) return { bad: 'checksum mismatch' };
   return { body: rest };
 }
 

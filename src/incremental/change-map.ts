@@ -18,7 +18,7 @@
 // change-filter.ts): writes mark `marking`; arming marks both, then only the next one.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { xxh128 } from '../device/hash';
+import { sealed, unsealed } from '../device/sealed-json';
 import { Bitset } from '../util/bitset';
 
 export const CHANGE_MAP_FILE = 'changes.map';
@@ -75,8 +75,7 @@ export interface DeviceStamp {
 export interface MapProblem { why: string }
 
 function sealHeader(h: ChangeHeader): Buffer {
-  const text = JSON.stringify(h);
-  const body = JSON.stringify({ ...h, checksum: xxh128(Buffer.from(text)).toString('hex') });
+  const body = JSON.stringify(sealed(h));
   if (body.length + 1 > HEADER) throw new Error('change map header too large');
   const b = Buffer.alloc(HEADER);
   b.write(body + '\n');
@@ -88,9 +87,8 @@ function unsealHeader(b: Buffer): ChangeHeader | undefined {
   if (end < 0) return undefined;
   let j: Record<string, unknown>;
   try { j = JSON.parse(b.subarray(0, end).toString('utf8')) as Record<string, unknown>; } catch { return undefined; }
-  const { checksum, ...rest } = j;
-  if (rest.format !== FORMAT || rest.version !== VERSION) return undefined;
-  if (checksum !== xxh128(Buffer.from(JSON.stringify(rest))).toString('hex')) return undefined;
+  const rest = unsealed(j);
+  if (!rest || rest.format !== FORMAT || rest.version !== VERSION) return undefined;
   const h = rest as unknown as ChangeHeader;
   const slot = (v: unknown) => v === 0 || v === 1;
   const count = (v: unknown) => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;

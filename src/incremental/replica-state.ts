@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { config } from '../config';
 import { Device } from '../device/device';
-import { xxh128 } from '../device/hash';
+import { sealed, unsealed } from '../device/sealed-json';
 import { syncDir, writeFileDurably } from '../util/durable-file';
 import { UserError } from '../util/errors';
 
@@ -69,8 +69,7 @@ export async function fileStamp(p: string): Promise<string | undefined> {
 }
 
 function seal(body: ReplicaMeta): string {
-  const text = JSON.stringify({ format: FORMAT, version: VERSION, ...body });
-  return JSON.stringify({ ...(JSON.parse(text) as object), checksum: xxh128(Buffer.from(text)).toString('hex') }, null, 1) + '\n';
+  return JSON.stringify(sealed({ format: FORMAT, version: VERSION, ...body }), null, 1) + '\n';
 }
 
 const isId = (v: unknown): v is string => typeof v === 'string' && v.length > 0 && v.length <= MAX_ID;
@@ -109,8 +108,8 @@ export async function readMeta(files: ReplicaFiles, opts: { midApply?: boolean }
   if (typeof j !== 'object' || j === null || Array.isArray(j)) return { bad: 'not a JSON object' };
   if (j.format !== FORMAT) return { bad: `not a livesnap replica file (format ${String(j.format)})` };
   if (j.version !== VERSION) return { bad: `version ${String(j.version)}, this livesnap reads ${VERSION}` };
-  const { checksum, ...rest } = j;
-  if (checksum !== xxh128(Buffer.from(JSON.stringify(rest))).toString('hex')) return { bad: 'checksum mismatch (damaged or edited)' };
+  const rest = unsealed(j);
+  if (!rest) return { bad: 'checksum mismatch (damaged or edited)' };
   const meta = checkMetaFields(rest);
   if (typeof meta === 'string') return { bad: meta };
   const now = await storageId(files.target);

@@ -22,6 +22,8 @@ export class ReplicaUnit {
   private chain: Promise<void> = Promise.resolve();
   private finished = false;
   private stage: ArrayBuffer | undefined;
+  private stageView: Buffer | undefined;
+  private readonly segment = new Float64Array(3);
   readonly status: { replica: string; path: string; state: string; snapshotId?: string; bytes: number; error?: string };
 
   constructor(private readonly link: ApplianceLink, private readonly path: string, name: string, private readonly log: (l: string) => void) {
@@ -99,9 +101,10 @@ export class ReplicaUnit {
         if (!this.sink || !payload) throw new UserError('"rdata" before the replica was ready');
         if (payload.length !== m.length) throw new UserError(`"rdata" says ${m.length} bytes and carries ${payload.length}`);
         // O_DIRECT wants aligned memory: one staging buffer, reused.
-        this.stage ??= takeAligned(STAGE);
-        payload.copy(Buffer.from(this.stage), 0);
-        await this.sink.write({ buffer: this.stage, segments: Float64Array.of(m.offset, m.length, 0) });
+        if (!this.stage) { this.stage = takeAligned(STAGE); this.stageView = Buffer.from(this.stage); }
+        payload.copy(this.stageView!, 0);
+        this.segment[0] = m.offset; this.segment[1] = m.length; this.segment[2] = 0;
+        await this.sink.write({ buffer: this.stage, segments: this.segment });
         this.status.bytes += m.length;
         return;
       }
