@@ -396,12 +396,13 @@ export class Daemon {
     const protection = { mount: req.mount ?? req.freeze, patterns: req.exclude ?? [], excludeSwap: req.excludeSwap ?? true };
     checkProtection(protection);
     if (req.mount !== undefined) await checkFreezeMount(req.mount, e.directDevice);
-    // Where the backup's id is kept in a chain (an archive, a replica): only such a backup becomes the next one's parent.
+    await this.checkBackupPaths(replicaPath !== undefined ? { ...req, to: replicaPath } : remoteReplica ? { ...req, to: '/dev/null' } : req);
+    // Only after the paths are checked (a stat inside a file system this daemon serves would wait
+    // for itself): where the backup's id is kept in a chain (an archive, a replica), it becomes the next one's parent.
     const chained = replicaPath !== undefined || remoteReplica || checkTargetOptions(req.to, req) === 'tar';
     if (req.incremental && !chained && req.to !== '/dev/null') {
       throw new UserError(`--incremental writes an archive of the changed blocks, and ${req.to} is a raw image`, 'give a .tar target (file, "-", tape), or keep a replica with --to replica:PATH');
     }
-    await this.checkBackupPaths(replicaPath !== undefined ? { ...req, to: replicaPath } : remoteReplica ? { ...req, to: '/dev/null' } : req);
     if (req.holdLog !== undefined && req.method !== 'hold') throw new UserError('--hold-log goes with --method hold', 'add --method hold, or drop the option');
     const holdLog = req.holdLog !== undefined ? { spec: parseHoldLog(req.holdLog), stateDir: e.state.dir, device: holdLogDevice(e.identity, e.devicePath, e.device.size) } : undefined;
     if (holdLog && overlapsServed(holdLog.spec.path, [...this.exports.values()])) throw new UserError(`--hold-log ${holdLog.spec.path} is a served volume`, 'put the log on another device, outside every served volume');
