@@ -3,6 +3,7 @@
 // LIVESNAP_ARCHIVE are set for the commands livesnap runs between tape volumes, not read.)
 import * as path from 'node:path';
 import { UserError } from './util/errors';
+import { checkEndpoint } from './s3/endpoint';
 
 export interface Config {
   /** LIVESNAP_CONTROL: the daemon's control socket when --control is not given. */
@@ -35,6 +36,22 @@ export interface Config {
    * process when it reaches its N-th I/O step (a real kill -9 at a chosen point of the apply).
    */
   readonly testKillAt: { readonly scope: 'replica'; readonly step: number } | undefined;
+  /**
+   * AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL: the S3 endpoint when --s3-endpoint is not given
+   * (the AWS CLI's names; credentials and region the SDK reads itself, as the CLI does).
+   */
+  readonly s3Endpoint: string | undefined;
+  /** AWS_CA_BUNDLE: a PEM file of CAs trusted for the S3 endpoint besides the system's. */
+  readonly awsCaBundle: string | undefined;
+}
+
+function endpointUrl(env: NodeJS.ProcessEnv): string | undefined {
+  for (const name of ['AWS_ENDPOINT_URL_S3', 'AWS_ENDPOINT_URL']) {
+    const v = env[name];
+    if (v === undefined || v === '') continue;
+    return checkEndpoint(v, name);
+  }
+  return undefined;
 }
 
 function positiveInt(env: NodeJS.ProcessEnv, name: string, min: number): number | undefined {
@@ -75,6 +92,8 @@ export function readConfig(env: NodeJS.ProcessEnv = process.env): Config {
     nbdSendBuffer: env.LIVESNAP_NBD_SEND_BUFFER !== '0',
     changeTracking: oneOf(env, 'LIVESNAP_CHANGE_TRACKING', ['on', 'off'] as const, 'on') === 'on',
     testKillAt: killAt(env),
+    s3Endpoint: endpointUrl(env),
+    awsCaBundle: env.AWS_CA_BUNDLE || undefined,
   };
 }
 

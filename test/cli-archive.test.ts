@@ -20,7 +20,7 @@ needs('tar backup of a live-format volume: GNU tar and bsdtar give back the exac
   t.is(fs.statSync(tarFile).size % 10240, 0);
   // What the backup read is what the raw image path gives: compare extraction with a raw backup.
   const raw = path.join(dir, 'raw.img');
-  t.is(livesnap(['backup', vol.loop, '--to', raw]).status, 0);
+  { const rb = livesnap(['backup', vol.loop, '--to', raw]); t.is(rb.status, 0, rb.stderr); }
   for (const tool of ['tar', 'bsdtar']) {
     const out = path.join(dir, `x-${tool}`);
     fs.mkdirSync(out);
@@ -33,7 +33,7 @@ needs('tar backup of a live-format volume: GNU tar and bsdtar give back the exac
   t.regex(run('tar', ['-tvf', tarFile]), /manifest\.json[\s\S]*disk\.img[\s\S]*trailer\.json/);
 
   const v = livesnap(['verify', tarFile, '--against', vol.loop, '--json']);
-  t.is(v.status, 0, v.stderr);
+  t.is(v.status, 0, v.stderr + v.stdout);
   t.is(lastJson(v.stdout).match, true);
 
   const r = spawnSync(process.execPath, [BIN, 'restore', '-', '--to', path.join(dir, 'from-stdin.img')], { input: fs.readFileSync(tarFile) });
@@ -98,7 +98,7 @@ needs('multi-volume on one path, like a tape changer: the command moves each ful
   }
   // The volumes concatenated are the archive; restore asks for each next one through the command.
   const raw = path.join(dir, 'raw.img');
-  t.is(livesnap(['backup', vol.loop, '--to', raw]).status, 0);
+  { const rb = livesnap(['backup', vol.loop, '--to', raw]); t.is(rb.status, 0, rb.stderr); }
   fs.copyFileSync(`${tape}.1`, tape);
   const r = livesnap(['restore', tape, '--to', path.join(dir, 'r.img'), '--next-volume-command', `cp ${tape}.$LIVESNAP_VOLUME ${tape}`]);
   t.is(r.status, 0, r.stderr);

@@ -111,7 +111,8 @@ export class ArchiveSink implements BackupSink {
       ...(volume.backup ? { backup: manifestBackup(volume) } : {}),
     };
 
-    const output = await this.target.open();
+    // The expected size lets an S3 upload size its parts: data, map, and headers with room to spare.
+    const output = await this.target.open(this.map.storedBytes + mapBytes.length + (1 << 20));
     const bufferSize = Math.max(this.opts.bufferSize ?? 8 << 20, 4 * this.chunkSize + 2 * this.recordSize);
     this.writer = new RecordWriter(output, this.recordSize, bufferSize, 3);
     await this.writer.write(smallMember(MANIFEST_NAME, sealJson(manifest), this.mtime, this.owner));

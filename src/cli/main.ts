@@ -9,13 +9,14 @@ import { InspectCommand } from './commands/inspect';
 import { KeygenCommand } from './commands/keygen';
 import { ReplicaCommand, ReplicaRecoverCommand, ReplicaStatusCommand } from './commands/replica';
 import { RestoreCommand } from './commands/restore';
+import { S3AbortCommand, S3UploadsCommand } from './commands/s3';
 import { VerifyCommand } from './commands/verify';
 import { VersionCommand } from './commands/version';
 import { DaemonCommand, ServeCommand, StopCommand } from './commands/serve';
 import { CancelCommand, StatusCommand } from './commands/status';
 import { SnapshotCommand } from './commands/snapshot';
 
-const COMMANDS = [InspectCommand, BackupCommand, RestoreCommand, VerifyCommand, ServeCommand, SnapshotCommand, StatusCommand, CancelCommand, StopCommand, ReplicaCommand, ReplicaStatusCommand, ReplicaRecoverCommand, ApplianceCommand, KeygenCommand, DaemonCommand, DemoCommand, VersionCommand];
+const COMMANDS = [InspectCommand, BackupCommand, RestoreCommand, VerifyCommand, ServeCommand, SnapshotCommand, StatusCommand, CancelCommand, StopCommand, ReplicaCommand, ReplicaStatusCommand, ReplicaRecoverCommand, ApplianceCommand, S3UploadsCommand, S3AbortCommand, KeygenCommand, DaemonCommand, DemoCommand, VersionCommand];
 
 export function buildCli(): Cli {
   // No colours unless standard output is a terminal: clipanion's help ("--help", no arguments) otherwise

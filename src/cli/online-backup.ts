@@ -4,27 +4,43 @@ import * as path from 'node:path';
 import { connectControl, request } from '../control/client';
 import type { BackupRequest } from '../control/protocol';
 import { relayRecords } from '../sink/stream/data-channel';
+import { S3Destination } from '../s3/destination';
+import { isS3Url } from '../s3/location';
+import type { S3Options } from '../s3/options';
+import type { RecordOutput } from '../sink/stream/record-writer';
 import { UserError } from '../util/errors';
 import { formatBytes, formatRate } from '../util/size';
 import type { Reporter } from './reporter';
 
-export async function runOnlineBackupViaDaemon(control: string, req: BackupRequest, r: Reporter): Promise<number> {
-  const to = req.to === '-' || req.to.startsWith('/dev/') || req.to.startsWith('appliance://') || req.to.startsWith('replica://') ? req.to
+export async function runOnlineBackupViaDaemon(control: string, req: BackupRequest, r: Reporter, opts: { s3?: S3Options } = {}): Promise<number> {
+  // An s3:// target: the daemon streams the archive here (as for --to -) and this command uploads it.
+  const s3 = isS3Url(req.to) ? new S3Destination(req.to, opts.s3, { note: (n) => r.info(`note: ${n}`) }) : undefined;
+  const to = s3 ? s3.where : req.to === '-' || req.to.startsWith('/dev/') || req.to.startsWith('appliance://') || req.to.startsWith('replica://') ? req.to
     : req.to.startsWith('replica:') ? `replica:${path.resolve(req.to.slice('replica:'.length))}` : path.resolve(req.to);
-  const c = await request(control, { ...req, to, freeze: req.freeze ? path.resolve(req.freeze) : undefined });
+  const c = await request(control, { ...req, to: s3 ? '-' : to, freeze: req.freeze ? path.resolve(req.freeze) : undefined });
   // Closing the connection is how the daemon learns to cancel (the job lives only as long as this CLI).
   let interrupted = false;
   const onSignal = () => { interrupted = true; c.close(); };
   process.once('SIGINT', onSignal);
   let dataDone: Promise<void> = Promise.resolve();
   let dataError: Error | undefined;
+  let upload: Promise<RecordOutput> | undefined;
+  let resolveSize: (n: number | undefined) => void = () => {};
+  const archiveSize = new Promise<number | undefined>((res) => { resolveSize = res; });
   try {
     for await (const m of c.replies) {
       if (m.type === 'event') {
         if (m.event === 'data-channel') {
-          dataDone = copyDataChannel(control, String(m.token), req.recordSize ?? 10240);
+          if (s3) {
+            upload = uploadDataChannel(control, String(m.token), s3, archiveSize);
+            dataDone = upload.then(() => {});
+          } else {
+            dataDone = copyDataChannel(control, String(m.token), req.recordSize ?? 10240);
+          }
           // The archive cannot be completed: closing the control connection cancels the job.
           dataDone.catch((e: Error) => { dataError = e; c.close(); });
+        } else if (m.event === 'archive-size') {
+          resolveSize(typeof m.expectedBytes === 'number' ? m.expectedBytes : undefined);
         } else if (m.event === 'armed') {
           r.event('armed', m);
           r.info(`snapshot armed at ${m.time} (freeze window ${Number(m.freezeMs).toFixed(1)} ms); ${m.output ? `the appliance writes ${m.output}` : `copying ${req.export} to ${to}`}`);
@@ -39,6 +55,7 @@ export async function runOnlineBackupViaDaemon(control: string, req: BackupReque
           return 0;
         }
         await dataDone;
+        if (upload) await (await upload).close();
         const s = m as unknown as Record<string, number> & { badBlocks: number[] };
         if (m.method === 'appliance') {
           r.done({ ...m, type: undefined }, [
@@ -73,7 +90,9 @@ export async function runOnlineBackupViaDaemon(control: string, req: BackupReque
     // If the data channel failed, this side knows why (the reader went away, a full disk): that is
     // the error, not what the daemon saw of its broken stream, nor the "Premature close" of the
     // control connection closed to cancel the job.
+    resolveSize(undefined);
     await dataDone.catch(() => {});
+    if (upload) await upload.then((u) => u.destroy(), () => {});
     if (dataError) throw dataError;
     throw e;
   } finally {
@@ -107,4 +126,26 @@ async function copyDataChannel(control: string, token: string, recordSize: numbe
   const sock = await connectControl(control);
   sock.write(JSON.stringify({ op: 'data', token }) + '\n');
   await relayRecords(sock, 1, recordSize);
+}
+
+/**
+ * The data channel of an online backup to s3://: uploaded as it arrives; aborted if it breaks off.
+ * Returns the upload still open: it is completed only once the job's result says the archive is whole.
+ */
+async function uploadDataChannel(control: string, token: string, dest: S3Destination, expectedBytes: Promise<number | undefined>): Promise<RecordOutput> {
+  const sock = await connectControl(control);
+  sock.write(JSON.stringify({ op: 'data', token }) + '\n');
+  // The socket holds the archive (backpressure) until the daemon said how large it will be.
+  const out = await dest.open(await expectedBytes);
+  let ended = false;
+  sock.once('end', () => { ended = true; });
+  try {
+    for await (const chunk of sock) await out.write(chunk as Buffer);
+    // The daemon closes the channel after the archive's last record; a cut (daemon gone) is an error.
+    if (!ended) throw new UserError('the archive stream from the daemon broke off', 'see the daemon log');
+  } catch (e) {
+    await out.destroy();
+    throw e;
+  }
+  return out;
 }

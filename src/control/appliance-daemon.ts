@@ -1,6 +1,8 @@
 // The backup appliance (`livesnap appliance`): listens for hosts on TLS-PSK, runs one unit per
 // host backup (jobs/appliance-unit.ts) over one shared, bounded ODC, and answers `status` on an
 // owner-only control socket in the daemon's line protocol (so `livesnap status --control` shows it).
+import { isS3Url } from '../s3/location';
+import type { S3Options } from '../s3/options';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
@@ -20,6 +22,8 @@ export interface ApplianceOptions {
   /** --replica NAME=PATH: replicas kept here for hosts' replica://HOST:PORT/NAME. */
   replicas?: ReadonlyMap<string, string>;
   store: string;
+  /** The endpoint and part sizes of an s3:// store. */
+  s3?: S3Options;
   odc: OdcSpec;
   run?: string;
   control?: string;
@@ -49,8 +53,13 @@ export class ApplianceDaemon {
     for (const [name, p] of o.luns) {
       try { fs.accessSync(p, fs.constants.R_OK); } catch { throw new UserError(`--lun ${name}=${p}: cannot read ${p}`, 'give this machine\'s path to the shared LUN (a block device or file it can read)'); }
     }
-    fs.mkdirSync(o.store, { recursive: true });
-    fs.accessSync(o.store, fs.constants.W_OK);
+    if (isS3Url(o.store)) {
+      // eslint-disable-next-line @typescript-eslint/no-require-imports -- the SDK loads only for s3://
+      await (require('../s3/destination') as typeof import('../s3/destination')).checkStore(o.store, o.s3);
+    } else {
+      fs.mkdirSync(o.store, { recursive: true });
+      fs.accessSync(o.store, fs.constants.W_OK);
+    }
     this.odc = new OriginalDataCache(o.odc);
     try {
       if (o.control) this.control = await this.listenControl(o.control);
@@ -107,7 +116,7 @@ export class ApplianceDaemon {
   }
 
   private startUnit(link: ApplianceLink, hello: Hello): ApplianceUnit {
-    const unit = new ApplianceUnit({ link, hello, luns: this.o.luns, store: this.o.store, odc: this.odc!, run: this.o.run, maxRate: this.o.maxRate, log: this.log });
+    const unit = new ApplianceUnit({ link, hello, luns: this.o.luns, store: this.o.store, s3: this.o.s3, odc: this.odc!, run: this.o.run, maxRate: this.o.maxRate, log: this.log });
     this.units.add(unit);
     void unit.run().finally(() => {
       this.units.delete(unit);

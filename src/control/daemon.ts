@@ -265,7 +265,17 @@ export class Daemon {
     send({ type: 'event', event: 'data-channel', token });
     const sock = await data;
     sock.on('error', () => {});
-    return createArchiveSink({ out: sock, outName: 'the standard output of the backup command', recordSize: req.recordSize, compress: req.compress });
+    const { WritableRecordOutput, DEFAULT_RECORD_SIZE } = await import('../sink/stream/record-writer');
+    const where = 'the standard output of the backup command';
+    // The archive's expected size goes to the CLI first: an upload to S3 sizes its parts by it.
+    const out = {
+      where,
+      open: async (expectedBytes: number | undefined) => {
+        send({ type: 'event', event: 'archive-size', expectedBytes: expectedBytes ?? null });
+        return new WritableRecordOutput(sock, req.recordSize ?? DEFAULT_RECORD_SIZE, { end: true, where });
+      },
+    };
+    return createArchiveSink({ out, recordSize: req.recordSize, compress: req.compress });
   }
 
   /**

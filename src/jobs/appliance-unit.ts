@@ -23,13 +23,24 @@ import type { Bitset } from '../util/bitset';
 import { PointInTimeBackend } from '../export/point-in-time-backend';
 import { UserError } from '../util/errors';
 import { runBackupJob } from './backup-job';
+import { isS3Url } from '../s3/location';
+import type { S3Options } from '../s3/options';
+
+/** An output the host did not confirm: gone from the store (S3 has no ".partial" to leave it as). */
+async function deleteS3Object(url: string, s3?: S3Options): Promise<void> {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports -- the SDK loads only for s3://
+  await (require('../s3/destination') as typeof import('../s3/destination')).deleteObject(url, s3);
+}
 
 export interface UnitOptions {
   link: ApplianceLink;
   hello: Hello;
   /** --lun NAME=PATH: this appliance's path to each host export's LUN. */
   luns: ReadonlyMap<string, string>;
+  /** A directory, or s3://BUCKET/PREFIX/ (archives uploaded as they are made). */
   store: string;
+  /** The endpoint and part sizes of an s3:// store. */
+  s3?: S3Options;
   odc: OriginalDataCache;
   /** --run CMD: an unmodified program reads the instant from {uri}. */
   run?: string;
@@ -90,7 +101,8 @@ export class ApplianceUnit {
     const { link, hello } = this.o;
     try {
       await this.check();
-      const output = this.o.run ? `run: ${this.o.run}` : path.join(this.o.store, `${hello.unit}-${instantName(hello.instant)}.tar`);
+      const name = `${hello.unit}-${instantName(hello.instant)}.tar`;
+      const output = this.o.run ? `run: ${this.o.run}` : isS3Url(this.o.store) ? `${this.o.store}${name}` : path.join(this.o.store, name);
       this.status.output = output;
       link.onMessage((m, payload) => {
         if (m.t === 'orig') this.original(m, payload!);
@@ -124,7 +136,8 @@ export class ApplianceUnit {
       });
       link.send(done);
       if (!(await confirmed)) {
-        if (!this.o.run) fs.rmSync(output, { force: true });
+        if (isS3Url(output)) await deleteS3Object(output, this.o.s3).catch((e: Error) => this.o.log(`unit ${hello.unit}: ${e.message}`));
+        else if (!this.o.run) fs.rmSync(output, { force: true });
         throw new UserError(`the host did not confirm the output (its snapshot broke before the end, or it went away)${this.o.run ? '' : `: ${output} removed`}`);
       }
       this.status.state = 'done';
@@ -280,8 +293,10 @@ export class ApplianceUnit {
 
   private async archive(output: string) {
     const h = this.o.hello;
-    fs.mkdirSync(this.o.store, { recursive: true });
-    const sink = createArchiveSink({ out: output });
+    // eslint-disable-next-line @typescript-eslint/no-require-imports -- the SDK loads only for s3://
+    const s3 = isS3Url(output) ? new (require('../s3/destination') as typeof import('../s3/destination')).S3Destination(output, this.o.s3, { note: (n) => this.o.log(`unit ${h.unit}: ${n}`) }) : undefined;
+    if (!s3) fs.mkdirSync(this.o.store, { recursive: true });
+    const sink = createArchiveSink({ out: s3 ?? output });
     let lastProgress = 0;
     const r = await runBackupJob({
       method: this.method(),
@@ -309,7 +324,7 @@ export class ApplianceUnit {
       usedBlocks: r.usedBlocks,
       totalBlocks: r.totalBlocks,
       filesystem: r.map.filesystem,
-      outputBytes: fs.statSync(output).size,
+      outputBytes: s3 ? s3.stats?.bytes ?? 0 : fs.statSync(output).size,
       checksums: { kind: 'xxh3-128 of the trailer chunk list', chunks: sink.chunkCount, digest: sink.chunkListDigest() },
       originalsReceived: this.received,
       originalsUsed: this.mm!.originalsUsed,

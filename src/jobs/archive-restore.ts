@@ -3,7 +3,9 @@
 // incomplete until the whole archive has been read: a file target stays "<target>.partial" until
 // then and is removed on any error; a device target is reported as not restored.
 import { readArchive, type ArchiveInput, type ArchiveSummary, type Manifest } from '../archive';
-import { readFileChunks, readVolumes } from '../sink/stream/multi-volume';
+import { readVolumes } from '../sink/stream/multi-volume';
+import type { S3Options } from '../s3/options';
+import { archiveBytes } from './archive-input';
 import { AlignedStager } from '../sink/aligned-stager';
 import { CompareSink } from '../sink/compare-sink';
 import { ImageSink } from '../sink/image-sink';
@@ -15,15 +17,17 @@ export interface ArchiveJobOptions {
   /** "-" for standard input, a path, or several volume paths. */
   input: string | string[];
   nextVolumeCommand?: string;
+  /** The endpoint of an s3:// input. */
+  s3?: S3Options;
   onManifest?: (m: Manifest) => void;
   onProgress?: (done: number, total: number) => void;
 }
 
 function openInput(o: ArchiveJobOptions): ArchiveInput {
   if (o.input === '-') return process.stdin;
-  if (Array.isArray(o.input)) return o.input.length === 1 ? readFileChunks(o.input[0]!) : readVolumes(o.input);
+  if (Array.isArray(o.input)) return o.input.length === 1 ? archiveBytes(o.input[0]!, o.s3) : readVolumes(o.input);
   if (o.nextVolumeCommand) return readVolumes({ path: o.input, nextVolumeCommand: o.nextVolumeCommand });
-  return readFileChunks(o.input);
+  return archiveBytes(o.input, o.s3);
 }
 
 async function archiveToSink(o: ArchiveJobOptions, sink: BackupSink | undefined): Promise<ArchiveSummary> {

@@ -20,6 +20,11 @@ export async function classifyBackup(file: string, opts: { raw?: boolean } = {})
     if (opts.raw) throw new UserError('--raw names a raw image file: standard input is read as an archive');
     return 'archive';
   }
+  if (file.startsWith('s3://')) {
+    // An object is read as a stream: it must be an archive, and the reader says so if it is not.
+    if (opts.raw) throw new UserError('--raw names a raw image file: an s3:// object is read as an archive');
+    return 'archive';
+  }
   let st: fs.Stats;
   try { st = fs.statSync(file); } catch { throw new UserError(`${file}: no such file`, 'name the image or archive the backup wrote'); }
   if (st.isDirectory()) throw new UserError(`${file} is a directory, not a backup`);

@@ -5,7 +5,8 @@
 // last archive's trailer has been checked; any failure removes it.
 import { readArchive, type ArchiveSummary, type Manifest } from '../archive';
 import { checkChain, type ChainLink } from '../incremental/chain';
-import { readFileChunks } from '../sink/stream/multi-volume';
+import type { S3Options } from '../s3/options';
+import { archiveBytes } from './archive-input';
 import { AlignedStager } from '../sink/aligned-stager';
 import { ImageSink } from '../sink/image-sink';
 import type { BackupSink, DataBatch, FinishInfo, VolumeInfo } from '../sink/sink';
@@ -14,9 +15,9 @@ import { Bitset } from '../util/bitset';
 class Stop extends Error {}
 
 /** The manifest of an archive file, read without the rest. */
-export async function peekManifest(file: string): Promise<Manifest> {
+export async function peekManifest(file: string, s3?: S3Options): Promise<Manifest> {
   let got: Manifest | undefined;
-  await readArchive(readFileChunks(file), { onManifest: (m) => { got = m; throw new Stop(); } }).catch((e: unknown) => { if (!(e instanceof Stop)) throw e; });
+  await readArchive(archiveBytes(file, s3), { onManifest: (m) => { got = m; throw new Stop(); } }).catch((e: unknown) => { if (!(e instanceof Stop)) throw e; });
   return got!;
 }
 
@@ -43,6 +44,8 @@ class ChainSink implements BackupSink {
 
 export interface ChainRestoreOptions {
   inputs: string[];
+  /** The endpoint of s3:// inputs. */
+  s3?: S3Options;
   target: string;
   force?: boolean;
   onArchive?: (i: number, m: Manifest) => void;
@@ -51,7 +54,7 @@ export interface ChainRestoreOptions {
 
 export async function restoreChain(o: ChainRestoreOptions): Promise<{ manifests: Manifest[]; summaries: ArchiveSummary[]; bytes: number; zeroedBytes: number }> {
   const manifests: Manifest[] = [];
-  for (const f of o.inputs) manifests.push(await peekManifest(f));
+  for (const f of o.inputs) manifests.push(await peekManifest(f, o.s3));
   checkChain(manifests.map((m, i) => linkOf(o.inputs[i]!, m)));
   const image = new ImageSink(o.target, { force: o.force });
   const sink = new ChainSink(image);
@@ -64,7 +67,7 @@ export async function restoreChain(o: ChainRestoreOptions): Promise<{ manifests:
       const m0 = manifests[i]!;
       let stager: AlignedStager | undefined;
       try {
-        const s = await readArchive(readFileChunks(o.inputs[i]!), {
+        const s = await readArchive(archiveBytes(o.inputs[i]!, o.s3), {
           onManifest: (m) => {
             if (m.backup?.id !== m0.backup?.id || m.storedBytes !== m0.storedBytes) throw new Error(`${o.inputs[i]} changed while the chain was restored`);
             o.onArchive?.(i, m);

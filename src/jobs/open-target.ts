@@ -8,9 +8,14 @@ import type { BackupSink } from '../sink/sink';
 import { checkRecordSize } from '../sink/stream/record-writer';
 import { requireZstd } from '../sink/stream/zstd';
 import { UserError } from '../util/errors';
+import { isS3Url, parseS3Url } from '../s3/location';
+import type { S3Options } from '../s3/options';
 
 export interface TargetOptions {
   force?: boolean;
+  /** An s3:// target's endpoint and part sizes; `note` hears its plan. */
+  s3?: S3Options;
+  note?: (s: string) => void;
   format?: 'raw' | 'tar';
   recordSize?: number;
   compress?: 'zstd';
@@ -31,6 +36,7 @@ export function isTapeDevice(target: string): boolean {
 
 export function targetFormat(target: string, format?: 'raw' | 'tar'): 'raw' | 'tar' {
   if (format) return format;
+  if (isS3Url(target)) return 'tar';
   if (target === '-' || /\.tar(\.zst)?$/i.test(target) || isTapeDevice(target)) return 'tar';
   return 'raw';
 }
@@ -41,6 +47,12 @@ export function targetFormat(target: string, format?: 'raw' | 'tar'): 'raw' | 't
  */
 export function checkTargetOptions(target: string, opts: TargetOptions & { detach?: boolean }): 'raw' | 'tar' {
   const format = targetFormat(target, opts.format);
+  if (isS3Url(target)) {
+    parseS3Url(target);
+    if (format === 'raw') throw new UserError('a raw image cannot go to S3 (it is sparse and written by offset; an object is written once, in order)', 'drop --format raw: an s3:// target takes an archive');
+    if (opts.tapeSize !== undefined) throw new UserError('--tape-size splits an archive over tape volumes or files, not S3 objects', 'drop --tape-size: one object holds up to 10,000 parts');
+    if (opts.detach) throw new UserError('--detach cannot go with an s3:// target: the archive is uploaded by this command, with its credentials', 'run it in the foreground (nohup or a service unit if it must outlive the shell)');
+  }
   if (target === '-') {
     if (format === 'raw') throw new UserError('a raw image cannot be written to standard output (it is sparse and written by offset)', 'use --format tar for a stream');
     if (opts.detach) throw new UserError('--detach cannot go with --to -: the archive flows through the CLI', 'write to a file or tape device instead');
@@ -58,6 +70,11 @@ export function openBackupTarget(target: string, opts: TargetOptions): BackupSin
   if (format === 'raw') {
     if (target === '/dev/null') return new NullSink();
     return new ImageSink(target, { force: opts.force });
+  }
+  if (isS3Url(target)) {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports -- the SDK loads only for s3://
+    const { S3Destination } = require('../s3/destination') as typeof import('../s3/destination');
+    return createArchiveSink({ out: new S3Destination(target, opts.s3, { note: opts.note }), recordSize: opts.recordSize, compress: opts.compress });
   }
   if (target !== '-' && !isTapeDevice(target)) {
     let st: fs.Stats | undefined;

@@ -4,6 +4,9 @@ import * as path from 'node:path';
 import { Command, Option } from 'clipanion';
 import { UserError } from '../../util/errors';
 import { LivesnapCommand } from '../base';
+import { stateRoot } from '../../config';
+import { isS3Url, parseS3Url, s3Url } from '../../s3/location';
+import { parseS3Options } from '../../s3/options';
 
 export class ApplianceCommand extends LivesnapCommand {
   static override paths = [['appliance']];
@@ -17,6 +20,9 @@ export class ApplianceCommand extends LivesnapCommand {
       Original Data Cache, ODC) and writes the instant:
       - by default an archive in --store, "<export>-<UTC instant>.tar" (".partial" until complete;
         GNU tar and bsdtar extract it to the exact image; "livesnap restore" and "verify" read it);
+        --store s3://BUCKET/PREFIX uploads it as it is made (an S3 multipart upload, credentials
+        and endpoint as for the AWS CLI or --s3-endpoint; an output the host does not confirm is
+        deleted);
       - with --run CMD, an unmodified backup program reads the instant from a read-only NBD export
         (CMD's {uri}), e.g. --run 'nbdcopy {uri} /tape/vol.img'; its exit ends the snapshot and its
         status goes back to the host's job.
@@ -34,7 +40,8 @@ export class ApplianceCommand extends LivesnapCommand {
       export; each backup arrives over the same TLS-PSK link, is staged in PATH's journal and applied
       only once complete (old or new state after any crash; "livesnap replica status|recover PATH").
 
-      Without --foreground it starts in the background (log: appliance.log in --store) and returns
+      Without --foreground it starts in the background (log: appliance.log in --store, or in the
+      state directory, /var/lib/livesnap, with an s3:// store) and returns
       once it listens; stop it with SIGTERM (its pid is in "livesnap status --control PATH").
     `,
     examples: [
@@ -50,7 +57,10 @@ export class ApplianceCommand extends LivesnapCommand {
   key = Option.String('--key', { required: true, description: 'PSK file (livesnap keygen), the same as the hosts\'' });
   lun = Option.Array('--lun', [], { description: 'NAME=PATH: the host export NAME is the LUN at PATH here (repeat per LUN)' });
   replica = Option.Array('--replica', [], { description: 'NAME=PATH: keep the replica NAME (hosts back up with --to replica://THIS:PORT/NAME) in the image file or device PATH here (repeat per replica)' });
-  store = Option.String('--store', { required: true, description: 'Directory for the archives (and the --run socket)' });
+  store = Option.String('--store', { required: true, description: 'Directory for the archives (and the --run socket), or s3://BUCKET/PREFIX' });
+  s3Endpoint = Option.String('--s3-endpoint', { description: 'With --store s3://: the S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS itself)' });
+  s3PartSize = Option.String('--s3-part-size', { description: 'With --store s3://: the smallest upload part (default 16M)' });
+  s3Parallel = Option.String('--s3-parallel', { description: 'With --store s3://: parts uploaded at once per backup (default 4)' });
   odc = Option.String('--odc', 'memory:256M', { description: 'Original Data Cache: memory:SIZE (default 256M), file:PATH:SIZE, or memory:SIZE+file:PATH:SIZE (memory first, then spilling into the file)' });
   runCmd = Option.String('--run', { description: 'Command reading the instant from {uri} (a read-only NBD URI) instead of an archive' });
   maxRate = Option.String('--max-rate', { description: 'Read each LUN at most this fast (e.g. 200M), to leave the SAN to production I/O' });
@@ -84,12 +94,16 @@ export class ApplianceCommand extends LivesnapCommand {
     }
     if (!luns.size && !replicas.size) throw new UserError('an appliance needs at least one --lun NAME=PATH or --replica NAME=PATH', 'e.g. --lun data=/dev/mapper/mpatha, or --replica data=/backup/data.replica');
     const odc = parseOdc(this.odc);
-    const store = path.resolve(this.store);
+    const toS3 = isS3Url(this.store);
+    const store = toS3 ? s3Url(parseS3Url(this.store, { prefix: true })) : path.resolve(this.store);
+    if (toS3 && this.runCmd !== undefined) throw new UserError('--run does not go with an s3:// store: the program writes the output itself', 'give --store a local directory (it holds the NBD socket)');
+    if (!toS3 && (this.s3Endpoint ?? this.s3PartSize ?? this.s3Parallel) !== undefined) throw new UserError('--s3-endpoint, --s3-part-size and --s3-parallel go with --store s3://BUCKET/PREFIX');
+    const s3 = toS3 ? parseS3Options({ endpoint: this.s3Endpoint, partSize: this.s3PartSize, parallel: this.s3Parallel }) : undefined;
     const control = this.control ? path.resolve(this.control) : undefined;
     if (this.runCmd !== undefined && !this.runCmd.includes('{uri}')) throw new UserError(`--run ${this.runCmd}: the command never reads {uri}`, "put {uri} where the program takes its NBD source, e.g. --run 'nbdcopy {uri} /tape/vol.img'");
     if (!this.foreground) return this.background(store, control);
     const maxRate = this.maxRate !== undefined ? parseSize(this.maxRate, '--max-rate') : undefined;
-    const d = new ApplianceDaemon({ listen, keys, luns, replicas, store, odc, run: this.runCmd, control, maxRate });
+    const d = new ApplianceDaemon({ listen, keys, luns, replicas, store, s3, odc, run: this.runCmd, control, maxRate });
     await d.start();
     if (this.json) process.stdout.write(JSON.stringify({ event: 'listening', ...d.status() }) + '\n');
     else process.stdout.write(`appliance listening on ${listen.host}:${listen.port}\n`);
@@ -105,8 +119,9 @@ export class ApplianceCommand extends LivesnapCommand {
 
   /** Re-runs this command with --foreground, detached, and returns once it listens (or says why not). */
   private async background(store: string, control: string | undefined): Promise<number> {
-    fs.mkdirSync(store, { recursive: true });
-    const logFile = path.join(store, 'appliance.log');
+    const logDir = isS3Url(store) ? stateRoot() : store;
+    fs.mkdirSync(logDir, { recursive: true });
+    const logFile = path.join(logDir, 'appliance.log');
     const log = fs.openSync(logFile, 'a', 0o600);
     const args = process.argv.slice(process.argv.indexOf('appliance'));
     // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded on use (startup time)

@@ -10,6 +10,9 @@ import { UserError } from '../../util/errors';
 import { parseDuration } from '../../util/duration';
 import { formatBytes, formatRate, parseSize } from '../../util/size';
 import { LivesnapCommand } from '../base';
+import { isS3Url } from '../../s3/location';
+import { parseS3Options, type S3Options } from '../../s3/options';
+import type { BackupSink } from '../../sink/sink';
 
 export class BackupCommand extends LivesnapCommand {
   static override paths = [['backup']];
@@ -46,6 +49,15 @@ export class BackupCommand extends LivesnapCommand {
       The done event carries the appliance's output path, bytes and checksums. If the link drops,
       the appliance dies, or it is silent or holds a write for \`--appliance-timeout\` (default 30s),
       the snapshot is broken at once: writers go on, none fails, the backup fails saying why.
+
+      \`--to s3://BUCKET/KEY\` (any archive backup: offline, online, incremental): the archive goes up
+      as an S3 multipart upload while it is made, never staged on local disk; memory is (parts in
+      flight + 1) x part size, printed at the start (parts of 16 MiB, 4 at once by default: 80 MiB;
+      larger parts when the archive needs them to fit S3's 10,000). The object appears only when the
+      upload completes; a failure or Ctrl-C aborts the upload (if the server is unreachable then,
+      "livesnap s3 abort s3://BUCKET/KEY" removes the parts later). Credentials, region and endpoint
+      as for the AWS CLI: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws/{config,
+      credentials}, AWS_ENDPOINT_URL (or --s3-endpoint), AWS_CA_BUNDLE; TLS is always verified.
 
       Incremental backups (an export only). A served export tracks which 64 KiB regions are written
       (its change map, in the state directory, crash-proof: a region's bit is on disk before the
@@ -93,12 +105,16 @@ export class BackupCommand extends LivesnapCommand {
       ['Leave out temporary files and caches', '$0 backup data --freeze /srv/data --exclude "tmp/**" --exclude "*.cache" --to /backup/data.tar'],
       ['Keep a replica that only moves between snapshots', '$0 backup data --to replica:/backup/data.replica'],
       ['... or on another machine (livesnap appliance --replica data=PATH there)', '$0 backup data --to replica://10.0.0.2:10810/data --key /etc/livesnap/appliance.psk'],
+      ['Straight into object storage (an S3 multipart upload; Ceph RGW, MinIO or AWS)', '$0 backup data --to s3://backups/data-$(date +%F).tar --s3-endpoint https://rgw.example.com'],
       ['Keep going past bad blocks', '$0 backup /dev/sdc --to /backup/sdc.img --on-error ignore'],
     ],
   });
 
   source = Option.String({ name: 'source' });
-  to = Option.String('--to', { required: true, description: 'Target: an image file (.img) or a block device' });
+  to = Option.String('--to', { required: true, description: 'Target: an image file (.img), a block device, an archive (.tar, -, a tape device, s3://BUCKET/KEY), replica:PATH, appliance://HOST:PORT' });
+  s3Endpoint = Option.String('--s3-endpoint', { description: 'With --to s3://: the S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS itself)' });
+  s3PartSize = Option.String('--s3-part-size', { description: 'With --to s3://: the smallest upload part (default 16M; at least 5M)' });
+  s3Parallel = Option.String('--s3-parallel', { description: 'With --to s3://: parts uploaded at once (default 4)' });
   method = Option.String('--method', 'offline', { description: 'offline | freeze (devices); hold (an export: queue writes during the backup instead of copy-before-write)', validator: t.isEnum(['offline', 'freeze', 'hold'] as const) });
   hold = Option.String('--hold', { description: 'With --method hold: all (default: every write waits for the end) | backup-blocks (only writes to used blocks not yet copied wait, briefly)', validator: t.isEnum(HOLD_MODES) });
   holdLog = Option.String('--hold-log', { description: 'With --method hold: PATH[:SIZE] (default 1G) of a durable log on ANOTHER fast device: held writes are appended (fdatasync) and acknowledged at once, replayed in order at the end; after a crash "livesnap serve" replays it' });
@@ -125,6 +141,14 @@ export class BackupCommand extends LivesnapCommand {
   excludeSwap = Option.Boolean('--exclude-swap', true, { description: 'Online: leave out swap files of the mounted file system (default on; --no-exclude-swap keeps them)' });
   format = Option.String('--format', { description: 'raw | tar (default: from the target: .img raw; .tar, - and tape devices tar)', validator: t.isEnum(['raw', 'tar'] as const) });
 
+  /** --s3-*: checked whatever the target, so a stray one is an error rather than ignored. */
+  private s3Options(): S3Options | undefined {
+    const given = this.s3Endpoint !== undefined || this.s3PartSize !== undefined || this.s3Parallel !== undefined;
+    if (!given) return undefined;
+    if (!isS3Url(this.to)) throw new UserError(`${this.s3Endpoint !== undefined ? '--s3-endpoint' : this.s3PartSize !== undefined ? '--s3-part-size' : '--s3-parallel'} goes with --to s3://BUCKET/KEY`);
+    return parseS3Options({ endpoint: this.s3Endpoint, partSize: this.s3PartSize, parallel: this.s3Parallel });
+  }
+
   private online(): Promise<number> {
     if (this.to.startsWith('appliance://')) return this.toAppliance();
     const remoteReplica = this.to.startsWith('replica://');
@@ -145,6 +169,12 @@ export class BackupCommand extends LivesnapCommand {
     if (holdLimit !== undefined && holdLimit < 1) throw new UserError(`--hold-limit ${this.holdLimit}: give a size of at least 1 byte`, 'e.g. --hold-limit 256M');
     const hw = this.highWater !== undefined ? Number(this.highWater) : undefined;
     if (hw !== undefined && !(hw > 0 && hw <= 100)) throw new UserError(`--high-water ${this.highWater}: give a percentage between 1 and 100`);
+    const s3 = this.s3Options();
+    if (isS3Url(this.to)) {
+      // The daemon streams the archive to this command (as for --to -), which uploads it with its own credentials.
+      // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded on use (startup time)
+      (require('../../jobs/open-target') as typeof import('../../jobs/open-target')).checkTargetOptions(this.to, { format: this.format, tapeSize: this.tapeSize !== undefined ? 1 : undefined, detach: this.detach, compress: this.compress });
+    }
     // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded on use (startup time)
     const { runOnlineBackupViaDaemon } = require('../online-backup') as typeof import('../online-backup');
     return runOnlineBackupViaDaemon(resolveControlPath(this.control), {
@@ -171,7 +201,7 @@ export class BackupCommand extends LivesnapCommand {
       mount,
       ...(remoteReplica ? { key: path.resolve(this.key!), applianceTimeoutMs: this.applianceTimeout !== undefined ? parseDuration(this.applianceTimeout, '--appliance-timeout') : undefined } : {}),
       ...(hold ? { method: 'hold' as const, hold: this.hold, holdLimit, holdLog: this.holdLog !== undefined ? path.resolve(this.holdLog) : undefined } : {}),
-    }, this.reporter);
+    }, this.reporter, { s3 });
   }
 
   /** --to appliance://HOST:PORT: the host only saves originals; the appliance reads the LUN and writes the output. */
@@ -230,8 +260,8 @@ export class BackupCommand extends LivesnapCommand {
     /* eslint-enable @typescript-eslint/no-require-imports */
     const { refuseServed } = require('../../jobs/served-check') as typeof import('../../jobs/served-check'); // eslint-disable-line @typescript-eslint/no-require-imports
     await refuseServed(this.source, 'source');
-    await refuseServed(this.to, 'target');
-    if (this.to !== '-' && fs.existsSync(`${this.to}.partial`)) this.reporter.info(`note: replacing ${this.to}.partial, left by a backup that did not finish`);
+    if (!isS3Url(this.to)) await refuseServed(this.to, 'target');
+    if (this.to !== '-' && !isS3Url(this.to) && fs.existsSync(`${this.to}.partial`)) this.reporter.info(`note: replacing ${this.to}.partial, left by a backup that did not finish`);
     const source = openSource(this.source, this.method);
     // This process serves nothing: a signal or an exit during the freeze window thaws at once.
     const unguard = this.method === 'freeze' ? guardFrozen() : () => {};
@@ -244,8 +274,11 @@ export class BackupCommand extends LivesnapCommand {
         compress: this.compress,
         tapeSize: this.tapeSize !== undefined ? parseSize(this.tapeSize, '--tape-size') : undefined,
         nextVolumeCommand: this.nextVolume,
+        s3: this.s3Options(),
+        note: (n) => this.reporter.info(`note: ${n}`),
       });
       const r = this.reporter;
+      if (isS3Url(this.to)) abortOnSignal(sink);
       r.info(`backing up ${this.source} to ${sink.description} (${this.method})`);
       const summary = await runBackup({
         source,
@@ -301,4 +334,13 @@ function guardFrozen(): () => void {
     process.off('exit', onExit);
     for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.off(s, onSignal);
   };
+}
+
+/** Ctrl-C or a kill during an upload to S3: abort the multipart upload before exiting, so no parts stay behind. */
+function abortOnSignal(sink: BackupSink): void {
+  const onSignal = (sig: NodeJS.Signals) => {
+    process.stderr.write(`\nlivesnap: ${sig}: backup cancelled, aborting the S3 upload\n`);
+    void sink.abort(new Error('cancelled')).finally(() => process.exit(sig === 'SIGINT' ? 130 : 143));
+  };
+  for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.once(s, onSignal);
 }

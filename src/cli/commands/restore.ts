@@ -3,6 +3,8 @@ import * as fs from 'node:fs';
 import { UserError } from '../../util/errors';
 import { formatBytes, formatRate } from '../../util/size';
 import { LivesnapCommand } from '../base';
+import { isS3Url } from '../../s3/location';
+import { parseS3Options, type S3Options } from '../../s3/options';
 
 export class RestoreCommand extends LivesnapCommand {
   static override paths = [['restore']];
@@ -34,6 +36,7 @@ export class RestoreCommand extends LivesnapCommand {
       ['Restore from tape', 'mt -f /dev/nst0 rewind && $0 restore /dev/nst0 --to /dev/sdb1'],
       ['Restore from a stream', 'ssh vault "cat sdb1.tar.zst" | $0 restore - --to /dev/sdb1'],
       ['Restore a chain: the full backup, then each incremental in order', '$0 restore /backup/full.tar /backup/inc1.tar /backup/inc2.tar --to /dev/sdb1'],
+      ['Restore from object storage (ranged GETs with retries, every chunk checked)', '$0 restore s3://backups/data-2026-12-01.tar --to /dev/sdb1'],
       ['Restore a raw image of an unformatted volume', '$0 restore /backup/raw.img --to /dev/sdc --raw'],
     ],
   });
@@ -45,6 +48,13 @@ export class RestoreCommand extends LivesnapCommand {
   raw = Option.Boolean('--raw', false, { description: 'The image is raw and of unknown contents: restore every block (images of known file systems need no flag)' });
 
   nextVolume = Option.String('--next-volume-command', { description: 'Archive on several volumes: shell command run before each next one ($LIVESNAP_VOLUME)' });
+  s3Endpoint = Option.String('--s3-endpoint', { description: 'An s3://BUCKET/KEY archive: the S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS itself)' });
+
+  private s3(): S3Options | undefined {
+    if (this.s3Endpoint === undefined) return undefined;
+    if (![this.image, ...this.more].some(isS3Url)) throw new UserError('--s3-endpoint goes with an s3://BUCKET/KEY archive');
+    return parseS3Options({ endpoint: this.s3Endpoint });
+  }
 
   async run(): Promise<number> {
     /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
@@ -57,10 +67,11 @@ export class RestoreCommand extends LivesnapCommand {
     const r = this.reporter;
     if (this.more.length) return this.restoreChain();
     if ((await classifyBackup(this.image, { raw: this.raw })) === 'archive') {
-      if (this.image !== '-') refuseImageOnTarget(this.image, this.to);
+      if (this.image !== '-' && !isS3Url(this.image)) refuseImageOnTarget(this.image, this.to);
       const t0 = performance.now();
       const s = await restoreArchive({
         input: this.image,
+        s3: this.s3(),
         target: this.to,
         force: this.force,
         nextVolumeCommand: this.nextVolume,
@@ -99,12 +110,12 @@ export class RestoreCommand extends LivesnapCommand {
     for (const f of inputs) {
       if (f === '-') throw new UserError('a chain is restored from archive files, not standard input', 'save each archive to a file first');
       if ((await classifyBackup(f, {})) !== 'archive') throw new UserError(`${f} is not a livesnap archive: a chain is made of archives`, 'name the .tar files of the full backup and its incrementals');
-      refuseImageOnTarget(f, this.to);
+      if (!isS3Url(f)) refuseImageOnTarget(f, this.to);
     }
     const r = this.reporter;
     const t0 = performance.now();
     const s = await restoreChain({
-      inputs, target: this.to, force: this.force,
+      inputs, target: this.to, force: this.force, s3: this.s3(),
       onArchive: (i, m) => r.info(`${i === 0 ? 'full' : 'incremental'} ${m.backup?.id ?? ''} of ${m.source} taken ${m.snapshotTime} (${inputs[i]})`),
       onProgress: (d, t) => r.progress('restore', d, t, `${formatBytes(d)}/${formatBytes(t)}`),
     });

@@ -2,6 +2,8 @@ import { Command, Option } from 'clipanion';
 import { UserError } from '../../util/errors';
 import { formatBytes } from '../../util/size';
 import { LivesnapCommand } from '../base';
+import { isS3Url } from '../../s3/location';
+import { parseS3Options, type S3Options } from '../../s3/options';
 
 export class VerifyCommand extends LivesnapCommand {
   static override paths = [['verify']];
@@ -24,6 +26,7 @@ export class VerifyCommand extends LivesnapCommand {
       ['Check an image against its source', '$0 verify /backup/sdb1.img --against /dev/sdb1'],
       ['Check an archive on tape', '$0 verify /dev/nst0'],
       ['Check a chain: the full backup and its incrementals, in order', '$0 verify full.tar inc1.tar inc2.tar'],
+      ['Check an archive in object storage (ranged GETs, every chunk checked)', '$0 verify s3://backups/data.tar --s3-endpoint https://rgw.example.com'],
     ],
   });
 
@@ -33,6 +36,13 @@ export class VerifyCommand extends LivesnapCommand {
   raw = Option.Boolean('--raw', false, { description: 'The image is raw and of unknown contents: compare every block' });
 
   nextVolume = Option.String('--next-volume-command', { description: 'Archive on several volumes: shell command run before each next one ($LIVESNAP_VOLUME)' });
+  s3Endpoint = Option.String('--s3-endpoint', { description: 'An s3://BUCKET/KEY archive: the S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS itself)' });
+
+  private s3(): S3Options | undefined {
+    if (this.s3Endpoint === undefined) return undefined;
+    if (![this.image, ...this.more].some(isS3Url)) throw new UserError('--s3-endpoint goes with an s3://BUCKET/KEY archive');
+    return parseS3Options({ endpoint: this.s3Endpoint });
+  }
 
   async run(): Promise<number> {
     /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
@@ -64,11 +74,11 @@ export class VerifyCommand extends LivesnapCommand {
     const inputs = [this.image, ...this.more];
     if (inputs.includes('-')) throw new UserError('a chain is verified from archive files, not standard input');
     const links = [];
-    for (const f of inputs) links.push(linkOf(f, await peekManifest(f)));
+    for (const f of inputs) links.push(linkOf(f, await peekManifest(f, this.s3())));
     checkChain(links);
     const r = this.reporter;
     let chunks = 0;
-    for (const f of inputs) chunks += (await verifyArchive({ input: f, onProgress: (d, t) => r.progress('verify', d, t, `${f}: ${formatBytes(d)}/${formatBytes(t)}`) })).chunksVerified;
+    for (const f of inputs) chunks += (await verifyArchive({ input: f, s3: this.s3(), onProgress: (d, t) => r.progress('verify', d, t, `${f}: ${formatBytes(d)}/${formatBytes(t)}`) })).chunksVerified;
     r.done({ images: inputs, format: 'tar', match: true, chain: links.map((l) => ({ id: l.id ?? null, parent: l.parent ?? null, kind: l.kind ?? 'full', snapshotTime: l.snapshotTime })), chunksVerified: chunks },
       [`chain ok: ${inputs.length} archives, each incremental follows the one before it; ${chunks} chunk checksums verified; restores the volume as at ${links[links.length - 1]!.snapshotTime}`]);
     return 0;
@@ -81,6 +91,7 @@ export class VerifyCommand extends LivesnapCommand {
     const r = this.reporter;
     const s = await verifyArchive({
       input: this.image,
+      s3: this.s3(),
       against: this.against,
       nextVolumeCommand: this.nextVolume,
       onProgress: (d, t) => r.progress('verify', d, t, `${formatBytes(d)}/${formatBytes(t)}`),

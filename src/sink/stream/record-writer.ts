@@ -35,8 +35,8 @@ export interface RecordOutput {
   write(data: Buffer): Promise<void>;
   /** All written: flush, make durable, close. */
   close(): Promise<void>;
-  /** Failure: stop, never throws. */
-  destroy(): void;
+  /** Failure: stop, never throws (an upload resolves once it is aborted). */
+  destroy(): void | Promise<void>;
 }
 
 /** Records to a Node Writable, one write() per record (or one write per call when recordSize is 0). */

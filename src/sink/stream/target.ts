@@ -9,12 +9,20 @@ import { DEFAULT_RECORD_SIZE, FdRecordOutput, WritableRecordOutput, checkRecordS
 import { syncDir } from '../../util/durable-file';
 import { ZstdRecordOutput } from './zstd';
 
+/** A destination that makes its own output (an S3 upload): opened with the archive's expected size. */
+export interface RecordDestination {
+  readonly where: string;
+  open(expectedBytes: number | undefined): Promise<RecordOutput>;
+}
+
+const isDestination = (o: unknown): o is RecordDestination => typeof (o as RecordDestination).open === 'function' && typeof (o as RecordDestination).where === 'string';
+
 export interface StreamOptions {
   /**
    * A path (file or tape device, truncated/created 0600), '-' for standard output (written with
    * writev(2) on fd 1; do not write anything else to stdout), or a Writable.
    */
-  out: string | Writable;
+  out: string | Writable | RecordDestination;
   /** What a Writable `out` is, for errors (default "the archive stream"). */
   outName?: string;
   /** Bytes per write to the destination; multiple of 512, 512..1 MiB. Default 10240. */
@@ -41,7 +49,7 @@ export class StreamTarget {
   constructor(private readonly opts: StreamOptions) {
     this.recordSize = checkRecordSize(opts.recordSize ?? DEFAULT_RECORD_SIZE);
     this.compression = opts.compress === 'zstd' ? 'zstd' : 'none';
-    this.where = typeof opts.out === 'string' ? (opts.out === '-' ? 'standard output' : opts.out) : (opts.outName ?? 'the archive stream');
+    this.where = typeof opts.out === 'string' ? (opts.out === '-' ? 'standard output' : opts.out) : isDestination(opts.out) ? opts.out.where : (opts.outName ?? 'the archive stream');
     if (opts.tapeSize !== undefined) {
       if (typeof opts.out !== 'string' || opts.out === '-') throw new Error('a multi-volume stream (tape size) needs a file or device path, not a stream');
       this.volumeSet = new VolumeSetOutput({ path: opts.out, volumePath: opts.volumePath, nextVolumeCommand: opts.nextVolumeCommand }, opts.tapeSize, this.recordSize);
@@ -52,12 +60,13 @@ export class StreamTarget {
   get volume(): number { return this.volumeSet?.volume ?? 1; }
 
   /** Opens the destination (once): records written to the result reach it in order. */
-  async open(): Promise<RecordOutput> {
+  async open(expectedBytes?: number): Promise<RecordOutput> {
     if (this.output) throw new Error('stream target: opened twice');
     const r = this.recordSize;
     const out = this.opts.out;
     let base: RecordOutput;
     if (this.volumeSet) base = this.volumeSet;
+    else if (isDestination(out)) base = await out.open(expectedBytes);
     else if (out === '-') base = new FdRecordOutput(1, r, false);
     else if (typeof out === 'string') {
       // A file is written as "<target>.partial" and renamed when complete, so a backup killed mid-way
@@ -87,7 +96,7 @@ export class StreamTarget {
 
   /** Failure: stop writing; a partial file is removed (a stream or tape has no trailer, so it never reads as complete). */
   async discard(): Promise<void> {
-    try { this.output?.destroy(); } catch { /* never throws */ }
+    try { await this.output?.destroy(); } catch { /* never throws */ }
     if (this.createdFile) await fs.promises.rm(this.createdFile, { force: true }).catch(() => {});
     this.createdFile = undefined;
   }

@@ -77,9 +77,9 @@ export class ZstdRecordOutput implements RecordOutput {
     await this.out.close();
   }
 
-  destroy(): void {
+  destroy(): void | Promise<void> {
     try { this.child.kill(); } catch { /* ignore */ }
-    this.out.destroy();
+    return this.out.destroy();
   }
 }
 
