@@ -132,7 +132,8 @@ export function headerChecksumOk(b: Uint8Array): boolean {
 export function parseUstarHeader(b: Uint8Array, archiveOffset: number): ParsedHeader {
   if (!headerChecksumOk(b)) {
     const stored = readString(b, 148, 8).trim(), sum = headerSum(b);
-    throw new ArchiveError(`tar header checksum mismatch at archive offset ${archiveOffset} (stored "${stored}", computed ${sum.toString(8)}): the header is corrupt or this is not a tar archive`, archiveOffset);
+    if (archiveOffset === 0) throw new ArchiveError('not a livesnap archive: its first 512 bytes are not a tar header (another kind of file, or damaged at the start)', 0);
+    throw new ArchiveError(`tar header checksum mismatch at archive offset ${archiveOffset} (stored ${JSON.stringify(stored)}, computed ${sum.toString(8)}): the header is corrupt`, archiveOffset);
   }
   const prefix = readString(b, 345, 155);
   const name = readString(b, 0, 100);

@@ -14,7 +14,7 @@ import type { Reporter } from './reporter';
 
 export async function runOnlineBackupViaDaemon(control: string, req: BackupRequest, r: Reporter, opts: { s3?: S3Options } = {}): Promise<number> {
   // An s3:// target: the daemon streams the archive here (as for --to -) and this command uploads it.
-  const s3 = isS3Url(req.to) ? new S3Destination(req.to, opts.s3, { note: (n) => r.info(`note: ${n}`) }) : undefined;
+  const s3 = isS3Url(req.to) ? new S3Destination(req.to, opts.s3, { note: (n) => r.info(`note: ${n}`), force: req.force }) : undefined;
   const to = s3 ? s3.where : req.to === '-' || req.to.startsWith('/dev/') || req.to.startsWith('appliance://') || req.to.startsWith('replica://') ? req.to
     : req.to.startsWith('replica:') ? `replica:${path.resolve(req.to.slice('replica:'.length))}` : path.resolve(req.to);
   const c = await request(control, { ...req, to: s3 ? '-' : to, freeze: req.freeze ? path.resolve(req.freeze) : undefined });

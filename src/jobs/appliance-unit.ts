@@ -294,7 +294,7 @@ export class ApplianceUnit {
   private async archive(output: string) {
     const h = this.o.hello;
     // eslint-disable-next-line @typescript-eslint/no-require-imports -- the SDK loads only for s3://
-    const s3 = isS3Url(output) ? new (require('../s3/destination') as typeof import('../s3/destination')).S3Destination(output, this.o.s3, { note: (n) => this.o.log(`unit ${h.unit}: ${n}`) }) : undefined;
+    const s3 = isS3Url(output) ? new (require('../s3/destination') as typeof import('../s3/destination')).S3Destination(output, this.o.s3, { note: (n) => this.o.log(`unit ${h.unit}: ${n}`), force: true }) : undefined;
     if (!s3) fs.mkdirSync(this.o.store, { recursive: true });
     const sink = createArchiveSink({ out: s3 ?? output });
     let lastProgress = 0;

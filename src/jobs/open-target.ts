@@ -74,7 +74,7 @@ export function openBackupTarget(target: string, opts: TargetOptions): BackupSin
   if (isS3Url(target)) {
     // eslint-disable-next-line @typescript-eslint/no-require-imports -- the SDK loads only for s3://
     const { S3Destination } = require('../s3/destination') as typeof import('../s3/destination');
-    return createArchiveSink({ out: new S3Destination(target, opts.s3, { note: opts.note }), recordSize: opts.recordSize, compress: opts.compress });
+    return createArchiveSink({ out: new S3Destination(target, opts.s3, { note: opts.note, force: opts.force }), recordSize: opts.recordSize, compress: opts.compress });
   }
   if (target !== '-' && !isTapeDevice(target)) {
     let st: fs.Stats | undefined;

@@ -46,7 +46,7 @@ export function minor(rdev: number): number {
 
 /** Refuses a target that is the source itself, or a file on a file system that lives on the source. */
 export function refuseTargetOnSource(source: Device, target: string): void {
-  if (target === '-' ) return;
+  if (target === '-' || target.startsWith('s3://')) return;
   let st: fs.Stats | undefined;
   try { st = fs.statSync(target); } catch { st = undefined; }
   const srcStat = fs.statSync(source.path);

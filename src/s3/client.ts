@@ -41,6 +41,8 @@ export async function makeS3Client(o: S3ClientOptions = {}): Promise<S3Client> {
     // A gateway that stops answering mid-request must fail the part (and so the job), not hang it.
     requestTimeout: 120_000,
   });
+  // The pinned SDK warns on Node < 22 about its future releases: nothing a user of this binary can act on.
+  process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
   const { S3Client } = s3sdk();
   const base = {
     requestHandler,

@@ -3,6 +3,7 @@
 import type { S3Client } from '@aws-sdk/client-s3';
 import type { RecordDestination } from '../sink/stream/target';
 import type { RecordOutput } from '../sink/stream/record-writer';
+import { UserError } from '../util/errors';
 import { formatBytes } from '../util/size';
 import { makeS3Client, s3sdk } from './client';
 import { s3Error } from './errors';
@@ -18,7 +19,7 @@ export class S3Destination implements RecordDestination {
   private output: S3MultipartOutput | undefined;
   private client: S3Client | undefined;
 
-  constructor(url: string, private readonly opts: S3Options = {}, private readonly hooks: { note?: (s: string) => void; part?: (s: MultipartStats) => void } = {}) {
+  constructor(url: string, private readonly opts: S3Options = {}, private readonly hooks: { note?: (s: string) => void; part?: (s: MultipartStats) => void; force?: boolean } = {}) {
     this.loc = parseS3Url(url);
     this.where = s3Url(this.loc);
   }
@@ -29,6 +30,9 @@ export class S3Destination implements RecordDestination {
     // Bucket and credentials are checked before the first byte, not after the first part is full.
     try {
       await checkBucket(this.client, this.loc);
+      if (!this.hooks.force && (await exists(this.client, this.loc))) {
+        throw new UserError(`target ${this.where} already exists`, 'choose another key, or pass --force to replace it (the old object stays until the new one is complete)');
+      }
     } catch (e) {
       this.client.destroy();
       throw e;
@@ -63,6 +67,18 @@ export async function checkStore(prefixUrl: string, opts: S3Options = {}): Promi
   const loc = parseS3Url(prefixUrl, { prefix: true });
   const client = await makeS3Client({ endpoint: opts.endpoint });
   try { await checkBucket(client, loc); } finally { client.destroy(); }
+}
+
+async function exists(client: S3Client, loc: S3Location): Promise<boolean> {
+  const { HeadObjectCommand } = s3sdk();
+  try {
+    await client.send(new HeadObjectCommand({ Bucket: loc.bucket, Key: loc.key }));
+    return true;
+  } catch (e) {
+    const x = e as { name?: string; $metadata?: { httpStatusCode?: number } };
+    if (x.name === 'NotFound' || x.$metadata?.httpStatusCode === 404) return false;
+    throw s3Error(e, `backup to ${s3Url(loc)}`, s3Url(loc));
+  }
 }
 
 export async function deleteObject(url: string, opts: S3Options = {}): Promise<void> {

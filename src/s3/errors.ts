@@ -14,7 +14,7 @@ export function s3Error(e: unknown, what: string, url: string): Error {
   if (code === 'NoSuchBucket') return new UserError(`${what}: the bucket of ${url} does not exist`, 'create it first (e.g. "aws s3 mb s3://BUCKET"), or check the name and the endpoint');
   if (code === 'NoSuchKey' || code === 'NotFound' || status === 404) return new UserError(`${what}: there is no object ${url}`, 'check the key ("aws s3 ls s3://BUCKET/PREFIX" lists them) and the endpoint');
   if (['InvalidAccessKeyId', 'SignatureDoesNotMatch', 'AccessDenied', 'InvalidToken', 'ExpiredToken', 'CredentialsProviderError'].includes(code) || status === 403) {
-    return new UserError(`${what}: the S3 server refused the credentials for ${url} (${code || `HTTP ${status}`})`, 'check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the profile (AWS_PROFILE, ~/.aws/credentials), and that the key may use this bucket');
+    return new UserError(`${what}: the S3 server refused the credentials for ${url} (${code && code !== 'Unknown' ? code : `HTTP ${status}`})`, 'check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the profile (AWS_PROFILE, ~/.aws/credentials), and that the key may use this bucket');
   }
   if (/Could not load credentials|credential/i.test(msg) && !status) return new UserError(`${what}: no S3 credentials found`, 'set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE with ~/.aws/credentials, as for the AWS CLI');
   if (['ECONNREFUSED', 'ECONNRESET', 'ENOTFOUND', 'EAI_AGAIN', 'ETIMEDOUT', 'EPIPE', 'EHOSTUNREACH', 'ENETUNREACH'].includes(net) || code === 'TimeoutError' || /socket hang up|timed? ?out/i.test(msg)) {

@@ -54,6 +54,7 @@ export class S3MultipartOutput implements RecordOutput {
   private error: Error | undefined;
   private bytes = 0;
   private aborted = false;
+  private tail: Promise<void> = Promise.resolve();
   private readonly url: string;
 
   constructor(private readonly client: S3Client, private readonly loc: S3Location, private readonly plan: PartPlan, private readonly onPart?: (s: MultipartStats) => void) {
@@ -64,7 +65,14 @@ export class S3MultipartOutput implements RecordOutput {
     return { parts: this.etags.filter(Boolean).length, bytes: this.bytes, partSize: this.plan.partSize, memoryBytes: this.plan.memoryBytes, uploadId: this.uploadId };
   }
 
-  async write(data: Buffer): Promise<void> {
+  /** Writes may be issued before the last one resolved (the record writer keeps several going): they run in order. */
+  write(data: Buffer): Promise<void> {
+    const w = this.tail.then(() => this.append(data));
+    this.tail = w.catch(() => {});
+    return w;
+  }
+
+  private async append(data: Buffer): Promise<void> {
     if (this.error) throw this.error;
     let off = 0;
     while (off < data.length) {
@@ -117,6 +125,7 @@ export class S3MultipartOutput implements RecordOutput {
   }
 
   async close(): Promise<void> {
+    await this.tail;
     if (this.error) throw this.error;
     const { PutObjectCommand, CompleteMultipartUploadCommand } = s3sdk();
     if (this.etags.length === 0) {
@@ -153,6 +162,7 @@ export class S3MultipartOutput implements RecordOutput {
     if (this.aborted) return;
     this.aborted = true;
     this.error ??= new Error('the upload was abandoned');
+    await this.tail;
     await Promise.allSettled([...this.inFlight]);
     this.buf = undefined;
     this.spare.length = 0;
