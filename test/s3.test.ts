@@ -79,6 +79,7 @@ s3test('offline backup to s3:// and back: restore and verify byte-exact, the obj
   t.regex(again.stderr, /target s3:\/\/.*data\.tar already exists[\s\S]*--force/);
   t.is((await ls(g, ['backup', vol.loop, '--to', url, '--force'])).status, 0);
   // An archive smaller than a part goes up in one PUT.
+  fs.mkdirSync(path.join(dir, 's'));
   const small = makeVolume(t, path.join(dir, 's'), { sizeMiB: 16, mkfs: ['mkfs.ext4', '-q', '-F'], seed: 5, dataMiB: 1 });
   t.is((await ls(g, ['backup', small.loop, '--to', `s3://${b}/small.tar`])).status, 0);
   const sr = path.join(dir, 'small.img');
