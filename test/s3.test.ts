@@ -230,3 +230,22 @@ s3test('the appliance\'s --store s3://BUCKET/PREFIX: the archive it writes from 
   t.is(bad.status, 1);
   t.regex(bad.stderr, /bucket of s3:\/\/no-such-bucket-here\/x\/ does not exist/);
 });
+
+s3test('TLS to the endpoint is verified: a gateway whose CA is not trusted is refused, AWS_CA_BUNDLE trusts it', async (t) => {
+  const tls = await startRgw({ tls: true });
+  t.teardown(() => tls.stop());
+  const dir = scratchDir(t, 'livesnap-s3-tls-');
+  const vol = path.join(dir, 'vol.raw');
+  fs.writeFileSync(vol, crypto.randomBytes(4 * MiB));
+  const b = bucket(tls);
+  // Without the CA: only the system's trust store (the env of startRgw also sets NODE_EXTRA_CA_CERTS).
+  const bare: NodeJS.ProcessEnv = { ...tls.env, AWS_CA_BUNDLE: '', NODE_EXTRA_CA_CERTS: '' };
+  const refused = await cli(['backup', vol, '--format', 'tar', '--to', `s3://${b}/v.tar`], bare);
+  t.is(refused.status, 1);
+  t.regex(refused.stderr, /TLS certificate of the S3 endpoint .* was not trusted[\s\S]*AWS_CA_BUNDLE/);
+  const ok = await cli(['backup', vol, '--format', 'tar', '--to', `s3://${b}/v.tar`], { ...bare, AWS_CA_BUNDLE: tls.ca });
+  t.is(ok.status, 0, ok.stderr);
+  const r = await cli(['restore', `s3://${b}/v.tar`, '--to', path.join(dir, 'r.img')], { ...bare, AWS_CA_BUNDLE: tls.ca });
+  t.is(r.status, 0, r.stderr);
+  t.is(sha(path.join(dir, 'r.img')), sha(vol));
+});
