@@ -5,7 +5,7 @@
 // calls the backup "OK -- with warnings" with JobStatus T: what a user must check is asserted here.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { livesnap } from './helpers/cli';
+import { BIN, livesnap } from './helpers/cli';
 import { BACULA_COMMANDS, baculaSite } from './helpers/bacula';
 import { deviceWithBadRanges } from './helpers/badblocks';
 import { serialIf } from './helpers/skip';
@@ -102,6 +102,15 @@ needs('livesnap refusing the volume: Bacula says "Backup OK -- with warnings", J
   t.regex(b.log, closeError('vol'));
   // The RunScript's alert did fire (MailOnError would not: JobStatus is T).
   t.is(fs.readFileSync(path.join(dir, `alert-${b.jobId}`), 'utf8'), `livesnap backup backup-vol JobId ${b.jobId}: 1 errors, 0 bytes\n`);
+
+  // With "livesnap backup ... --check" as the client's run-before step the same refusal fails the job.
+  const site2 = await baculaSite(t, path.join(dir, 'bacula-check'), [{ name: 'vol', device: vol.loop, before: `${process.execPath} ${BIN} backup ${vol.loop} --to - --check` }]);
+  const c = await site2.runJob('backup-vol');
+  t.log(`with --check before: JobStatus ${c.status}, JobBytes ${c.bytes}, "${c.termination}"`);
+  t.is(c.status, 'f', c.log);
+  t.is(c.bytes, 0);
+  t.regex(c.log, new RegExp(`livesnap: error: ${vol.loop} is mounted read-write at ${vol.mnt}`));
+  await site2.stop();
 
   // Restoring that empty file fails loudly: livesnap refuses it and the restore job is in error.
   const where = path.join(dir, 'restore-1');

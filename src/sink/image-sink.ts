@@ -30,6 +30,10 @@ export class ImageSink implements BackupSink {
     this.isDevice = !!st?.isBlockDevice();
     if (st && !this.isDevice && !st.isFile()) throw new UserError(`target ${target} is neither a regular file nor a block device`);
     if (st?.isFile() && !opts.force) throw new UserError(`target ${target} already exists`, 'choose another name, or pass --force to overwrite it');
+    if (!st) {
+      const dir = path.dirname(path.resolve(target));
+      if (!fs.existsSync(dir)) throw new UserError(`the target's directory ${dir} does not exist`, `create it first (mkdir -p ${dir}), or choose another target`);
+    }
     this.workPath = this.isDevice ? target : `${target}.partial`;
   }
 

@@ -34,6 +34,8 @@ export interface BpipeJob {
   /** A director-side RunScript run after the job (RunsWhen = After, RunsOnFailure = yes): a
    *  command with Bacula's codes (%i JobId, %E non-fatal errors, %b bytes, %e exit status ...). */
   after?: string;
+  /** A client-side RunScript run before the job with FailJobOnError (e.g. `livesnap backup ... --check`). */
+  before?: string;
 }
 
 export interface JobResult {
@@ -266,7 +268,13 @@ Job {
   FileSet = "fs-${j.name}"
   Storage = File
   Pool = Default
-  Messages = Standard${j.after ? `
+  Messages = Standard${j.before ? `
+  RunScript {
+    RunsWhen = Before
+    RunsOnClient = yes
+    FailJobOnError = yes
+    Command = ${q(j.before)}
+  }` : ''}${j.after ? `
   RunScript {
     RunsWhen = After
     RunsOnClient = no

@@ -106,6 +106,7 @@ export class BackupCommand extends LivesnapCommand {
       ['Keep a replica that only moves between snapshots', '$0 backup data --to replica:/backup/data.replica'],
       ['... or on another machine (livesnap appliance --replica data=PATH there)', '$0 backup data --to replica://10.0.0.2:10810/data --key /etc/livesnap/appliance.psk'],
       ['Straight into object storage (an S3 multipart upload; Ceph RGW, MinIO or AWS)', '$0 backup data --to s3://backups/data-$(date +%F).tar --s3-endpoint https://rgw.example.com'],
+      ['Before a backup program runs livesnap: would this backup be refused? (exit 1 and why, or 0)', '$0 backup /dev/sdb1 --to - --check'],
       ['Keep going past bad blocks', '$0 backup /dev/sdc --to /backup/sdc.img --on-error ignore'],
     ],
   });
@@ -139,6 +140,7 @@ export class BackupCommand extends LivesnapCommand {
   incremental = Option.Boolean('--incremental', false, { description: 'Online: only the blocks changed since the export\'s last backup (and used, and not excluded), as an archive whose manifest names its parent; the first backup is full, and says so. Restore a chain with "livesnap restore full.tar d1.tar d2.tar --to X"' });
   exclude = Option.Array('--exclude', { description: 'Online: leave out files matching PATTERN (relative to --mount/--freeze; "*", "**", "?"; repeatable): their blocks are not sent and read as zeros after a restore' });
   excludeSwap = Option.Boolean('--exclude-swap', true, { description: 'Online: leave out swap files of the mounted file system (default on; --no-exclude-swap keeps them)' });
+  check = Option.Boolean('--check', false, { description: 'Check only: every refusal a backup would make (source missing, mounted read-write, served, target exists, no such export, a backup already running), then exit 0 without copying (for a backup program\'s run-before step)' });
   format = Option.String('--format', { description: 'raw | tar (default: from the target: .img raw; .tar, - and tape devices tar)', validator: t.isEnum(['raw', 'tar'] as const) });
 
   /** --s3-*: checked whatever the target, so a stray one is an error rather than ignored. */
@@ -149,7 +151,21 @@ export class BackupCommand extends LivesnapCommand {
     return parseS3Options({ endpoint: this.s3Endpoint, partSize: this.s3PartSize, parallel: this.s3Parallel });
   }
 
+  /** --check of an export: the daemon serves it and no backup of it is running. */
+  private async checkOnline(): Promise<number> {
+    /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
+    const { call } = require('../../control/client') as typeof import('../../control/client');
+    /* eslint-enable @typescript-eslint/no-require-imports */
+    const res = await call(resolveControlPath(this.control), { op: 'status' });
+    const exp = (res.exports as Array<{ name: string; job: { id: string } | null }>).find((e) => e.name === this.source);
+    if (!exp) throw new UserError(`no export named "${this.source}" is served`, '"livesnap status" lists the exports');
+    if (exp.job) throw new UserError(`export ${this.source} has a backup running (job ${exp.job.id})`, 'wait for it, or "livesnap cancel JOB"');
+    this.reporter.done({ check: true, export: this.source, to: this.to }, [`check ok: export ${this.source} is served and idle (nothing copied)`]);
+    return 0;
+  }
+
   private online(): Promise<number> {
+    if (this.check) return this.checkOnline();
     if (this.to.startsWith('appliance://')) return this.toAppliance();
     const remoteReplica = this.to.startsWith('replica://');
     if (!remoteReplica && (this.key !== undefined || this.applianceTimeout !== undefined)) throw new UserError(`${this.key !== undefined ? '--key' : '--appliance-timeout'} goes with --to appliance://HOST:PORT or replica://HOST:PORT/NAME`);
@@ -267,6 +283,13 @@ export class BackupCommand extends LivesnapCommand {
     const unguard = this.method === 'freeze' ? guardFrozen() : () => {};
     try {
       refuseTargetOnSource(source, this.to);
+      if (this.check) {
+        // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded on use (startup time)
+        (require('../../jobs/open-target') as typeof import('../../jobs/open-target')).checkTargetOptions(this.to, { format: this.format, compress: this.compress, tapeSize: this.tapeSize !== undefined ? 1 : undefined, recordSize: this.recordSize !== undefined ? parseSize(this.recordSize, '--record-size') : undefined });
+        if (this.to !== '-' && !isS3Url(this.to) && !this.force && fs.existsSync(this.to) && fs.statSync(this.to).isFile()) throw new UserError(`target ${this.to} already exists`, 'choose another name, or pass --force to overwrite it');
+        this.reporter.done({ check: true, source: this.source, to: this.to, size: source.size }, [`check ok: ${this.source} can be backed up to ${this.to} (nothing copied)`]);
+        return 0;
+      }
       const sink = openBackupTarget(this.to, {
         force: this.force,
         format: this.format,
