@@ -8,13 +8,13 @@ import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
-import { type Rgw, rgwRequirements, rgwTlsRequirements, startRgw } from './helpers/rgw';
+import { AWS_CLI, type Rgw, rgwRequirements, rgwTlsRequirements, startRgw } from './helpers/rgw';
 import { requirements, serialIf } from './helpers/skip';
 
 const execFileP = promisify(execFile);
-const needs = { commands: [...rgwRequirements.commands, 'aws'] };
+const needs = { commands: [...rgwRequirements.commands, '/usr/bin/aws'] };
 const check = serialIf(needs);
-const checkTls = serialIf({ commands: [...rgwTlsRequirements.commands, 'aws'] });
+const checkTls = serialIf({ commands: [...rgwTlsRequirements.commands, '/usr/bin/aws'] });
 
 const mib = (bytes: number): string => (bytes / 2 ** 20).toFixed(0);
 
@@ -33,7 +33,7 @@ test.after.always(async () => {
 /** The awscli against `g` (Debian 12's awscli 2.9 ignores AWS_ENDPOINT_URL, hence --endpoint-url). */
 async function aws(g: Rgw, args: string[], env: NodeJS.ProcessEnv = {}): Promise<string> {
   const extra = g.ca ? ['--ca-bundle', g.ca] : [];
-  const { stdout } = await execFileP('aws', ['--endpoint-url', g.endpoint, ...extra, ...args], { env: { ...g.env, ...env }, maxBuffer: 64 << 20, timeout: 120_000 });
+  const { stdout } = await execFileP(AWS_CLI, ['--endpoint-url', g.endpoint, ...extra, ...args], { env: { ...g.env, ...env }, maxBuffer: 64 << 20, timeout: 120_000 });
   return stdout;
 }
 
@@ -81,5 +81,5 @@ checkTls('rgw: --tls serves https with its own CA, beside the first cluster', as
   t.regex(await aws(g, ['s3', 'ls']), /\stls$/m);
   // Without the CA the certificate is not trusted.
   const { AWS_CA_BUNDLE: _, ...untrusted } = g.env;
-  await t.throwsAsync(execFileP('aws', ['--endpoint-url', g.endpoint, 's3', 'ls'], { env: { ...untrusted, AWS_MAX_ATTEMPTS: '1' }, timeout: 60_000 }));
+  await t.throwsAsync(execFileP(AWS_CLI, ['--endpoint-url', g.endpoint, 's3', 'ls'], { env: { ...untrusted, AWS_MAX_ATTEMPTS: '1' }, timeout: 60_000 }));
 });

@@ -19,15 +19,17 @@ export interface ArchiveJobOptions {
   nextVolumeCommand?: string;
   /** The endpoint of an s3:// input. */
   s3?: S3Options;
+  /** What the reader works around (a resumed S3 GET). */
+  onNote?: (s: string) => void;
   onManifest?: (m: Manifest) => void;
   onProgress?: (done: number, total: number) => void;
 }
 
 function openInput(o: ArchiveJobOptions): ArchiveInput {
   if (o.input === '-') return process.stdin;
-  if (Array.isArray(o.input)) return o.input.length === 1 ? archiveBytes(o.input[0]!, o.s3) : readVolumes(o.input);
+  if (Array.isArray(o.input)) return o.input.length === 1 ? archiveBytes(o.input[0]!, o.s3, o.onNote) : readVolumes(o.input);
   if (o.nextVolumeCommand) return readVolumes({ path: o.input, nextVolumeCommand: o.nextVolumeCommand });
-  return archiveBytes(o.input, o.s3);
+  return archiveBytes(o.input, o.s3, o.onNote);
 }
 
 async function archiveToSink(o: ArchiveJobOptions, sink: BackupSink | undefined): Promise<ArchiveSummary> {

@@ -46,6 +46,7 @@ export interface ChainRestoreOptions {
   inputs: string[];
   /** The endpoint of s3:// inputs. */
   s3?: S3Options;
+  onNote?: (s: string) => void;
   target: string;
   force?: boolean;
   onArchive?: (i: number, m: Manifest) => void;
@@ -67,7 +68,7 @@ export async function restoreChain(o: ChainRestoreOptions): Promise<{ manifests:
       const m0 = manifests[i]!;
       let stager: AlignedStager | undefined;
       try {
-        const s = await readArchive(archiveBytes(o.inputs[i]!, o.s3), {
+        const s = await readArchive(archiveBytes(o.inputs[i]!, o.s3, o.onNote), {
           onManifest: (m) => {
             if (m.backup?.id !== m0.backup?.id || m.storedBytes !== m0.storedBytes) throw new Error(`${o.inputs[i]} changed while the chain was restored`);
             o.onArchive?.(i, m);

@@ -3,7 +3,7 @@
 // scratch directory and stopped by test/rgw/rgw-down. It takes ~8 s to come up, so a test file
 // starts one in test.before and stops it in test.after.always, and its tests share it:
 //
-//   const needs = { commands: [...rgwRequirements.commands, 'aws'] };
+//   const needs = { commands: [...rgwRequirements.commands, '/usr/bin/aws'] };
 //   let rgw: Rgw | undefined;
 //   test.before(async () => { if (!requirements(needs)) rgw = await startRgw(); });
 //   test.after.always(async () => { await rgw?.stop(); });
@@ -19,7 +19,14 @@ const scripts = path.resolve(__dirname, '../../../test/rgw');
 export const RGW_UP = path.join(scripts, 'rgw-up');
 export const RGW_DOWN = path.join(scripts, 'rgw-down');
 
-/** What startRgw needs (for testIf/serialIf/requirements from ./skip). Add 'aws' to use the awscli. */
+/**
+ * Debian's AWS CLI (package awscli, which scripts/setup --test installs), by its path: another `aws`
+ * earlier in PATH (pip's, pyenv's) is not what the tests are set up with. It ignores AWS_ENDPOINT_URL
+ * (2.9): pass --endpoint-url.
+ */
+export const AWS_CLI = '/usr/bin/aws';
+
+/** What startRgw needs (for testIf/serialIf/requirements from ./skip). Add AWS_CLI to use the awscli. */
 export const rgwRequirements: { root?: boolean; commands: string[] } = {
   commands: ['ceph-mon', 'ceph-mgr', 'ceph-osd', 'radosgw', 'radosgw-admin', 'monmaptool', 'ceph', 'curl', 'ss', 'uuidgen'],
 };

@@ -71,7 +71,7 @@ export class RestoreCommand extends LivesnapCommand {
       const t0 = performance.now();
       const s = await restoreArchive({
         input: this.image,
-        s3: this.s3(),
+        s3: this.s3(), onNote: (n: string) => this.reporter.info(`note: ${n}`),
         target: this.to,
         force: this.force,
         nextVolumeCommand: this.nextVolume,
@@ -115,7 +115,7 @@ export class RestoreCommand extends LivesnapCommand {
     const r = this.reporter;
     const t0 = performance.now();
     const s = await restoreChain({
-      inputs, target: this.to, force: this.force, s3: this.s3(),
+      inputs, target: this.to, force: this.force, s3: this.s3(), onNote: (n: string) => this.reporter.info(`note: ${n}`),
       onArchive: (i, m) => r.info(`${i === 0 ? 'full' : 'incremental'} ${m.backup?.id ?? ''} of ${m.source} taken ${m.snapshotTime} (${inputs[i]})`),
       onProgress: (d, t) => r.progress('restore', d, t, `${formatBytes(d)}/${formatBytes(t)}`),
     });

@@ -78,7 +78,7 @@ export class VerifyCommand extends LivesnapCommand {
     checkChain(links);
     const r = this.reporter;
     let chunks = 0;
-    for (const f of inputs) chunks += (await verifyArchive({ input: f, s3: this.s3(), onProgress: (d, t) => r.progress('verify', d, t, `${f}: ${formatBytes(d)}/${formatBytes(t)}`) })).chunksVerified;
+    for (const f of inputs) chunks += (await verifyArchive({ input: f, s3: this.s3(), onNote: (n: string) => this.reporter.info(`note: ${n}`), onProgress: (d, t) => r.progress('verify', d, t, `${f}: ${formatBytes(d)}/${formatBytes(t)}`) })).chunksVerified;
     r.done({ images: inputs, format: 'tar', match: true, chain: links.map((l) => ({ id: l.id ?? null, parent: l.parent ?? null, kind: l.kind ?? 'full', snapshotTime: l.snapshotTime })), chunksVerified: chunks },
       [`chain ok: ${inputs.length} archives, each incremental follows the one before it; ${chunks} chunk checksums verified; restores the volume as at ${links[links.length - 1]!.snapshotTime}`]);
     return 0;
@@ -91,7 +91,7 @@ export class VerifyCommand extends LivesnapCommand {
     const r = this.reporter;
     const s = await verifyArchive({
       input: this.image,
-      s3: this.s3(),
+      s3: this.s3(), onNote: (n: string) => this.reporter.info(`note: ${n}`),
       against: this.against,
       nextVolumeCommand: this.nextVolume,
       onProgress: (d, t) => r.progress('verify', d, t, `${formatBytes(d)}/${formatBytes(t)}`),
