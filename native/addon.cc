@@ -10,6 +10,7 @@ Napi::Value Lock(const Napi::CallbackInfo&);
 Napi::Value Close(const Napi::CallbackInfo&);
 Napi::Value Stat(const Napi::CallbackInfo&);
 Napi::Value AllocAligned(const Napi::CallbackInfo&);
+Napi::Value ZeroAligned(const Napi::CallbackInfo&);
 Napi::Value Fdatasync(const Napi::CallbackInfo&);
 Napi::Value Discard(const Napi::CallbackInfo&);
 Napi::Value ZeroRange(const Napi::CallbackInfo&);
@@ -34,6 +35,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("close", Napi::Function::New(env, Close));
   exports.Set("stat", Napi::Function::New(env, Stat));
   exports.Set("allocAligned", Napi::Function::New(env, AllocAligned));
+  exports.Set("zeroAligned", Napi::Function::New(env, ZeroAligned));
   exports.Set("fdatasync", Napi::Function::New(env, Fdatasync));
   exports.Set("discard", Napi::Function::New(env, Discard));
   exports.Set("zeroRange", Napi::Function::New(env, ZeroRange));

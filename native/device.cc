@@ -6,6 +6,7 @@
 #include <linux/fs.h>
 #include <sys/file.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
@@ -115,6 +116,13 @@ Napi::Value Stat(const Napi::CallbackInfo& info) {
 }
 
 static void FreeAligned(Napi::Env, void* data) { free(data); }
+static void UnmapAligned(Napi::Env, void* data, size_t* length) { munmap(data, *length); delete length; }
+
+// From this size on, aligned memory is an anonymous mapping of its own: zero pages the kernel fills
+// on first touch, so only the pages actually used are resident. A served export's 32 MiB I/O arena
+// that sees 4 KiB requests costs a few pages, not 32 MiB; a memory:64M container costs the originals
+// it holds. Below it: posix_memalign + memset.
+static constexpr int64_t kMapFrom = 1 << 20;
 
 // allocAligned(size, alignment=4096) -> ArrayBuffer (zeroed). Meant to be pooled by the caller:
 // external memory is only released when the event loop turns and GC runs.
@@ -127,12 +135,33 @@ Napi::Value AllocAligned(const Napi::CallbackInfo& info) {
   if (info.Length() > 1 && (!GetOffset(info[1], &align) || align < 512 || (align & (align - 1)))) {
     Napi::RangeError::New(env, "allocAligned: alignment must be a power of two >= 512").ThrowAsJavaScriptException(); return env.Null();
   }
+  if (size >= kMapFrom && align <= sysconf(_SC_PAGESIZE)) {
+    void* m = mmap(nullptr, (size_t)size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) { ErrnoError(env, errno, "mmap").ThrowAsJavaScriptException(); return env.Null(); }
+    Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, m, (size_t)size, UnmapAligned, new size_t((size_t)size));
+    Napi::MemoryManagement::AdjustExternalMemory(env, size);
+    return ab;
+  }
   void* p = nullptr;
   if (posix_memalign(&p, (size_t)align, (size_t)size) != 0) { ErrnoError(env, ENOMEM, "posix_memalign").ThrowAsJavaScriptException(); return env.Null(); }
   memset(p, 0, (size_t)size);
   Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, p, (size_t)size, FreeAligned);
   Napi::MemoryManagement::AdjustExternalMemory(env, size);
   return ab;
+}
+
+// zeroAligned(arrayBuffer) -> true if it was an anonymous mapping of allocAligned's (size from
+// kMapFrom, page-aligned): its pages are given back to the kernel (MADV_DONTNEED), so it reads as
+// zeros again and costs no memory until touched. false: nothing done, the caller zeroes it.
+Napi::Value ZeroAligned(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsArrayBuffer()) { Napi::TypeError::New(env, "usage: zeroAligned(arrayBuffer)").ThrowAsJavaScriptException(); return env.Null(); }
+  Napi::ArrayBuffer ab = info[0].As<Napi::ArrayBuffer>();
+  const long page = sysconf(_SC_PAGESIZE);
+  const size_t len = ab.ByteLength();
+  if ((int64_t)len < kMapFrom || len % (size_t)page != 0 || reinterpret_cast<uintptr_t>(ab.Data()) % (uintptr_t)page != 0) return Napi::Boolean::New(env, false);
+  if (madvise(ab.Data(), len, MADV_DONTNEED) != 0) return Napi::Boolean::New(env, false);
+  return Napi::Boolean::New(env, true);
 }
 
 Napi::Value Fdatasync(const Napi::CallbackInfo& info) {

@@ -55,6 +55,23 @@ test('reads past the end are short, bad segments are refused', async (t) => {
   t.throws(() => dev.readBatch(buf, new Float64Array([0, 4096])), { message: /triplets/ });
 });
 
+test('aligned memory from 1 MiB is mapped on demand: zeroed, costs only the pages touched, and zeroAligned gives its pages back', (t) => {
+  const resident = () => Number(/^VmRSS:\s+(\d+)/m.exec(fs.readFileSync('/proc/self/status', 'utf8'))![1]) * 1024;
+  const before = resident();
+  const big = native().allocAligned(256 << 20);
+  t.true(resident() - before < 64 << 20, 'a fresh 256 MiB buffer is not resident');
+  const b = new Uint8Array(big);
+  t.is(b[0], 0);
+  t.is(b[b.length - 1], 0);
+  b.fill(0xa5, 0, 8 << 20);
+  t.true(native().zeroAligned(big), 'a mapped buffer is zeroed by giving its pages back');
+  t.true(b.subarray(0, 8 << 20).every((x) => x === 0));
+  const small = native().allocAligned(64 << 10);
+  new Uint8Array(small).fill(1);
+  t.false(native().zeroAligned(small), 'a small buffer is left alone (the caller zeroes it)');
+  t.is(new Uint8Array(small)[0], 1);
+});
+
 test('open errors name the path and say what to do', (t) => {
   const dir = scratchDir(t);
   t.throws(() => Device.open(path.join(dir, 'nope')), { instanceOf: UserError, message: /no such file or device/ });

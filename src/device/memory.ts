@@ -11,6 +11,8 @@ const RETAIN_BYTES = 512 << 20;
 class AlignedPool {
   private readonly free = new Map<number, ArrayBuffer[]>();
   private retained = 0;
+  /** Retained buffers already zeroed (their pages given back) when they were returned. */
+  private readonly released = new WeakSet<ArrayBuffer>();
   /** Bytes handed out and not yet given back. */
   inUse = 0;
 
@@ -21,7 +23,9 @@ class AlignedPool {
     this.inUse += size;
     if (b) {
       this.retained -= size;
-      new Uint8Array(b).fill(0); // as a fresh allocation would be: no bytes of an earlier user leak
+      // As a fresh allocation would be: no bytes of an earlier user leak. A mapped buffer was
+      // zeroed when it came back (its pages returned to the kernel).
+      if (!this.released.delete(b)) new Uint8Array(b).fill(0);
       return b;
     }
     return native().allocAligned(size, ALIGN);
@@ -30,6 +34,10 @@ class AlignedPool {
   give(b: ArrayBuffer): void {
     this.inUse -= b.byteLength;
     if (this.retained + b.byteLength > RETAIN_BYTES) return;
+    // A large buffer (an anonymous mapping) kept for reuse keeps no memory while it waits: its pages
+    // go back to the kernel and read as zeros. 100 exports' arenas and ten finished backups'
+    // containers would otherwise stay resident in the pool.
+    if (native().zeroAligned(b)) this.released.add(b);
     const list = this.free.get(b.byteLength) ?? [];
     list.push(b);
     this.free.set(b.byteLength, list);

@@ -61,6 +61,12 @@ export interface NativeAddon {
   /** Zeroed memory aligned for O_DIRECT. Pool it: it is only freed when GC runs. */
   allocAligned(size: number, alignment?: number): ArrayBuffer;
   /**
+   * Zeroes a buffer of allocAligned's that is an anonymous mapping (1 MiB and up) by giving its
+   * pages back to the kernel (no longer resident until touched): true; false for any other buffer
+   * (nothing done: zero it yourself).
+   */
+  zeroAligned(buffer: ArrayBuffer): boolean;
+  /**
    * Runs a whole batch of positioned reads into `buffer`: `segments` holds [offset, length, bufOffset]
    * triplets. Resolves with one entry per segment: bytes read (short only at end of file) or -errno.
    */
