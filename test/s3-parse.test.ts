@@ -73,3 +73,11 @@ test('part plan: any archive fits in S3\'s 10,000 parts; memory is (in flight + 
   // Unknown size: the asked-for part size.
   t.is(planParts(undefined, dflt).partSize, 16 * MiB);
 });
+
+test('a part larger than this Node\'s largest buffer is refused before any request, saying what to run instead', async (t) => {
+  const { constants } = await import('node:buffer');
+  const { S3Destination } = await import('../src/s3/destination');
+  const d = new S3Destination('s3://backups/huge.tar');
+  if (constants.MAX_LENGTH >= 8 * GiB) { t.pass('this Node holds 8 GiB buffers'); return; }
+  await t.throwsAsync(d.open(64 * TiB), { message: /needs S3 parts of 6\.\d+ GiB .* holds at most 4\.00 GiB in one buffer/ });
+});

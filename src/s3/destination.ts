@@ -26,6 +26,11 @@ export class S3Destination implements RecordDestination {
 
   async open(expectedBytes: number | undefined): Promise<RecordOutput> {
     const plan = planParts(expectedBytes, { minPart: this.opts.partSize ?? S3_DEFAULT_PART, inFlight: this.opts.parallel ?? S3_DEFAULT_PARALLEL, memoryLimit: S3_MEMORY_LIMIT });
+    // A part is one Buffer: Node 20 caps those at 4 GiB (Node 24, the single binary's, does not).
+    const maxBuffer = (require('node:buffer') as typeof import('node:buffer')).constants.MAX_LENGTH; // eslint-disable-line @typescript-eslint/no-require-imports
+    if (plan.partSize > maxBuffer) {
+      throw new UserError(`an archive of ${formatBytes(expectedBytes ?? 0)} needs S3 parts of ${formatBytes(plan.partSize)} (S3 takes at most 10,000 parts), and this Node (${process.version}) holds at most ${formatBytes(maxBuffer)} in one buffer`, 'run the livesnap single binary (it embeds Node 24), or split the volume\'s backup');
+    }
     this.client = await makeS3Client({ endpoint: this.opts.endpoint, maxSockets: plan.inFlight + 2 });
     // Bucket and credentials are checked before the first byte, not after the first part is full.
     try {
