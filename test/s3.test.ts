@@ -42,6 +42,21 @@ function awsStatus(g: Rgw, args: string[]): number {
 }
 const uploadsOf = (g: Rgw, bucket: string): unknown[] => (JSON.parse(aws(g, ['s3api', 'list-multipart-uploads', '--bucket', bucket, '--output', 'json']) || '{}') as { Uploads?: unknown[] }).Uploads ?? [];
 
+/** The CLI as a child the test can signal, its stderr kept; killed at teardown if still running. */
+function startCli(t: ExecutionContext, g: Rgw, args: string[], env: NodeJS.ProcessEnv = {}) {
+  const child = spawn(process.execPath, [BIN, ...args], { env: { ...process.env, ...g.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  t.teardown(() => { if (child.exitCode === null) child.kill('SIGKILL'); });
+  const out = { child, stderr: '', exit: new Promise<number | null>((res) => child.once('close', (c) => res(c))) };
+  child.stderr.on('data', (x) => (out.stderr += x));
+  return out;
+}
+
+/** Waits until the bucket has a multipart upload in progress (the first part is on the server). */
+async function uploadStarted(g: Rgw, b: string): Promise<void> {
+  const end = Date.now() + 30_000;
+  while (uploadsOf(g, b).length === 0 && Date.now() < end) await sleep(200);
+}
+
 let buckets = 0;
 function bucket(g: Rgw): string {
   const b = `lsnap-${process.pid}-${++buckets}`;
@@ -122,20 +137,14 @@ s3test('the gateway stopped mid-upload: the backup fails saying so, no object ap
   fs.writeFileSync(vol, crypto.randomBytes(256 * MiB));
   const b = bucket(g);
   const url = `s3://${b}/cut.tar`;
-  const child = spawn(process.execPath, [BIN, 'backup', vol, '--format', 'tar', '--to', url, '--max-rate', '24M', '--s3-part-size', '8M', '--json'], { env: { ...process.env, ...g.env }, stdio: ['ignore', 'pipe', 'pipe'] });
-  t.teardown(() => { if (child.exitCode === null) child.kill('SIGKILL'); });
-  let stderr = '';
-  child.stderr.on('data', (x) => (stderr += x));
-  const exit = new Promise<number | null>((res) => child.once('close', (c) => res(c)));
+  const run1 = startCli(t, g, ['backup', vol, '--format', 'tar', '--to', url, '--max-rate', '24M', '--s3-part-size', '8M', '--json']);
   // Parts are on the server: then the gateway goes away.
-  const end = Date.now() + 30_000;
-  while (uploadsOf(g, b).length === 0 && Date.now() < end) await sleep(200);
+  await uploadStarted(g, b);
   t.is(uploadsOf(g, b).length, 1, 'the upload started');
   await sleep(1500);
   await g.stopGateway();
-  const code = await exit;
-  t.is(code, 1, stderr);
-  t.regex(stderr, /S3 endpoint .* could not be reached or stopped answering/);
+  t.is(await run1.exit, 1, run1.stderr);
+  t.regex(run1.stderr, /S3 endpoint .* could not be reached or stopped answering/);
   await g.startGateway();
   t.not(awsStatus(g, ['s3api', 'head-object', '--bucket', b, '--key', 'cut.tar']), 0, 'no object');
   const left = await ls(g, ['s3', 'uploads', url, '--json']);
@@ -156,11 +165,8 @@ s3test('the gateway killed and restarted mid-restore: the ranged GET resumes whe
   const noEnv = { AWS_ENDPOINT_URL: '' };
   t.is((await ls(g, ['backup', vol, '--format', 'tar', '--to', `s3://${b}/r.tar`, '--s3-endpoint', g.endpoint], noEnv)).status, 0);
   const target = path.join(dir, 'r.img');
-  const child = spawn(process.execPath, [BIN, 'restore', `s3://${b}/r.tar`, '--to', target, '--s3-endpoint', g.endpoint], { env: { ...process.env, ...g.env, ...noEnv }, stdio: ['ignore', 'pipe', 'pipe'] });
-  t.teardown(() => { if (child.exitCode === null) child.kill('SIGKILL'); });
-  let stderr = '';
-  child.stderr.on('data', (x) => (stderr += x));
-  const exit = new Promise<number | null>((res) => child.once('close', (c) => res(c)));
+  const run1 = startCli(t, g, ['restore', `s3://${b}/r.tar`, '--to', target, '--s3-endpoint', g.endpoint], noEnv);
+  const child = run1.child;
   const partial = `${target}.partial`;
   const end = Date.now() + 60_000;
   const written = () => { try { return fs.statSync(partial).blocks * 512; } catch { return 0; } };
@@ -169,8 +175,8 @@ s3test('the gateway killed and restarted mid-restore: the ranged GET resumes whe
   await g.stopGateway({ kill: true });
   await sleep(500);
   await g.startGateway();
-  t.is(await exit, 0, stderr);
-  t.regex(stderr, /note: reading s3:\/\/.*r\.tar broke off at byte \d+ .*: retry 1 of 5/);
+  t.is(await run1.exit, 0, run1.stderr);
+  t.regex(run1.stderr, /note: reading s3:\/\/.*r\.tar broke off at byte \d+ .*: retry 1 of 5/);
   t.is(sha(target), sha(vol));
 });
 
@@ -179,17 +185,12 @@ s3test('Ctrl-C during an upload: the backup aborts its own multipart upload; no 
   const vol = path.join(dir, 'vol.raw');
   fs.writeFileSync(vol, crypto.randomBytes(128 * MiB));
   const b = bucket(g);
-  const child = spawn(process.execPath, [BIN, 'backup', vol, '--format', 'tar', '--to', `s3://${b}/int.tar`, '--max-rate', '24M', '--s3-part-size', '5M'], { env: { ...process.env, ...g.env }, stdio: ['ignore', 'pipe', 'pipe'] });
-  t.teardown(() => { if (child.exitCode === null) child.kill('SIGKILL'); });
-  let stderr = '';
-  child.stderr.on('data', (x) => (stderr += x));
-  const exit = new Promise<number | null>((res) => child.once('close', (c) => res(c)));
-  const end = Date.now() + 30_000;
-  while (uploadsOf(g, b).length === 0 && Date.now() < end) await sleep(200);
+  const run1 = startCli(t, g, ['backup', vol, '--format', 'tar', '--to', `s3://${b}/int.tar`, '--max-rate', '24M', '--s3-part-size', '5M']);
+  await uploadStarted(g, b);
   await sleep(800);
-  child.kill('SIGINT');
-  t.is(await exit, 130, stderr);
-  t.regex(stderr, /backup cancelled, aborting the S3 upload/);
+  run1.child.kill('SIGINT');
+  t.is(await run1.exit, 130, run1.stderr);
+  t.regex(run1.stderr, /backup cancelled, aborting the S3 upload/);
   t.deepEqual(uploadsOf(g, b), []);
   t.not(awsStatus(g, ['s3api', 'head-object', '--bucket', b, '--key', 'int.tar']), 0, 'no object');
 });
