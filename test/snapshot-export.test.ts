@@ -9,7 +9,7 @@ import { encodeRequest } from '../src/nbd/transmission';
 import * as P from '../src/nbd/protocol';
 import { BIN } from './helpers/cli';
 import { attach } from './helpers/nbd-raw';
-import { attachExport, checkSnapshot, cli, now, SelfDescribingWriters, serialIf, serveDevice, sh, sleep, waitUntil } from './helpers/online';
+import { attachExport, checkFinal, checkSnapshot, cli, now, SelfDescribingWriters, serialIf, serveDevice, sh, sleep, waitUntil } from './helpers/online';
 import { rng, runStatus, scratchDir, seedFromEnv, sparseFile } from './helpers/system';
 
 const MiB = 1 << 20;
@@ -162,4 +162,41 @@ test('a real ext4 with churn: the view mounted read-only through nbdfuse + loop 
   await waitUntil(() => !fs.existsSync(cow), 5000, 'the container file to be removed');
   const st = await served.status();
   t.is(st.exports[0]!.job, null);
+});
+
+test('snapshot --method hold --hold-log: writes go to the log (acknowledged at once), the view reads the device as the instant, the log is replayed in order when the view ends', async (t) => {
+  const seed = seedFromEnv(t);
+  const r = rng(seed);
+  const dir = scratchDir(t, 'snapx-hold-');
+  const size = 64 * MiB;
+  const vol = sparseFile(path.join(dir, 'vol.raw'), size);
+  const served = await serveDevice(t, dir, vol, 'live');
+  const writers = new SelfDescribingWriters(t, path.join(dir, 'src'), served.uri, size, r, { writers: 4, maxBlocks: 16 });
+  writers.start();
+  await writers.acked(300);
+  const bad = await cli(['snapshot', 'live', '--method', 'hold', '--hold', 'backup-blocks', '--control', served.control]);
+  t.is(bad.status, 1);
+  t.regex(bad.stderr, /--hold backup-blocks does not go with a snapshot view/);
+  const snap = startSnapshot(t, ['live', '--method', 'hold', '--hold-log', `${path.join(dir, 'hold.log')}:64M`, '--control', served.control]);
+  const armed = await snap.armed;
+  const uri = String(armed.event.uri);
+  const before = writers.records.filter((w) => w.ack !== undefined).length;
+  await writers.acked(before + 300, 30_000); // acknowledged while held: the log takes them
+  const copy = path.join(dir, 'view.raw');
+  const c1 = runStatus('nbdcopy', [uri, copy]);
+  t.is(c1.status, 0, c1.stderr);
+  const ended = await snap.end();
+  t.is(ended.status, 0, ended.stderr);
+  const done = JSON.parse(ended.stdout.trim().split('\n').filter((l) => l.startsWith('{')).pop()!) as { method?: string; hold?: { heldWrites: number; loggedWrites: number; releaseMs: number } };
+  t.is(done.method, 'hold', ended.stdout);
+  t.true((done.hold?.heldWrites ?? 0) > 0 && (done.hold?.loggedWrites ?? 0) > 0, JSON.stringify(done.hold));
+  await sleep(100);
+  const codes = await writers.stop();
+  t.deepEqual(codes, codes.map(() => 0));
+  t.deepEqual(writers.records.filter((w) => w.failed).map((w) => w.failed), [], 'no write failed');
+  const check = checkSnapshot(copy, size, writers.records, snap.launchedAt, armed.receivedAt);
+  t.deepEqual(check.problems.slice(0, 10), [], 'the view was the instant');
+  t.true(check.inWrites > 0 && check.outWrites > 0, `writes on both sides of the instant (${check.inWrites} in, ${check.outWrites} out)`);
+  t.deepEqual(checkFinal(vol, writers.records).problems.slice(0, 10), [], 'every acknowledged write is on the volume after the replay');
+  t.is((await served.status()).exports[0]!.job, null);
 });

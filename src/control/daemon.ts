@@ -20,7 +20,7 @@ import { deviceHolding, fingerprintOf, fingerprintOfVolume } from '../export/on-
 import { checkTargetOptions, isTapeDevice, openBackupTarget } from '../jobs/open-target';
 import { parseContainer } from '../snapshot/parse-container';
 import type { SnapshotSession } from '../snapshot/session';
-import type { HoldJobStats } from '../snapshot/hold-method';
+import { HoldMethod, type HoldJobStats } from '../snapshot/hold-method';
 import { holdLogDevice, parseHoldLog } from '../export/hold-log';
 import { DEFAULT_WRITER_PRIORITY, type WriterPriority } from '../snapshot/writer-priority';
 import { errorText, UserError } from '../util/errors';
@@ -321,6 +321,8 @@ export class Daemon {
     if (!e) throw new UserError(`no export named "${req.export}"`, 'see "livesnap status"');
     if (e.job) throw new UserError(`export "${e.name}" already has a job running (${e.job.id})`, `wait for it, or "livesnap cancel ${e.job.id}"`);
     await this.checkBackupPaths({ op: 'backup', export: req.export, to: '/dev/null', container: req.container, onError: 'abort' });
+    const holdLog = this.holdLogOf(req, e);
+    if (req.method !== 'hold' && req.holdLimit !== undefined) throw new UserError('--hold-limit goes with --method hold', 'add --method hold, or drop the option');
     const id = `${e.name}-${++this.jobSeq}`;
     const viewName = `${e.name}.snapshot-${this.jobSeq}`;
     const job: Job = { kind: 'snapshot', id, export: e.name, to: viewName, started: new Date(), state: 'running', abort: new AbortController(), progress: { bytesDone: 0, bytesTotal: 0, badBlocks: 0 }, detached: !!req.detach, writerPriority: DEFAULT_WRITER_PRIORITY };
@@ -333,7 +335,12 @@ export class Daemon {
     let pit: PointInTime | undefined;
     try {
       await e.state.recordJob(record);
-      const method = new CopyBeforeWriteMethod({ device: e.directDevice, gate: e.gate, container: req.container, freeze: req.freeze, onError: req.onError, writeWaitLimitMs: req.writeWaitLimitMs, onSession: (s) => (job.session = s) });
+      // --method hold: every write waits (or goes to the hold log) while the view is served; the view
+      // reads the device itself. Past --hold-limit the queue is released through copy-before-write.
+      const method = holdLog !== undefined || req.method === 'hold'
+        ? new HoldMethod({ device: e.directDevice, hold: e.hold, gate: e.gate, mode: 'all', limitBytes: req.holdLimit, container: req.container, freeze: req.freeze, onError: req.onError, writeWaitLimitMs: req.writeWaitLimitMs, holdLog, log: (l) => this.log(`job ${id}: ${l}`) })
+        : new CopyBeforeWriteMethod({ device: e.directDevice, gate: e.gate, container: req.container, freeze: req.freeze, onError: req.onError, writeWaitLimitMs: req.writeWaitLimitMs, onSession: (s) => (job.session = s) });
+      if (method instanceof HoldMethod) job.hold = () => method.stats();
       pit = await method.arm();
       const { readUsedBlockMap } = await import('../fs/detect');
       const map = await readUsedBlockMap(pit.reader, e.name);
@@ -359,7 +366,13 @@ export class Daemon {
       if (failure) throw failure;
       job.state = 'done';
       const facts = pit.facts();
-      return { job: id, export: viewName, ended: 'cancelled', livedMs: Date.now() - job.started.getTime(), bytesRead: backend.bytesRead, containerPeakBytes: facts.containerPeakBytes, blocksSavedByWriters: facts.blocksSavedByWriters, worstWriteDelayMs: facts.worstWriteDelayMs };
+      // A held queue is written only now, after the view is gone (no reader may see a released
+      // instant): the result waits for it and says how long it took.
+      await view.close().catch(() => {});
+      view = undefined;
+      await pit.release();
+      const held = (pit.facts() as { hold?: Record<string, unknown> }).hold;
+      return { job: id, export: viewName, ended: 'cancelled', livedMs: Date.now() - job.started.getTime(), bytesRead: backend.bytesRead, containerPeakBytes: facts.containerPeakBytes, blocksSavedByWriters: facts.blocksSavedByWriters, worstWriteDelayMs: facts.worstWriteDelayMs, ...(held ? { method: 'hold', hold: held } : {}) };
     } catch (err) {
       job.state = job.abort.signal.aborted ? 'cancelled' : 'failed';
       job.error = errorText(err);
@@ -375,6 +388,14 @@ export class Daemon {
       sock.off('close', onClose);
       if (e.job === job) e.job = undefined;
     }
+  }
+
+  /** --hold-log of a backup or snapshot: checked, and kept off every served volume. */
+  private holdLogOf(req: { method?: string; holdLog?: string }, e: ServedExport) {
+    if (req.holdLog !== undefined && req.method !== 'hold') throw new UserError('--hold-log goes with --method hold', 'add --method hold, or drop the option');
+    const holdLog = req.holdLog !== undefined ? { spec: parseHoldLog(req.holdLog), stateDir: e.state.dir, device: holdLogDevice(e.identity, e.devicePath, e.device.size) } : undefined;
+    if (holdLog && overlapsServed(holdLog.spec.path, [...this.exports.values()])) throw new UserError(`--hold-log ${holdLog.spec.path} is a served volume`, 'put the log on another device, outside every served volume');
+    return holdLog;
   }
 
   cancel(idOrExport: string): Record<string, unknown> {
@@ -413,9 +434,7 @@ export class Daemon {
     if (req.incremental && !chained && req.to !== '/dev/null') {
       throw new UserError(`--incremental writes an archive of the changed blocks, and ${req.to} is a raw image`, 'give a .tar target (file, "-", tape), or keep a replica with --to replica:PATH');
     }
-    if (req.holdLog !== undefined && req.method !== 'hold') throw new UserError('--hold-log goes with --method hold', 'add --method hold, or drop the option');
-    const holdLog = req.holdLog !== undefined ? { spec: parseHoldLog(req.holdLog), stateDir: e.state.dir, device: holdLogDevice(e.identity, e.devicePath, e.device.size) } : undefined;
-    if (holdLog && overlapsServed(holdLog.spec.path, [...this.exports.values()])) throw new UserError(`--hold-log ${holdLog.spec.path} is a served volume`, 'put the log on another device, outside every served volume');
+    const holdLog = this.holdLogOf(req, e);
     let held: string | null | undefined;
     let heldUntrusted: string | undefined;
     let replicaSink: BackupSink | undefined;

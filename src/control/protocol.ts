@@ -80,6 +80,10 @@ const isSnapshotRequest = t.isObject({
   onError: t.isOptional(onError),
   detach: optBool,
   writeWaitLimitMs: optNum,
+  /** --method hold: the export holds every write for as long as the view is served. */
+  method: t.isOptional(t.isLiteral('hold')),
+  holdLimit: optNum,
+  holdLog: optStr,
 });
 
 /** A serve request is an export's spec (export/export-spec.ts), field for field. */
