@@ -43,16 +43,21 @@ function startSnapshot(t: ExecutionContext, args: string[]): SnapshotRun {
   return { launchedAt, armed, end: () => { proc.kill('SIGINT'); return exited; } };
 }
 
-test('the view is the instant: nbdcopy and qemu-img convert read it exactly while 4 connections keep writing; writes to it are refused', async (t) => {
-  const seed = seedFromEnv(t);
-  const r = rng(seed);
-  const dir = scratchDir(t, 'snapx-exact-');
+/** A 64 MiB export "live" with 4 seeded writers going, `acked` writes acknowledged already. */
+async function liveUnderWriters(t: ExecutionContext, prefix: string, acked: number) {
+  const r = rng(seedFromEnv(t));
+  const dir = scratchDir(t, prefix);
   const size = 64 * MiB;
   const vol = sparseFile(path.join(dir, 'vol.raw'), size);
   const served = await serveDevice(t, dir, vol, 'live');
   const writers = new SelfDescribingWriters(t, path.join(dir, 'src'), served.uri, size, r, { writers: 4, maxBlocks: 16 });
   writers.start();
-  await writers.acked(400);
+  await writers.acked(acked);
+  return { dir, size, vol, served, writers };
+}
+
+test('the view is the instant: nbdcopy and qemu-img convert read it exactly while 4 connections keep writing; writes to it are refused', async (t) => {
+  const { dir, size, vol, served, writers } = await liveUnderWriters(t, 'snapx-exact-', 400);
   const snap = startSnapshot(t, ['live', '--container', 'memory:32M', '--control', served.control]);
   const armed = await snap.armed;
   const uri = String(armed.event.uri);
@@ -165,15 +170,7 @@ test('a real ext4 with churn: the view mounted read-only through nbdfuse + loop 
 });
 
 test('snapshot --method hold --hold-log: writes go to the log (acknowledged at once), the view reads the device as the instant, the log is replayed in order when the view ends', async (t) => {
-  const seed = seedFromEnv(t);
-  const r = rng(seed);
-  const dir = scratchDir(t, 'snapx-hold-');
-  const size = 64 * MiB;
-  const vol = sparseFile(path.join(dir, 'vol.raw'), size);
-  const served = await serveDevice(t, dir, vol, 'live');
-  const writers = new SelfDescribingWriters(t, path.join(dir, 'src'), served.uri, size, r, { writers: 4, maxBlocks: 16 });
-  writers.start();
-  await writers.acked(300);
+  const { dir, size, vol, served, writers } = await liveUnderWriters(t, 'snapx-hold-', 300);
   const bad = await cli(['snapshot', 'live', '--method', 'hold', '--hold', 'backup-blocks', '--control', served.control]);
   t.is(bad.status, 1);
   t.regex(bad.stderr, /--hold backup-blocks does not go with a snapshot view/);
