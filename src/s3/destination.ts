@@ -9,7 +9,7 @@ import { makeS3Client, s3sdk } from './client';
 import { s3Error } from './errors';
 import { parseS3Url, s3Url, type S3Location } from './location';
 import { S3MultipartOutput, planParts, type MultipartStats } from './multipart-output';
-import { readObject } from './object-input';
+import { headObject, readObject } from './object-input';
 import { S3_DEFAULT_PARALLEL, S3_DEFAULT_PART, S3_MEMORY_LIMIT, type S3Options } from './options';
 
 
@@ -35,7 +35,7 @@ export class S3Destination implements RecordDestination {
     // Bucket and credentials are checked before the first byte, not after the first part is full.
     try {
       await checkBucket(this.client, this.loc);
-      if (!this.hooks.force && (await exists(this.client, this.loc))) {
+      if (!this.hooks.force && (await headObject(this.client, this.loc, `backup to ${this.where}`))) {
         throw new UserError(`target ${this.where} already exists`, 'choose another key, or pass --force to replace it (the old object stays until the new one is complete)');
       }
     } catch (e) {
@@ -62,8 +62,7 @@ async function checkBucket(client: S3Client, loc: S3Location): Promise<void> {
   try {
     await client.send(new HeadBucketCommand({ Bucket: loc.bucket }));
   } catch (e) {
-    const x = e as { name?: string; $metadata?: { httpStatusCode?: number } };
-    throw s3Error(x.name === 'NotFound' || x.$metadata?.httpStatusCode === 404 ? Object.assign(new Error('no such bucket'), { name: 'NoSuchBucket' }) : e, `backup to ${s3Url(loc)}`, s3Url(loc));
+    throw s3Error(e, `backup to ${s3Url(loc)}`, s3Url(loc), 'bucket');
   }
 }
 
@@ -72,18 +71,6 @@ export async function checkStore(prefixUrl: string, opts: S3Options = {}): Promi
   const loc = parseS3Url(prefixUrl, { prefix: true });
   const client = await makeS3Client({ endpoint: opts.endpoint });
   try { await checkBucket(client, loc); } finally { client.destroy(); }
-}
-
-async function exists(client: S3Client, loc: S3Location): Promise<boolean> {
-  const { HeadObjectCommand } = s3sdk();
-  try {
-    await client.send(new HeadObjectCommand({ Bucket: loc.bucket, Key: loc.key }));
-    return true;
-  } catch (e) {
-    const x = e as { name?: string; $metadata?: { httpStatusCode?: number } };
-    if (x.name === 'NotFound' || x.$metadata?.httpStatusCode === 404) return false;
-    throw s3Error(e, `backup to ${s3Url(loc)}`, s3Url(loc));
-  }
 }
 
 export async function deleteObject(url: string, opts: S3Options = {}): Promise<void> {

@@ -4,10 +4,17 @@ import { UserError } from '../util/errors';
 
 interface SdkError { name?: string; Code?: string; code?: string; message?: string; $metadata?: { httpStatusCode?: number }; cause?: unknown }
 
-export function s3Error(e: unknown, what: string, url: string): Error {
+/** A 404 or NotFound (HEAD requests carry no error code). */
+export function isNotFound(e: unknown): boolean {
+  const x = (e ?? {}) as SdkError;
+  return x.name === 'NotFound' || x.name === 'NoSuchKey' || x.$metadata?.httpStatusCode === 404;
+}
+
+/** `of`: what a 404 means for this request (a HEAD of the bucket says nothing else). */
+export function s3Error(e: unknown, what: string, url: string, of: 'object' | 'bucket' = 'object'): Error {
   if (e instanceof UserError) return e;
   const x = (e ?? {}) as SdkError;
-  const code = x.name ?? x.Code ?? x.code ?? '';
+  const code = of === 'bucket' && isNotFound(e) ? 'NoSuchBucket' : x.name ?? x.Code ?? x.code ?? '';
   const status = x.$metadata?.httpStatusCode;
   const net = x.code ?? (x.cause as SdkError | undefined)?.code ?? '';
   const msg = x.message ?? String(e);

@@ -2,7 +2,8 @@
 // (up to `retries` times in a row, with back-off), every one pinned to the ETag first seen so that
 // an object replaced during a restore is an error, not a splice of two archives.
 import type { S3Client } from '@aws-sdk/client-s3';
-import { s3Error } from './errors';
+import { UserError } from '../util/errors';
+import { isNotFound, s3Error } from './errors';
 import { s3sdk } from './client';
 import { s3Url, type S3Location } from './location';
 
@@ -16,20 +17,22 @@ export interface ObjectInputOptions {
 
 export interface ObjectHead { size: number; etag: string }
 
-export async function headObject(client: S3Client, loc: S3Location): Promise<ObjectHead> {
-  const url = s3Url(loc);
+/** The object's size and ETag, or undefined when there is none (any other failure is thrown). */
+export async function headObject(client: S3Client, loc: S3Location, what: string): Promise<ObjectHead | undefined> {
   const { HeadObjectCommand } = s3sdk();
   try {
     const h = await client.send(new HeadObjectCommand({ Bucket: loc.bucket, Key: loc.key }));
     return { size: Number(h.ContentLength ?? 0), etag: h.ETag ?? '' };
   } catch (e) {
-    throw s3Error(e, `reading ${url}`, url);
+    if (isNotFound(e)) return undefined;
+    throw s3Error(e, what, s3Url(loc));
   }
 }
 
 export async function* readObject(client: S3Client, loc: S3Location, o: ObjectInputOptions = {}): AsyncGenerator<Uint8Array> {
   const url = s3Url(loc);
-  const head = await headObject(client, loc);
+  const head = await headObject(client, loc, `reading ${url}`);
+  if (!head) throw new UserError(`reading ${url}: there is no object ${url}`, 'check the key ("aws s3 ls s3://BUCKET/PREFIX" lists them) and the endpoint');
   const range = o.rangeBytes ?? 64 << 20;
   const retries = o.retries ?? 5;
   const { GetObjectCommand } = s3sdk();
@@ -47,7 +50,7 @@ export async function* readObject(client: S3Client, loc: S3Location, o: ObjectIn
     } catch (e) {
       const x = e as { name?: string; $metadata?: { httpStatusCode?: number } };
       if (x.name === 'PreconditionFailed' || x.$metadata?.httpStatusCode === 412) {
-        throw s3Error(new Error(`${url} was replaced while it was read (its ETag changed)`), 'restore', url);
+        throw new UserError(`${url} was replaced while it was read (its ETag changed): this restore mixed two archives and is abandoned`, 'rerun it once nothing writes that key');
       }
       const status = x.$metadata?.httpStatusCode ?? 0;
       if ((status >= 400 && status < 500 && status !== 408 && status !== 429) || ++failures > retries) throw s3Error(e, `reading ${url} at byte ${off}`, url);
