@@ -283,13 +283,6 @@ export class BackupCommand extends LivesnapCommand {
     const unguard = this.method === 'freeze' ? guardFrozen() : () => {};
     try {
       refuseTargetOnSource(source, this.to);
-      if (this.check) {
-        // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded on use (startup time)
-        (require('../../jobs/open-target') as typeof import('../../jobs/open-target')).checkTargetOptions(this.to, { format: this.format, compress: this.compress, tapeSize: this.tapeSize !== undefined ? 1 : undefined, recordSize: this.recordSize !== undefined ? parseSize(this.recordSize, '--record-size') : undefined });
-        if (this.to !== '-' && !isS3Url(this.to) && !this.force && fs.existsSync(this.to) && fs.statSync(this.to).isFile()) throw new UserError(`target ${this.to} already exists`, 'choose another name, or pass --force to overwrite it');
-        this.reporter.done({ check: true, source: this.source, to: this.to, size: source.size }, [`check ok: ${this.source} can be backed up to ${this.to} (nothing copied)`]);
-        return 0;
-      }
       const sink = openBackupTarget(this.to, {
         force: this.force,
         format: this.format,
@@ -301,6 +294,11 @@ export class BackupCommand extends LivesnapCommand {
         note: (n) => this.reporter.info(`note: ${n}`),
       });
       const r = this.reporter;
+      // --check: every refusal is made by now (the sink opens nothing before its first byte).
+      if (this.check) {
+        r.done({ check: true, source: this.source, to: this.to, size: source.size }, [`check ok: ${this.source} can be backed up to ${this.to} (nothing copied)`]);
+        return 0;
+      }
       if (isS3Url(this.to)) abortOnSignal(sink);
       r.info(`backing up ${this.source} to ${sink.description} (${this.method})`);
       const summary = await runBackup({
