@@ -96,10 +96,12 @@ export const GD = {
   freeBlocksLo: 0xc,
   flags: 0x12,
   blockBitmapCsumLo: 0x18,
+  itableUnusedLo: 0x1c,
   checksum: 0x1e,
   blockBitmapHi: 0x20,
   inodeBitmapHi: 0x24,
   inodeTableHi: 0x28,
+  itableUnusedHi: 0x32,
   blockBitmapCsumHi: 0x38,
 } as const;
 

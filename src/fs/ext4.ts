@@ -19,12 +19,12 @@ const MAX_RUN_BYTES = 1 << 20;
 
 type ExtKind = 'ext2' | 'ext3' | 'ext4';
 
-function corrupt(message: string): CorruptFileSystemError {
+export function corrupt(message: string): CorruptFileSystemError {
   return new CorruptFileSystemError('ext4', message);
 }
 
 /** Geometry derived from a validated superblock. */
-interface Geometry {
+export interface Geometry {
   sb: RawSuperblock;
   kind: ExtKind;
   blockSize: number;
@@ -54,7 +54,7 @@ function fsKind(sb: RawSuperblock): ExtKind {
 
 const isPow2 = (n: number) => n > 0 && (n & (n - 1)) === 0; // 32-bit-ok: only for sizes checked <= 2^16
 
-function geometry(raw: Buffer, deviceSize: number): Geometry {
+export function geometry(raw: Buffer, deviceSize: number): Geometry {
   const sb = parseSuperblock(raw);
   if (sb.magic !== EXT_MAGIC) throw corrupt(`no ext2/3/4 magic number in the superblock (found 0x${sb.magic.toString(16)})`);
   if (sb.logBlockSize > 6) throw corrupt(`superblock block size field s_log_block_size=${sb.logBlockSize} is out of range (0..6, i.e. 1 KiB..64 KiB)`);
@@ -119,10 +119,10 @@ function geometry(raw: Buffer, deviceSize: number): Geometry {
   };
 }
 
-const groupFirstBlock = (g: Geometry, group: number) => g.firstDataBlock + group * g.blocksPerGroup;
+export const groupFirstBlock = (g: Geometry, group: number) => g.firstDataBlock + group * g.blocksPerGroup;
 
 /** ext4 descriptor_loc: where descriptor block `d` lives. */
-function descriptorBlock(g: Geometry, d: number): number {
+export function descriptorBlock(g: Geometry, d: number): number {
   if (!g.metaBg || d < g.sb.firstMetaBg) return g.sbBlock + d + 1;
   const bg = g.descPerBlock * d;
   let has = groupHasSuper(g.sb, bg) ? 1 : 0;
@@ -131,7 +131,7 @@ function descriptorBlock(g: Geometry, d: number): number {
 }
 
 /** ext4_num_base_meta_blocks: superblock backup, descriptor blocks, reserved GDT at the start of a group. */
-function baseMetaBlocks(g: Geometry, group: number): number {
+export function baseMetaBlocks(g: Geometry, group: number): number {
   const hasSuper = groupHasSuper(g.sb, group);
   let n = hasSuper ? 1 : 0;
   if (!g.metaBg || group < g.sb.firstMetaBg * g.descPerBlock) {
@@ -143,13 +143,15 @@ function baseMetaBlocks(g: Geometry, group: number): number {
   return n;
 }
 
-interface Desc {
+export interface Desc {
   blockBitmap: number;
   inodeBitmap: number;
   inodeTable: number;
   flags: number;
   bitmapCsum: number;
   bitmapCsumBits: 16 | 32;
+  /** Inodes at the end of the group's table never used (valid with group checksums only). */
+  itableUnused: number;
 }
 
 function readDesc(g: Geometry, gdt: Buffer, group: number): Desc {
@@ -162,6 +164,7 @@ function readDesc(g: Geometry, gdt: Buffer, group: number): Desc {
     flags: gdt.readUInt16LE(o + GD.flags),
     bitmapCsum: gdt.readUInt16LE(o + GD.blockBitmapCsumLo) + (big ? gdt.readUInt16LE(o + GD.blockBitmapCsumHi) * 0x10000 : 0),
     bitmapCsumBits: big ? 32 : 16,
+    itableUnused: gdt.readUInt16LE(o + GD.itableUnusedLo) + (big ? gdt.readUInt16LE(o + GD.itableUnusedHi) * 0x10000 : 0),
   };
 }
 
@@ -185,7 +188,7 @@ function descChecksum(g: Geometry, gdt: Buffer, group: number): number {
 const ZERO2 = Buffer.alloc(2);
 
 /** ext4_check_descriptors, plus the checksum: every pointer inside the file system (and its group without flex_bg). */
-function checkDesc(g: Geometry, gdt: Buffer, group: number, where = ''): Desc {
+export function checkDesc(g: Geometry, gdt: Buffer, group: number, where = ''): Desc {
   const d = readDesc(g, gdt, group);
   const first = g.flexBg ? g.firstDataBlock : groupFirstBlock(g, group);
   const last = g.flexBg ? g.blocksCount - 1 : Math.min(groupFirstBlock(g, group) + g.blocksPerGroup, g.blocksCount) - 1;
@@ -223,7 +226,7 @@ function runsOf(blocks: number[], blockSize: number): Array<{ first: number; cou
 }
 
 /** Reads the given blocks (any order, duplicates allowed) in few large batched reads. */
-async function readBlockSet(reader: BlockReader, blockSize: number, blocks: number[], onBlock: (block: number, data: Buffer) => void): Promise<void> {
+export async function readBlockSet(reader: BlockReader, blockSize: number, blocks: number[], onBlock: (block: number, data: Buffer) => void): Promise<void> {
   const sorted = [...new Set(blocks)].sort((a, b) => a - b);
   const runs = runsOf(sorted, blockSize);
   for (let i = 0; i < runs.length; i += BATCH_RANGES) {
@@ -241,7 +244,25 @@ function allBlocksMap(filesystem: FileSystemKind, blockSize: number, deviceSize:
   return { filesystem, blockSize, totalBlocks, usedBlocks: totalBlocks, bitmap: new Bitset(totalBlocks, true), notes, allBlocks: true };
 }
 
-async function probe(reader: BlockReader): Promise<boolean> {
+/** Group descriptors: all descriptor blocks, in as few reads as possible, into one buffer, each descriptor checked. */
+export async function readDescriptors(reader: BlockReader, g: Geometry): Promise<{ gdt: Buffer; gdtLoc: number[]; descs: Desc[] }> {
+  const { blockSize } = g;
+  const gdt = Buffer.alloc(g.gdtBlocks * blockSize);
+  const gdtLoc: number[] = [];
+  for (let d = 0; d < g.gdtBlocks; d++) {
+    const loc = descriptorBlock(g, d);
+    if (loc >= g.blocksCount) throw corrupt(`group descriptor block ${d} would be at block ${loc}, past the end of the file system (${g.blocksCount} blocks)`);
+    gdtLoc.push(loc);
+  }
+  const gdtIndex = new Map<number, number>();
+  gdtLoc.forEach((loc, d) => gdtIndex.set(loc, d));
+  await readBlockSet(reader, blockSize, gdtLoc, (block, data) => data.copy(gdt, gdtIndex.get(block)! * blockSize));
+  const descs: Desc[] = [];
+  for (let i = 0; i < g.groups; i++) descs.push(checkDesc(g, gdt, i));
+  return { gdt, gdtLoc, descs };
+}
+
+export async function probe(reader: BlockReader): Promise<boolean> {
   if (reader.size < SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE) return false;
   const b = await reader.read(SUPERBLOCK_OFFSET + SB.magic, 2);
   return b.readUInt16LE(0) === EXT_MAGIC;
@@ -261,19 +282,9 @@ async function read(reader: BlockReader): Promise<UsedBlockMap> {
     return allBlocksMap(g.kind, blockSize, reader.size, [`${summary}: bigalloc (cluster allocation) is not supported by the block map reader: every block is copied`]);
   }
 
-  // Group descriptors: all descriptor blocks, in as few reads as possible, into one buffer.
-  const gdt = Buffer.alloc(g.gdtBlocks * blockSize);
-  const gdtLoc: number[] = [];
-  for (let d = 0; d < g.gdtBlocks; d++) {
-    const loc = descriptorBlock(g, d);
-    if (loc >= g.blocksCount) throw corrupt(`group descriptor block ${d} would be at block ${loc}, past the end of the file system (${g.blocksCount} blocks)`);
-    gdtLoc.push(loc);
-  }
-  const gdtIndex = new Map<number, number>();
-  gdtLoc.forEach((loc, d) => gdtIndex.set(loc, d));
-  await readBlockSet(reader, blockSize, gdtLoc, (block, data) => data.copy(gdt, gdtIndex.get(block)! * blockSize));
-  let descs: Desc[] = [];
-  for (let i = 0; i < g.groups; i++) descs.push(checkDesc(g, gdt, i));
+  const d0 = await readDescriptors(reader, g);
+  const { gdt, gdtLoc } = d0;
+  let descs = d0.descs;
 
   // A journal that needs recovery: the replay will overwrite bitmaps (and descriptors) with its copies.
   const notes: string[] = [summary];
