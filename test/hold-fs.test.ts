@@ -1,6 +1,7 @@
 // The hold method on a real ext4 through nbdfuse + loop with churn (the scenario of
 // helpers/fs-instant.ts): the image restored passes e2fsck -fn and holds exactly the files of the
-// instant, and the writer's changes were held.
+// instant, and the writer's changes were held. --hold metadata: the structure is the instant's (e2fsck
+// clean, the instant's names), file data may be newer.
 import * as path from 'node:path';
 import type { ExecutionContext } from 'ava';
 import { fsInstantTest } from './helpers/fs-instant';
@@ -16,4 +17,12 @@ fsInstantTest('hold all + hold log: ext4 through nbdfuse + loop with churn durin
 });
 fsInstantTest('hold backup-blocks: ext4 through nbdfuse + loop with churn during a --freeze backup; restore passes e2fsck -fn, every file of the instant is intact', {
   prefix: 'hold-fs-', backupArgs: () => ['--method', 'hold', '--hold', 'backup-blocks'], checkDone: held,
+});
+fsInstantTest('hold metadata: ext4 through nbdfuse + loop with churn during a --freeze backup; restore passes e2fsck -fn, the files of the instant are there and the untouched ones intact', {
+  prefix: 'hold-fs-', backupArgs: () => ['--method', 'hold', '--hold', 'metadata'], dataMayBeNewer: true,
+  checkDone: (t, done) => { held(t, done); t.true(Number((done.hold as Record<string, unknown>).metadataBlocks) > 0, 'the metadata map was read'); },
+});
+fsInstantTest('hold metadata + hold log: ext4 through nbdfuse + loop with churn during a --freeze backup; restore passes e2fsck -fn, the files of the instant are there and the untouched ones intact', {
+  prefix: 'hold-fs-', backupArgs: (dir) => ['--method', 'hold', '--hold', 'metadata', '--hold-log', `${path.join(dir, 'hold.log')}:128M`], dataMayBeNewer: true,
+  checkDone: (t, done) => { held(t, done); t.true(Number((done.hold as Record<string, unknown>).metadataBlocks) > 0, 'the metadata map was read'); },
 });

@@ -9,7 +9,7 @@ import type { ExecutionContext } from 'ava';
 import { checkFinal, checkSnapshot, fillSectors, now, readRange, SelfDescribingWriters, servedVolume, serveDevice, sleep, startBackup, type WriteRecord } from './helpers/online';
 import { serialIf as testIf } from './helpers/online';
 import { Pipelined } from './helpers/pipelined';
-import { rng, scratchDir, seedFromEnv, sparseFile } from './helpers/system';
+import { rng, run, scratchDir, seedFromEnv, sparseFile } from './helpers/system';
 
 const MiB = 1 << 20;
 const BS = 4096;
@@ -223,4 +223,77 @@ testIf(needs)('backup --method hold: options are checked with a clear message', 
   const c = await cli(['backup', 'data', '--to', path.join(dir, 'x.img'), '--method', 'hold', '--hold-limit', 'lots', '--control', path.join(dir, 'none.sock')]);
   t.not(c.status, 0);
   t.regex(c.stderr, /--hold-limit/);
+});
+
+testIf({ ...needs, commands: ['qemu-io', 'mke2fs', 'debugfs'] })('hold metadata: writes to metadata blocks (the journal) are held and the image has them as of the instant; writes to file data go on during the backup; the live volume has every acknowledged write', async (t) => {
+  const seed = seedFromEnv(t);
+  const r = rng(seed);
+  const dir = scratchDir(t, 'hold-meta-');
+  const size = 256 * MiB;
+  const vol = sparseFile(path.join(dir, 'vol.raw'), size);
+  // An ext4 with a 32 MiB journal and one 64 MiB file: the journal's blocks are metadata (and the
+  // used-block and metadata readers never parse them), the file's blocks are data.
+  const src = path.join(dir, 'src');
+  fs.mkdirSync(src);
+  fs.writeFileSync(path.join(src, 'big'), Buffer.alloc(64 * MiB, 0x5a));
+  run('mke2fs', ['-q', '-F', '-t', 'ext4', '-b', '4096', '-J', 'size=32', '-E', 'lazy_itable_init=0,lazy_journal_init=0', '-d', src, vol]);
+  const extentOf = (spec: string, bytes: number): [number, number] => {
+    const first = Number(run('debugfs', ['-R', `bmap ${spec} 0`, vol]).trim());
+    const last = Number(run('debugfs', ['-R', `bmap ${spec} ${bytes / BS - 1}`, vol]).trim());
+    t.is(last - first + 1, bytes / BS, `${spec} is contiguous`);
+    return [first * BS, (last + 1) * BS];
+  };
+  const journal = extentOf('<8>', 32 * MiB);
+  const data = extentOf('/big', 64 * MiB);
+  // The journal starts as zeros (its superblock too: nothing here parses it), as the checker expects.
+  const fd = fs.openSync(vol, 'r+');
+  fs.writeSync(fd, Buffer.alloc(journal[1] - journal[0]), 0, journal[1] - journal[0], journal[0]);
+  fs.closeSync(fd);
+  const served = await serveDevice(t, dir, vol, 'meta');
+  const target = path.join(dir, 'backup.img');
+  const jw = new SelfDescribingWriters(t, path.join(dir, 'src-j'), served.uri, size, r, { writers: 2, maxBlocks: 8, region: journal });
+  const dw = new SelfDescribingWriters(t, path.join(dir, 'src-d'), served.uri, size, r, { writers: 2, maxBlocks: 8, region: data, firstSeq: 50_000_000 });
+  try {
+    jw.start();
+    dw.start();
+    await jw.acked(100);
+    await dw.acked(100);
+    // Slow enough that the data writers have seconds of backup to write through.
+    const backup = startBackup(t, [served.name, '--to', target, '--method', 'hold', '--hold', 'metadata', '--max-rate', '40M', '--control', served.control]);
+    const armed = await backup.armed;
+    const res = await backup.exit;
+    const exitedAt = now();
+    await sleep(150);
+    const codes = [...await jw.stop(), ...await dw.stop()];
+    t.is(res.status, 0, `${res.stderr}\n${served.logTail()}`);
+    t.deepEqual(codes, codes.map(() => 0), 'every qemu-io writer exits 0');
+    const all = [...jw.records, ...dw.records];
+    t.deepEqual(all.filter((w) => w.failed).map((w) => `#${w.seq}: ${w.failed}`), [], 'no write failed');
+    const done = res.lines[res.lines.length - 1]!;
+    const hold = done.hold as Record<string, unknown>;
+    t.is(hold.mode, 'metadata');
+    t.false(hold.fellBack as boolean);
+    t.true(Number(hold.metadataBlocks) >= journal[1] / BS - journal[0] / BS, `the journal's blocks are held (${hold.metadataBlocks} metadata blocks)`);
+    const releaseStart = exitedAt - Number(done.releaseMs) - 100;
+    const dataDuring = dw.records.filter((w) => w.start > armed.receivedAt + 200 && w.ack !== undefined && w.ack < releaseStart);
+    const journalDuring = jw.records.filter((w) => w.start > armed.receivedAt && w.ack !== undefined && w.ack < releaseStart);
+    t.log(`seed ${seed}: backup ${Number(done.durationMs).toFixed(0)} ms, metadata map ${Number(hold.metadataMs).toFixed(0)} ms (${hold.metadataBlocks} blocks); ${done.heldWrites} held, longest ${Number(done.maxHoldMs).toFixed(0)} ms; during the backup ${dataDuring.length} data writes and ${journalDuring.length} journal writes acknowledged`);
+    t.true(dataDuring.length >= 50, 'writes to file data went on during the backup');
+    t.is(journalDuring.length, 0, 'writes to metadata blocks were held until the end');
+
+    // The journal region of the image is the instant: checked alone (everything else zeroed).
+    const only = path.join(dir, 'journal-only.img');
+    const img = fs.readFileSync(target);
+    const copy = Buffer.alloc(size);
+    img.copy(copy, journal[0], journal[0], journal[1]);
+    fs.writeFileSync(only, copy);
+    const check = checkSnapshot(only, size, jw.records, backup.launchedAt, armed.receivedAt);
+    t.deepEqual(check.problems, [], 'the journal in the image is as of the instant');
+    t.true(check.inWrites > 0 && check.outWrites > 0);
+    t.deepEqual(checkFinal(vol, all).problems, [], 'the live volume holds every acknowledged write');
+  } finally {
+    jw.abandon();
+    dw.abandon();
+    if (t.passed === false) t.log(served.logTail());
+  }
 });

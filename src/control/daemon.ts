@@ -323,6 +323,7 @@ export class Daemon {
     await this.checkBackupPaths({ op: 'backup', export: req.export, to: '/dev/null', container: req.container, onError: 'abort' });
     const holdLog = this.holdLogOf(req, e);
     if (req.method !== 'hold' && req.holdLimit !== undefined) throw new UserError('--hold-limit goes with --method hold', 'add --method hold, or drop the option');
+    if (req.method !== 'hold' && req.hold !== undefined) throw new UserError('--hold goes with --method hold', 'add --method hold, or drop the option');
     const id = `${e.name}-${++this.jobSeq}`;
     const viewName = `${e.name}.snapshot-${this.jobSeq}`;
     const job: Job = { kind: 'snapshot', id, export: e.name, to: viewName, started: new Date(), state: 'running', abort: new AbortController(), progress: { bytesDone: 0, bytesTotal: 0, badBlocks: 0 }, detached: !!req.detach, writerPriority: DEFAULT_WRITER_PRIORITY };
@@ -338,7 +339,7 @@ export class Daemon {
       // --method hold: every write waits (or goes to the hold log) while the view is served; the view
       // reads the device itself. Past --hold-limit the queue is released through copy-before-write.
       const method = holdLog !== undefined || req.method === 'hold'
-        ? new HoldMethod({ device: e.directDevice, hold: e.hold, gate: e.gate, mode: 'all', limitBytes: req.holdLimit, container: req.container, freeze: req.freeze, onError: req.onError, writeWaitLimitMs: req.writeWaitLimitMs, holdLog, log: (l) => this.log(`job ${id}: ${l}`) })
+        ? new HoldMethod({ device: e.directDevice, hold: e.hold, gate: e.gate, mode: req.hold ?? 'all', limitBytes: req.holdLimit, container: req.container, freeze: req.freeze, onError: req.onError, writeWaitLimitMs: req.writeWaitLimitMs, holdLog, log: (l) => this.log(`job ${id}: ${l}`) })
         : new CopyBeforeWriteMethod({ device: e.directDevice, gate: e.gate, container: req.container, freeze: req.freeze, onError: req.onError, writeWaitLimitMs: req.writeWaitLimitMs, onSession: (s) => (job.session = s) });
       if (method instanceof HoldMethod) job.hold = () => method.stats();
       pit = await method.arm();

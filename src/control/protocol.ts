@@ -80,8 +80,9 @@ const isSnapshotRequest = t.isObject({
   onError: t.isOptional(onError),
   detach: optBool,
   writeWaitLimitMs: optNum,
-  /** --method hold: the export holds every write for as long as the view is served. */
+  /** --method hold: the export holds every write (--hold metadata: those to metadata) for as long as the view is served. */
   method: t.isOptional(t.isLiteral('hold')),
+  hold: t.isOptional(t.isEnum(['all', 'metadata'] as const)),
   holdLimit: optNum,
   holdLog: optStr,
 });

@@ -136,6 +136,30 @@ export class HoldFilter extends Filter {
   }
 
   /**
+   * A narrower policy (--hold metadata, once the metadata map is read): queued changes it no longer
+   * holds go now, ahead of the ones it still holds, unless they share a block with an earlier one
+   * still held (per-block order is kept; changes to different blocks were in flight at once, so
+   * their relative order is not the client's to rely on). Logged changes stay for the release.
+   */
+  narrow(policy: HoldPolicy): void {
+    this.policy = policy;
+    const q = this.queue;
+    const free: HeldOp[] = [];
+    const kept: HeldOp[] = [];
+    const keptBlocks = new Set<number>();
+    for (let i = this.cursor; i < q.length; i++) {
+      const op = q[i]!;
+      let stay = op.appending || op.logPos !== undefined || policy(op.first, op.end) || !!this.logged?.any(op.first, op.end);
+      for (let b = op.first; !stay && b < op.end; b++) stay = keptBlocks.has(b);
+      if (!stay) { free.push(op); continue; }
+      kept.push(op);
+      for (let b = op.first; b < op.end; b++) keptBlocks.add(b);
+    }
+    if (free.length && kept.length) this.queue = q.slice(0, this.cursor).concat(free, kept);
+    this.pump();
+  }
+
+  /**
    * Stops holding and sends the queue on in order; with a log, retires it once every logged change
    * is on the device. Resolves once the last queued change has landed. Idempotent while it runs.
    */

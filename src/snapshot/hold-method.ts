@@ -5,6 +5,10 @@
 //   backup-blocks  only changes to used blocks not yet copied (claim 11): the copier is urged to take
 //                  those blocks next, and each held change goes as soon as its blocks are copied;
 //                  a change to a copied or free block goes at once.
+//   metadata       only changes to the file system's metadata blocks as of the instant (claim 10,
+//                  fs/metadata-map.ts): everything is held until that map is read (through the
+//                  instant), then changes to other blocks go; the structure is one instant, file
+//                  data may be newer.
 // Hold limit reached: nothing fails. The queue is sent on in order THROUGH copy-before-write (armed
 // on the same map first, so each released change to a block not yet copied saves its original),
 // and the rest of the backup is copy-before-write; the facts say so (fellBack).
@@ -29,6 +33,15 @@ import { DEFAULT_THROTTLE, Sleepers } from './throttle';
 import { busyPace, DEFAULT_WRITER_PRIORITY } from './writer-priority';
 
 import { DEFAULT_HOLD_LIMIT, type HoldMode } from './hold-modes';
+import { readMetadataMap } from '../fs/metadata-map';
+import { usedAtBlockSize } from '../fs/used-map';
+
+/** --hold metadata on a volume whose metadata livesnap cannot name: refused, with what to use instead. */
+async function checkMetadataFileSystem(device: BlockReader): Promise<void> {
+  const [{ extReader }, { xfsReader }] = await Promise.all([import('../fs/ext4'), import('../fs/xfs')]);
+  if (await extReader.probe(device) || await xfsReader.probe(device)) return;
+  await readMetadataMap(device); // throws the UserError that names what the volume holds
+}
 
 export { DEFAULT_HOLD_LIMIT, HOLD_MODES, type HoldMode } from './hold-modes';
 
@@ -98,7 +111,10 @@ export class HoldMethod implements SnapshotMethod {
       void hold.release();
     };
 
-    const policy: HoldPolicy = mode === 'all' ? () => true : (f, e) => map.needsWork(f, e);
+    const policy: HoldPolicy = mode === 'backup-blocks' ? (f, e) => map.needsWork(f, e) : () => true;
+    // --hold metadata: what the map said (undefined until read, or when it could not be read).
+    let metadata: { blocks: number; ms: number; notes: string[] } | undefined;
+    let metadataProblem: string | undefined;
     /** Opens the container and makes copy-before-write on the hold's map (not attached yet). */
     const openCbw = async (): Promise<boolean> => {
       const c = await openContainer(containerSpec, device, bs);
@@ -149,6 +165,8 @@ export class HoldMethod implements SnapshotMethod {
       overLimit: fallBack,
     };
 
+    // --hold metadata names the metadata of ext2/3/4 and XFS only: anything else is refused before the instant.
+    if (mode === 'metadata') await checkMetadataFileSystem(device);
     // The log is made (header durable, named in the state directory) before the instant.
     const log = this.o.holdLog ? await HoldLog.create(this.o.holdLog.spec, this.o.holdLog.stateDir, this.o.holdLog.device) : undefined;
     // The instant: arming is O(1); with --freeze it runs inside the freeze window.
@@ -209,6 +227,22 @@ export class HoldMethod implements SnapshotMethod {
       ...(log ? { log: { ...log.stats(), path: log.spec.path } } : {}),
     });
     this.statsNow = holdStats;
+    // Read through the instant (the device while everything is held): the blocks that are metadata
+    // at the instant. A map that cannot be read leaves every change held (as --hold all), and says so.
+    const narrowToMetadata = async () => {
+      const t = performance.now();
+      try {
+        const m = await readMetadataMap(reader);
+        if (!active) return;
+        const meta = usedAtBlockSize({ ...m, usedBlocks: m.bitmap.setCount, allBlocks: false }, bs, total);
+        metadata = { blocks: meta.setCount, ms: performance.now() - t, notes: m.notes };
+        this.o.log?.(`metadata map read in ${metadata.ms.toFixed(0)} ms: ${meta.setCount} of ${total} blocks are held from now on (${m.notes.join('; ')})`);
+        if (fellBackAt === undefined) hold.narrow((f, e) => meta.any(f, e));
+      } catch (e) {
+        metadataProblem = `the metadata map could not be read (${(e as Error).message}): every write was held, as with --hold all`;
+        this.o.log?.(metadataProblem);
+      }
+    };
     let releasing: Promise<void> | undefined;
     const releaseAll = () => (releasing ??= (async () => {
       active = false;
@@ -238,6 +272,7 @@ export class HoldMethod implements SnapshotMethod {
         }
         map.changed.notify();
         hold.pump(); // backup-blocks: changes to free blocks go now
+        if (mode === 'metadata') void narrowToMetadata();
         return { blockSize: bs, used: u, source };
       },
       failure: () => err,
@@ -267,6 +302,7 @@ export class HoldMethod implements SnapshotMethod {
             releaseMs: releaseMs ?? null, fellBack: fellBackAt !== undefined, loggedWrites: h.loggedWrites,
             ...(log ? { log: { path: log.spec.path, ...log.stats() } } : {}),
             ...(fellBackAt !== undefined ? { fellBackAfterMs: fellBackAt - td } : {}),
+            ...(mode === 'metadata' ? { metadataBlocks: metadata?.blocks ?? null, metadataMs: metadata?.ms ?? null, ...(metadataProblem ? { metadataProblem } : {}) } : {}),
           },
         };
       },

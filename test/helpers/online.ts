@@ -291,9 +291,11 @@ export class SelfDescribingWriters {
     private readonly uri: string,
     private readonly volumeSize: number,
     private readonly r: () => number,
-    private readonly opts: { writers: number; maxBlocks: number; region?: [number, number]; fua?: boolean },
+    private readonly opts: { writers: number; maxBlocks: number; region?: [number, number]; fua?: boolean; firstSeq?: number },
   ) {
     fs.mkdirSync(dir, { recursive: true });
+    // Two groups on one volume need disjoint numbers (a sector names its write).
+    this.seq = opts.firstSeq ?? 0;
   }
 
   start(): void {

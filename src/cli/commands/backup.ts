@@ -35,7 +35,12 @@ export class BackupCommand extends LivesnapCommand {
       reads the device directly, no container; at the end the queue is written in order and only then
       is the backup done. Writers are NOT acknowledged while held: with \`--hold all\` (default) every
       write waits for the whole backup; with \`--hold backup-blocks\` only writes to used blocks not yet
-      copied wait (the copier takes those blocks next), others go at once. Other exports are never
+      copied wait (the copier takes those blocks next), others go at once; with \`--hold metadata\`
+      (ext2/3/4 and XFS) only writes to the file system's metadata blocks as of the instant wait
+      (superblocks, descriptors, bitmaps, inode tables, btrees, directories, extent trees, the
+      journal or log). That promises a file system whose STRUCTURE is one instant (it mounts and
+      passes fsck without a journal replay of later work); it does NOT promise file contents of the
+      instant: a file written during the backup may hold newer data, or a mix. Other exports are never
       held. When the queue reaches \`--hold-limit\` (default 256M) no write fails: the queue is written in
       order through copy-before-write and the rest of the backup is copy-before-write (--container,
       default memory:64M); the done event says fellBack. Clients: the kernel nbd client fails a write
@@ -117,7 +122,7 @@ export class BackupCommand extends LivesnapCommand {
   s3PartSize = Option.String('--s3-part-size', { description: 'With --to s3://: the smallest upload part (default 16M; at least 5M)' });
   s3Parallel = Option.String('--s3-parallel', { description: 'With --to s3://: parts uploaded at once (default 4)' });
   method = Option.String('--method', 'offline', { description: 'offline | freeze (devices); hold (an export: queue writes during the backup instead of copy-before-write)', validator: t.isEnum(['offline', 'freeze', 'hold'] as const) });
-  hold = Option.String('--hold', { description: 'With --method hold: all (default: every write waits for the end) | backup-blocks (only writes to used blocks not yet copied wait, briefly)', validator: t.isEnum(HOLD_MODES) });
+  hold = Option.String('--hold', { description: 'With --method hold: all (default: every write waits for the end) | backup-blocks (only writes to used blocks not yet copied wait, briefly) | metadata (only writes to file-system metadata wait: the structure is one instant, file data may be newer)', validator: t.isEnum(HOLD_MODES) });
   holdLog = Option.String('--hold-log', { description: 'With --method hold: PATH[:SIZE] (default 1G) of a durable log on ANOTHER fast device: held writes are appended (fdatasync) and acknowledged at once, replayed in order at the end; after a crash "livesnap serve" replays it' });
   holdLimit = Option.String('--hold-limit', { description: 'With --method hold: the most held write data in memory (default 256M); beyond it the backup goes on as copy-before-write, no write fails' });
   mount = Option.String('--mount', { description: 'Mount point of the source (with --method freeze)' });

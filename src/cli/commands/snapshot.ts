@@ -35,13 +35,15 @@ export class SnapshotCommand extends LivesnapCommand {
       \`--hold-log PATH[:SIZE]\` (on another device) held writes are appended to a durable log and
       acknowledged at once; after a crash "livesnap serve" replays it. Past \`--hold-limit\` (default
       256M in memory) the queue is released in order and the rest is copy-before-write (--container);
-      no write fails.
+      no write fails. \`--hold metadata\` (ext2/3/4, XFS) holds only writes to the file system's
+      metadata blocks: the view's structure is one instant, its file data may be newer.
     `,
     examples: [
       ['Serve the instant and copy it with nbdcopy', '$0 snapshot data --json   # prints {"event":"armed",...,"uri":"nbd+unix:///data.snapshot-1?socket=..."}\nnbdcopy "nbd+unix:///data.snapshot-1?socket=/run/livesnap/data.snapshot-1.sock" /backup/data.raw'],
       ['File system consistent, in the background', '$0 snapshot data --freeze /srv/data --container file:/scratch/cow.bin:4G --detach'],
       ['End a detached one', '$0 cancel data-3'],
       ['Writes held in a durable log instead of copy-before-write (the log on another device)', '$0 snapshot data --method hold --hold-log /ssd/data.holdlog:4G'],
+      ['Only metadata writes held: a structurally consistent view, data may be newer', '$0 snapshot data --method hold --hold metadata'],
     ],
   });
 
@@ -52,7 +54,7 @@ export class SnapshotCommand extends LivesnapCommand {
   writeWaitLimit = Option.String('--write-wait-limit', { description: 'The longest a client write may wait on the snapshot before it is broken (default 30s)' });
   detach = Option.Boolean('--detach', false, { description: 'Return once the view is served; end it with "livesnap cancel <job>"' });
   method = Option.String('--method', { description: 'hold: queue the export\'s writes while the view is served, instead of copy-before-write', validator: t.isEnum(['hold'] as const) });
-  hold = Option.String('--hold', { description: 'With --method hold: all (the only mode for a view: backup-blocks needs a copier)' });
+  hold = Option.String('--hold', { description: 'With --method hold: all (default) | metadata (only writes to file-system metadata are held); backup-blocks needs a copier: "livesnap backup"' });
   holdLimit = Option.String('--hold-limit', { description: 'With --method hold: the most held write data in memory (default 256M); beyond it copy-before-write, no write fails' });
   holdLog = Option.String('--hold-log', { description: 'With --method hold: PATH[:SIZE] of a durable log on ANOTHER device: held writes are acknowledged at once' });
   control = controlOption();
@@ -61,7 +63,7 @@ export class SnapshotCommand extends LivesnapCommand {
     /* eslint-disable @typescript-eslint/no-require-imports -- loaded on use (startup time) */
     const { call, request } = require('../../control/client') as typeof import('../../control/client');
     /* eslint-enable @typescript-eslint/no-require-imports */
-    if (this.hold !== undefined && this.hold !== 'all') throw new UserError(`--hold ${this.hold} does not go with a snapshot view`, 'a view has no copier to take held blocks first: --hold all (the default), or "livesnap backup --method hold --hold backup-blocks"');
+    if (this.hold !== undefined && this.hold !== 'all' && this.hold !== 'metadata') throw new UserError(`--hold ${this.hold} does not go with a snapshot view`, this.hold === 'backup-blocks' ? 'a view has no copier to take held blocks first: --hold all (the default) or metadata, or "livesnap backup --method hold --hold backup-blocks"' : 'give --hold all (the default) or --hold metadata');
     if (this.method !== 'hold' && (this.hold ?? this.holdLimit ?? this.holdLog) !== undefined) throw new UserError(`${this.hold !== undefined ? '--hold' : this.holdLimit !== undefined ? '--hold-limit' : '--hold-log'} goes with --method hold`, 'add --method hold, or drop the option');
     /* eslint-disable @typescript-eslint/no-require-imports -- checked here for the message, parsed again by the daemon */
     const { parseSize } = require('../../util/size') as typeof import('../../util/size');
@@ -71,7 +73,7 @@ export class SnapshotCommand extends LivesnapCommand {
     if (holdLimit !== undefined && holdLimit < 1) throw new UserError(`--hold-limit ${this.holdLimit}: give a size of at least 1 byte`, 'e.g. --hold-limit 256M');
     const req: SnapshotRequest = {
       op: 'snapshot',
-      ...(this.method === 'hold' ? { method: 'hold' as const, holdLimit, holdLog: this.holdLog !== undefined ? path.resolve(this.holdLog) : undefined } : {}),
+      ...(this.method === 'hold' ? { method: 'hold' as const, hold: this.hold as 'all' | 'metadata' | undefined, holdLimit, holdLog: this.holdLog !== undefined ? path.resolve(this.holdLog) : undefined } : {}),
       export: this.export,
       container: this.container,
       freeze: this.freeze ? path.resolve(this.freeze) : undefined,
