@@ -223,6 +223,20 @@ testIf(needs)('backup --method hold: options are checked with a clear message', 
   const c = await cli(['backup', 'data', '--to', path.join(dir, 'x.img'), '--method', 'hold', '--hold-limit', 'lots', '--control', path.join(dir, 'none.sock')]);
   t.not(c.status, 0);
   t.regex(c.stderr, /--hold-limit/);
+  // --hold metadata of a volume with no file system livesnap can name: refused before the instant.
+  const served = await serveDevice(t, dir, vol, 'blank');
+  const d = await cli(['backup', served.name, '--to', path.join(dir, 'y.img'), '--method', 'hold', '--hold', 'metadata', '--control', served.control]);
+  t.is(d.status, 1, d.stderr);
+  t.regex(d.stderr, /--hold metadata knows the metadata blocks of ext2\/3\/4 or XFS file systems only, and this volume holds no file system livesnap recognises/);
+  t.regex(d.stderr, /hint: use --hold all or --hold backup-blocks/);
+  t.false(fs.existsSync(path.join(dir, 'y.img')), 'nothing was written');
+  const e = await cli(['snapshot', served.name, '--method', 'hold', '--hold', 'backup-blocks', '--control', served.control]);
+  t.is(e.status, 1);
+  t.regex(e.stderr, /--hold backup-blocks does not go with a snapshot view/);
+  const f = await cli(['snapshot', served.name, '--method', 'hold', '--hold', 'metadata', '--control', served.control]);
+  t.is(f.status, 1, f.stderr);
+  t.regex(f.stderr, /--hold metadata knows the metadata blocks/);
+  t.deepEqual((await served.status()).jobs?.filter((j) => j.state === 'running') ?? [], [], 'no job left running');
 });
 
 testIf({ ...needs, commands: ['qemu-io', 'mke2fs', 'debugfs'] })('hold metadata: writes to metadata blocks (the journal) are held and the image has them as of the instant; writes to file data go on during the backup; the live volume has every acknowledged write', async (t) => {
