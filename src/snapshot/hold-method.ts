@@ -277,8 +277,10 @@ export class HoldMethod implements SnapshotMethod {
       },
       failure: () => err,
       pace: {
-        // Held changes do not touch the device: full speed, unless copy-before-write took over.
-        writersActive: () => fellBackAt !== undefined && performance.now() - gate.activity.lastEnterAt < 50,
+        // Held changes do not touch the device: full speed with `all`. With backup-blocks and
+        // metadata the changes not held do, and so does everything once copy-before-write took over:
+        // then the copier leaves the disk room while clients write.
+        writersActive: () => (mode !== 'all' || fellBackAt !== undefined) && performance.now() - gate.activity.lastEnterAt < 50,
         writersStarved: () => (cbw?.waitingForSpace ?? 0) > 0,
         busy: busyPace(DEFAULT_WRITER_PRIORITY),
       },
