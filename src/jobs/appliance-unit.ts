@@ -17,6 +17,7 @@ import { CopyMap } from '../copy/copy-map';
 import { Device } from '../device/device';
 import { NbdServer } from '../nbd/server';
 import type { PointInTime, SnapshotMethod } from '../snapshot/method';
+import { busyPace } from '../snapshot/writer-priority';
 import { readUsedBlockMap } from '../fs/detect';
 import { usedAtBlockSize } from '../fs/used-map';
 import type { Bitset } from '../util/bitset';
@@ -78,6 +79,8 @@ export class ApplianceUnit {
   private waiting: Array<{ m: Orig; payload: Buffer; next: number }> = [];
   private lastAcked = 0;
   private received = 0;
+  /** When the host last sent an original: its writers are writing blocks not yet read (they wait on us). */
+  private lastOriginalAt = -Infinity;
   private reconciled: Array<[number, number]> = [];
   private flushTimer: NodeJS.Timeout | undefined;
   private silence: NodeJS.Timeout | undefined;
@@ -190,6 +193,7 @@ export class ApplianceUnit {
       return;
     }
     this.received += m.count;
+    this.lastOriginalAt = performance.now();
     this.waiting.push({ m, payload, next: 0 });
     this.drainWaiting();
   }
@@ -282,6 +286,14 @@ export class ApplianceUnit {
           const map = new CopyMap(this.totalBlocks, false);
           map.pending.orWith(bits);
           return { blockSize: bs, used: bits, source: { device: view.consuming, map } };
+        },
+        // The LUN is shared with the host's writers: while originals arrive they are writing (and one
+        // waits for each original's read), so the reader leaves the disk room, as copy-before-write
+        // does on the host. Originals waiting for ODC room: full speed (reading frees slots).
+        pace: {
+          writersActive: () => performance.now() - this.lastOriginalAt < 50,
+          writersStarved: () => this.waiting.length > 0,
+          busy: busyPace('normal'),
         },
         failure: () => (signal.aborted ? signal.reason as Error : undefined),
         facts: () => ({ odcPeakBytes: this.o.odc.peak * ODC_SLOT, originalsKept: mm.originalsKept }),
