@@ -214,3 +214,24 @@ test('fuzzed change maps are judged (trusted, or reset with a reason), never cra
   t.log(`seed ${seed}: ${reset} of 60 damaged maps reset`);
   t.true(reset > 0);
 });
+
+test('a write under an intent already on disk waits for no write-out, also while one for another region is queued; the timer keeps the intents of regions written in its last interval', async (t) => {
+  const { dir, backend } = setup(t);
+  const map = await ChangeMap.open(dir, 'dev-i', 16 * MiB, stamp, true);
+  const f = new ChangeFilter(backend, map);
+  const data = Buffer.alloc(4096, 3);
+  await f.write(0, data, false); // the intent of the first 4 MiB, on disk
+  const other = map.mark(8 * MiB, 4096); // a new intent in the same intent page: a write-out queued
+  t.truthy(other, 'a new intent waits for its write-out');
+  t.is(map.mark(4096, 4096), undefined, 'a write under the intent on disk goes on at once');
+  await other;
+  // The timer's write-out (idle) keeps intents written since the previous one; the next clears them.
+  await map.settle('idle');
+  t.is(map.mark(8192, 4096), undefined, 'the intent written in the last interval is kept');
+  await map.settle('idle');
+  await map.settle('idle');
+  const again = map.mark(12288, 4096);
+  t.truthy(again, 'after a whole idle interval the intent was cleared: the next write marks it anew');
+  await again;
+  await map.close();
+});

@@ -9,7 +9,8 @@
 // when the policy would let it go.
 // With a durable log (hold-log.ts) a held change is acknowledged as soon as it is in the log, and
 // its payload leaves memory. Logged changes stay queued until release, and until the log is retired
-// (every logged change on the device, flushed) a new change to a block the log touches waits: a
+// (every logged change on the device, flushed) a new change to a block the log touches is logged
+// and queued behind the others (or, once the replay is done, waits the moment of the retire): a
 // replay after a crash must never overwrite a newer write.
 import type { NbdBackend, NbdBuffer } from '../nbd/backend';
 import { Bitset } from '../util/bitset';
@@ -17,8 +18,11 @@ import { Filter } from './filter';
 
 /** Index granularity of held changes (bytes); the hold method's block size. */
 export const HOLD_BLOCK = 4096;
-/** Released changes in flight at once (non-overlapping). */
+/** Released changes in flight at once (non-overlapping); fewer while clients write straight to the device, so they keep a share of it. */
 const RELEASE_WINDOW = 256;
+const RELEASE_WINDOW_SHARED = 16;
+/** Clients count as writing for this long after a change went straight on. */
+const CLIENT_ACTIVE_MS = 20;
 
 /** true: a change to blocks [first, end) must be held now. */
 export type HoldPolicy = (first: number, end: number) => boolean;
@@ -89,6 +93,8 @@ export class HoldFilter extends Filter {
   // change itself: no array per block on the write path; a second change to it makes the list.
   private readonly index = new Map<number, HeldOp | HeldOp[]>();
   private seq = 0;
+  /** When a client's change last went straight to the device (while something is queued). */
+  private directAt = -Infinity;
   private bytesNow = 0;
   private st = { heldWrites: 0, maxHoldMs: 0, maxQueuedMs: 0, peakBytes: 0 };
   private emptyWaiters: Array<() => void> = [];
@@ -176,8 +182,12 @@ export class HoldFilter extends Filter {
     this.setPolicy(undefined);
     const journal = this.journal;
     if (journal) {
-      this.journal = undefined; // nothing new is logged
-      await this.until(() => this.appending === 0 && this.loggedQueued === 0);
+      // While the log is replayed, a new change to a block it touches is logged too (acknowledged at
+      // once, replayed after the older ones) rather than held in memory until the log is retired; the
+      // others go straight on. Once every logged change has landed, nothing new is logged.
+      const replayed = () => this.appending === 0 && this.loggedQueued === 0;
+      do await this.until(replayed); while (!replayed());
+      this.journal = undefined;
       let retired = false;
       if (!this.keepLog) {
         try {
@@ -210,7 +220,8 @@ export class HoldFilter extends Filter {
   /** Sends on the queued changes the policy no longer holds, in order (call when the policy's answer may have changed). */
   pump(): void {
     const q = this.queue;
-    while (this.cursor < q.length && this.releasing < RELEASE_WINDOW) {
+    const window = performance.now() - this.directAt < CLIENT_ACTIVE_MS ? RELEASE_WINDOW_SHARED : RELEASE_WINDOW;
+    while (this.cursor < q.length && this.releasing < window) {
       const op = q[this.cursor]!;
       if (op.appending) break; // durable or in memory: known in a moment
       if (op.logPos !== undefined) {
@@ -286,7 +297,10 @@ export class HoldFilter extends Filter {
   private change(kind: HeldOp['kind'], offset: number, length: number, data: Buffer | undefined, fua: boolean, noHole: boolean): Promise<void> {
     const first = Math.floor(offset / HOLD_BLOCK);
     const end = Math.floor((offset + length - 1) / HOLD_BLOCK) + 1;
-    if (!this.policy?.(first, end) && !this.touchesQueued(first, end) && !this.logged?.any(first, end)) return this.sendRaw(kind, offset, length, data, fua, noHole);
+    if (!this.policy?.(first, end) && !this.touchesQueued(first, end) && !this.logged?.any(first, end)) {
+      this.directAt = performance.now();
+      return this.sendRaw(kind, offset, length, data, fua, noHole);
+    }
     return new Promise<void>((resolve, reject) => {
       const op: HeldOp = { kind, offset, length, data, fua, noHole, first, end, at: performance.now(), seq: ++this.seq, done: false, logPos: undefined, appending: false, resolve, reject };
       this.queue.push(op);

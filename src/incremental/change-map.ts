@@ -177,7 +177,7 @@ class SlotBits {
 }
 
 /** A durable flush of dirty pages: what it covers, and when it is on disk. */
-interface Flush { pages: Set<number>; done: Promise<void>; resolve: () => void; reject: (e: Error) => void }
+interface Flush { pages: Set<number>; done: Promise<void>; resolve: () => void; reject: (e: Error) => void; copies?: Map<number, Buffer> }
 
 /** Page keys: area (slot 0, slot 1, intent) x 1e12 + page number. */
 const key = (area: number, page: number) => area * 1e12 + page;
@@ -194,6 +194,10 @@ export class ChangeMap {
   /** The last write (sequence number) to enter each intent region that is set. */
   private readonly lastWrite = new Map<number, number>();
   private writeSeq = 0;
+  /** The intent pages as last made durable: a write under a set intent that is on disk waits for nothing. */
+  private readonly intentOnDisk = new SlotBits();
+  /** writeSeq when the previous write-out began: an intent is cleared only after a whole interval without writes. */
+  private prevPersistSeq = 0;
   /** Fine pages changed in memory and not yet written out. */
   private lazy = new Set<number>();
   /** Slots every write marks now (normally the active one; both while a backup arms). */
@@ -299,7 +303,7 @@ export class ChangeMap {
       map.writeHeaderSync();
       map.heartbeat = setInterval(() => { map.header.aliveAt = Date.now(); void map.writeHeader().catch(() => {}); }, ALIVE_INTERVAL_MS);
       map.heartbeat.unref();
-      map.persister = setInterval(() => { if (!map.persisting) void map.settle().catch(() => {}); }, PERSIST_INTERVAL_MS);
+      map.persister = setInterval(() => { if (!map.persisting) void map.settle('idle').catch(() => {}); }, PERSIST_INTERVAL_MS);
       map.persister.unref();
       return map;
     } catch (e) {
@@ -397,10 +401,23 @@ export class ChangeMap {
       const page = this.intent.set(c);
       const k = key(INTENT, page ?? Math.floor(c / PAGE_BITS));
       if (page !== undefined) { this.intentsMarked++; wait = this.queue(k); }
+      else if (this.intentDurable(c, k)) continue;
       else if (this.queued?.pages.has(k)) wait = this.queued;
       else if (this.flushing?.pages.has(k) && !wait) wait = this.flushing;
     }
     return wait?.done;
+  }
+
+  /**
+   * Intent c (set in memory) is on disk and stays there: set in the last durable copy of its page,
+   * and set in the copy a write-out in flight is putting over it, if any.
+   */
+  private intentDurable(c: number, k: number): boolean {
+    if (!this.intentOnDisk.get(c)) return false;
+    const copy = this.flushing?.copies?.get(k);
+    if (!copy) return true;
+    const o = c % PAGE_BITS;
+    return (copy[Math.floor(o / 8)]! & (1 << (o % 8))) !== 0; // 32-bit-ok: bit and byte offsets inside one 4 KiB page
   }
 
   private queue(k: number): Flush {
@@ -420,17 +437,23 @@ export class ChangeMap {
     const f = this.queued;
     this.queued = undefined;
     this.flushing = f;
+    // Copies, all taken now: the pages may change while the writes are in flight (such changes wait
+    // for the next flush), and intentDurable() must know what this one puts on disk.
+    f.copies = new Map();
+    for (const k of f.pages) {
+      const area = Math.floor(k / 1e12), page = k - area * 1e12;
+      f.copies.set(k, Buffer.from(this.bitsOf(area).pages.get(page) ?? new Uint8Array(PAGE)));
+    }
     void (async () => {
       try {
-        for (const k of f.pages) {
+        for (const [k, data] of f.copies!) {
           if (this.closed) throw new Error('closed');
           const area = Math.floor(k / 1e12), page = k - area * 1e12;
-          // A copy: the page may change while the write is in flight (such changes wait for the next flush).
-          const data = Buffer.from(this.bitsOf(area).pages.get(page) ?? new Uint8Array(PAGE));
           await new Promise<void>((res, rej) => fs.write(this.fd, data, 0, PAGE, this.pageOffset(area, page), (e) => (e ? rej(e) : res())));
         }
         if (this.closed) throw new Error('closed');
         await new Promise<void>((res, rej) => fs.fdatasync(this.fd, (e) => (e ? rej(e) : res())));
+        for (const [k, data] of f.copies!) if (Math.floor(k / 1e12) === INTENT) this.intentOnDisk.pages.set(k - INTENT * 1e12, data);
         this.flushes++;
         f.resolve();
       } catch (e) {
@@ -450,11 +473,15 @@ export class ChangeMap {
   }
 
   /**
-   * Writes the fine map out, then clears the intents no write entered since: their regions' bits
-   * are on disk now. Runs every PERSIST_INTERVAL_MS, and before anything that needs the fine map.
+   * Writes the fine map out, then clears intents: their regions' bits are on disk now. `idle` (the
+   * timer, the epoch switches) clears only those no write entered since the previous write-out
+   * began, so a region still being written keeps its intent and its writers do not wait for an
+   * intent's write-out again and again (on a disk a backup keeps busy, each one is milliseconds);
+   * `settled` (a stop, an explicit settle) clears every one no write entered since this one began.
    */
-  private async persist(): Promise<void> {
+  private async persist(clear: 'idle' | 'settled'): Promise<void> {
     const since = this.writeSeq;
+    const idleSince = clear === 'idle' ? this.prevPersistSeq : since;
     if (this.lazy.size) {
       const pages = this.lazy;
       this.lazy = new Set();
@@ -465,19 +492,20 @@ export class ChangeMap {
     await this.drainFlushes();
     let cleared = false;
     for (const [c, last] of this.lastWrite) {
-      if (last > since) continue;
+      if (last > idleSince) continue;
       this.lastWrite.delete(c);
       this.queue(key(INTENT, this.intent.clear(c)));
       cleared = true;
     }
+    this.prevPersistSeq = since;
     if (cleared) await this.drainFlushes();
   }
 
-  /** Every mark made so far is on disk (fine bits included). */
-  async settle(): Promise<void> {
+  /** Every mark made so far is on disk (fine bits included); `idle`: intents of regions written lately stay. */
+  async settle(clear: 'idle' | 'settled' = 'settled'): Promise<void> {
     // One write-out at a time: the timer's and this one are chained, never side by side.
     while (this.persisting) await this.persisting;
-    const p = this.persist();
+    const p = this.persist(clear);
     this.persisting = p.catch(() => {}).finally(() => { if (this.persisting === mine) this.persisting = undefined; });
     const mine = this.persisting;
     await p;
@@ -503,7 +531,7 @@ export class ChangeMap {
     if (this.header.pending) throw new Error(`the change map already has a backup running (${this.header.pending.id})`);
     const next = (1 - this.header.active) as 0 | 1;
     // The next slot starts empty, on disk first, then the header names it.
-    await this.settle();
+    await this.settle('idle');
     const old = [...this.slots[next].pages.keys()];
     this.slots[next].pages.clear();
     this.sub[next] = new Bitset(Math.ceil(this.header.volumeSize / SUB_BLOCK));
@@ -547,7 +575,7 @@ export class ChangeMap {
     const p = this.header.pending;
     if (!p) return;
     // The new epoch's fine bits so far go to disk first: the header then names that slot.
-    await this.settle();
+    await this.settle('idle');
     this.header.base = p.id;
     this.header.active = p.slot;
     this.header.pending = null;
@@ -562,7 +590,7 @@ export class ChangeMap {
     const p = this.header.pending;
     if (!p) return;
     this.marking = [this.header.active];
-    await this.settle();
+    await this.settle('idle');
     const changed = this.slots[this.header.active].orWith(this.slots[p.slot]);
     const a = this.sub[this.header.active], n = this.sub[p.slot];
     if (a && n) a.orWith(n); else this.sub[this.header.active] = undefined;
