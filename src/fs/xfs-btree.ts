@@ -243,3 +243,181 @@ export async function checkInternalLog(reader: BlockReader, logOffset: number, l
   if (l !== head) return { clean: false, reason: 'log records do not end at the head' };
   return { clean: true, covered: true, reason: 'log covered (frozen or idle): only superblock updates to replay, the free-space btrees are current' };
 }
+
+// ---------------------------------------------------------------------------------------------
+// Per-AG (short-form) btree walking: the bnobt for the used map; every per-AG btree for the
+// metadata map. All trees given are walked together, one batched read per tree level.
+
+/** Upper bound for any per-AG btree height (XFS_BTREE_MAXLEVELS has been 9; these need far fewer). */
+export const SHORT_BTREE_MAX_LEVELS = 9;
+const NULL_AGBLOCK = 0xffffffff;
+/** Bytes per readMany batch, so a wide tree level does not ask for one huge buffer. */
+const BATCH_BYTES = 32 * 1024 * 1024;
+
+/** One kind of per-AG btree, as its blocks are checked. */
+export interface ShortBtreeType {
+  /** For messages: "free-space btree", "inode btree", ... */
+  name: string;
+  /** Magic of this kind on this file system (v4 or v5) and its name for messages. */
+  magic: number;
+  magicName: string;
+  recSize: number;
+  /** Bytes of one key slot in a node (an rmapbt node holds a low and a high key per child). */
+  keySize: number;
+  /** Where, in a record and in a key, the field the tree sorts by first lies (cntbt: its blockcount). */
+  sortOffset: number;
+  /** Sort keys have no duplicates (bnobt, inobt, finobt, refcountbt): checked strictly. */
+  uniqueKeys: boolean;
+}
+
+/** A tree to walk: its kind, AG, root and height. */
+export interface ShortBtreeRoot {
+  type: ShortBtreeType;
+  agno: number;
+  /** AG length in blocks: child pointers must lie below it. */
+  agLength: number;
+  root: number;
+  levels: number;
+  /** Every sort key of the tree is below this. */
+  keyLimit: number;
+}
+
+/** A leaf as the walker hands it over: records at buf[hdr + r * recSize]. */
+export interface ShortBtreeLeaf {
+  tree: ShortBtreeRoot;
+  agbno: number;
+  buf: Buffer;
+  hdr: number;
+  numrecs: number;
+  isRoot: boolean;
+  /** Sort keys of this leaf's records lie in [lowKey, highKey) (or [lowKey, highKey] when highInclusive). */
+  lowKey: number;
+  highKey: number;
+  highInclusive: boolean;
+  /** "free-space btree block 12 of AG 1", for messages. */
+  what: string;
+}
+
+interface PendingShortNode {
+  tree: ShortBtreeRoot;
+  seen: Set<number>;
+  agbno: number;
+  level: number;
+  lowKey: number;
+  highKey: number;
+  highInclusive: boolean;
+  leftsib: number;
+  rightsib: number;
+}
+
+/** Reads whole file-system blocks (linear block numbers), in batches of at most BATCH_BYTES. */
+export async function readBlocks(reader: BlockReader, blockSize: number, blocks: ReadonlyArray<{ block: number; count: number }>): Promise<Buffer[]> {
+  const out: Buffer[] = [];
+  let i = 0;
+  while (i < blocks.length) {
+    let bytes = 0;
+    let j = i;
+    while (j < blocks.length && (j === i || bytes + blocks[j]!.count * blockSize <= BATCH_BYTES)) bytes += blocks[j++]!.count * blockSize;
+    const bufs = await reader.readMany(blocks.slice(i, j).map((b) => ({ offset: b.block * blockSize, length: b.count * blockSize })));
+    out.push(...bufs);
+    i = j;
+  }
+  return out;
+}
+
+export interface ShortBtreeGeometry {
+  crc: boolean;
+  blockSize: number;
+  agblocks: number;
+  metaUuid: Buffer;
+}
+
+/**
+ * Walks every tree in `roots` breadth-first, all together: one batched read per level. Checks each
+ * block's magic, v5 CRC / block stamp / uuid / owner, level, sibling pointers, key order and key
+ * ranges, and that no block is referenced twice in a tree (no loops). Leaves go to `onLeaf` (their
+ * records are the caller's to check); `onBlock` sees every block read. Returns blocks read.
+ */
+export async function walkShortBtrees(
+  reader: BlockReader,
+  g: ShortBtreeGeometry,
+  roots: ReadonlyArray<ShortBtreeRoot>,
+  onLeaf: (leaf: ShortBtreeLeaf) => void,
+  onBlock?: (tree: ShortBtreeRoot, agbno: number) => void,
+): Promise<number> {
+  const hdr = g.crc ? 56 : 16;
+  const sectorsPerBlock = g.blockSize / 512;
+  let frontier: PendingShortNode[] = roots.map((tree) => ({
+    tree, seen: new Set<number>([tree.root]), agbno: tree.root, level: tree.levels - 1, lowKey: 0, highKey: tree.keyLimit,
+    highInclusive: false, leftsib: NULL_AGBLOCK, rightsib: NULL_AGBLOCK,
+  }));
+  let blocksRead = 0;
+  while (frontier.length > 0) {
+    const bufs = await readBlocks(reader, g.blockSize, frontier.map((n) => ({ block: n.tree.agno * g.agblocks + n.agbno, count: 1 })));
+    blocksRead += bufs.length;
+    const next: PendingShortNode[] = [];
+    for (let i = 0; i < frontier.length; i++) {
+      const n = frontier[i]!;
+      const { type, agno } = n.tree;
+      const b = bufs[i]!;
+      const what = `${type.name} block ${n.agbno} of AG ${agno}`;
+      if (b.readUInt32BE(0) !== type.magic) throw new CorruptFileSystemError('xfs', `${what}: magic 0x${b.readUInt32BE(0).toString(16)} is not ${type.magicName}`);
+      if (g.crc) {
+        if (!xfsChecksumOk(b, 52)) throw new CorruptFileSystemError('xfs', `${what}: CRC mismatch`);
+        const daddr = b.readBigUInt64BE(16);
+        if (daddr !== BigInt((agno * g.agblocks + n.agbno) * sectorsPerBlock)) throw new CorruptFileSystemError('xfs', `${what}: block number stamp ${daddr} is wrong (misplaced write)`);
+        if (!b.subarray(32, 48).equals(g.metaUuid)) throw new CorruptFileSystemError('xfs', `${what}: uuid does not match the superblock`);
+        if (b.readUInt32BE(48) !== agno) throw new CorruptFileSystemError('xfs', `${what}: owner ${b.readUInt32BE(48)} is not AG ${agno}`);
+      }
+      onBlock?.(n.tree, n.agbno);
+      const level = b.readUInt16BE(4);
+      const numrecs = b.readUInt16BE(6);
+      const left = b.readUInt32BE(8);
+      const right = b.readUInt32BE(12);
+      if (level !== n.level) throw new CorruptFileSystemError('xfs', `${what}: level ${level}, expected ${n.level}`);
+      if (left !== n.leftsib || right !== n.rightsib) throw new CorruptFileSystemError('xfs', `${what}: sibling pointers ${left}/${right} do not match the tree`);
+      const isRoot = n.agbno === n.tree.root;
+      if (level === 0) {
+        const leafMax = Math.floor((g.blockSize - hdr) / type.recSize);
+        if (numrecs > leafMax) throw new CorruptFileSystemError('xfs', `${what}: ${numrecs} records, at most ${leafMax} fit`);
+        if (numrecs === 0 && !isRoot) throw new CorruptFileSystemError('xfs', `${what}: empty leaf`);
+        onLeaf({ tree: n.tree, agbno: n.agbno, buf: b, hdr, numrecs, isRoot, lowKey: n.lowKey, highKey: n.highKey, highInclusive: n.highInclusive, what });
+        continue;
+      }
+      const nodeMax = Math.floor((g.blockSize - hdr) / (type.keySize + 4));
+      if (numrecs === 0 || numrecs > nodeMax) throw new CorruptFileSystemError('xfs', `${what}: ${numrecs} keys, expected 1..${nodeMax}`);
+      const keys: number[] = [];
+      const ptrs: number[] = [];
+      for (let r = 0; r < numrecs; r++) {
+        const k = b.readUInt32BE(hdr + r * type.keySize + type.sortOffset);
+        const p = b.readUInt32BE(hdr + nodeMax * type.keySize + r * 4);
+        if (p === 0 || p >= n.tree.agLength) throw new CorruptFileSystemError('xfs', `${what}: child pointer ${p} is past the AG end (${n.tree.agLength} blocks)`);
+        if (r > 0 && (type.uniqueKeys ? k <= keys[r - 1]! : k < keys[r - 1]!)) throw new CorruptFileSystemError('xfs', `${what}: keys out of order`);
+        if (k < n.lowKey || k > n.highKey || (k === n.highKey && !n.highInclusive)) throw new CorruptFileSystemError('xfs', `${what}: key ${k} lies outside its parent's range`);
+        if (r === 0 && !isRoot && k !== n.lowKey) throw new CorruptFileSystemError('xfs', `${what}: first key ${k} does not match its parent key ${n.lowKey}`);
+        if (n.seen.has(p) || p === n.agbno) throw new CorruptFileSystemError('xfs', `${what}: child pointer ${p} is referenced twice (loop)`);
+        n.seen.add(p);
+        keys.push(k);
+        ptrs.push(p);
+      }
+      // Siblings of the children: neighbours here, or across to the neighbouring node at this level
+      // (linked below once the whole next level is known).
+      for (let r = 0; r < numrecs; r++) {
+        const last = r + 1 === numrecs;
+        next.push({
+          tree: n.tree, seen: n.seen, agbno: ptrs[r]!, level: level - 1, lowKey: keys[r]!,
+          highKey: last ? n.highKey : keys[r + 1]!, highInclusive: last ? n.highInclusive : !type.uniqueKeys,
+          leftsib: NULL_AGBLOCK, rightsib: NULL_AGBLOCK,
+        });
+      }
+    }
+    // Within one tree the next level's nodes are in left-to-right order: link the expected siblings.
+    for (let i = 1; i < next.length; i++) {
+      const prev = next[i - 1]!;
+      const cur = next[i]!;
+      if (prev.tree === cur.tree) { cur.leftsib = prev.agbno; prev.rightsib = cur.agbno; }
+    }
+    frontier = next;
+  }
+  return blocksRead;
+}

@@ -5,7 +5,7 @@
 import type { BlockReader } from '../device/device';
 import { Bitset } from '../util/bitset';
 import { CorruptFileSystemError, type FileSystemReader, type UsedBlockMap } from './used-map';
-import { checkInternalLog, xfsChecksumOk } from './xfs-btree';
+import { checkInternalLog, walkShortBtrees, xfsChecksumOk, type ShortBtreeRoot, type ShortBtreeType, SHORT_BTREE_MAX_LEVELS } from './xfs-btree';
 
 export { crc32c, xfsChecksum, checkInternalLog } from './xfs-btree';
 
@@ -13,15 +13,10 @@ const XFS_SB_MAGIC = 0x58465342; // 'XFSB'
 const XFS_AGF_MAGIC = 0x58414746; // 'XAGF'
 const XFS_ABTB_MAGIC = 0x41425442; // 'ABTB' v4 bnobt
 const XFS_ABTB_CRC_MAGIC = 0x41423342; // 'AB3B' v5 bnobt
-const NULLAGBLOCK = 0xffffffff;
 
 const SB_CRC_OFF = 224;
 const AGF_CRC_OFF = 216;
-const BTREE_CRC_OFF = 52;
-const SHORT_HDR_V4 = 16;
-const SHORT_HDR_V5 = 56;
-/** Upper bound for any XFS btree height (XFS_BTREE_MAXLEVELS has been 9; alloc btrees need far fewer). */
-const MAX_LEVELS = 9;
+const MAX_LEVELS = SHORT_BTREE_MAX_LEVELS;
 
 // sb_features_incompat bits (v5)
 const INCOMPAT_FTYPE = 1 << 0;
@@ -37,11 +32,11 @@ const INCOMPAT_KNOWN =
   INCOMPAT_FTYPE | INCOMPAT_SPINODES | INCOMPAT_META_UUID | INCOMPAT_BIGTIME | INCOMPAT_NEEDSREPAIR |
   INCOMPAT_NREXT64 | INCOMPAT_EXCHRANGE | INCOMPAT_PARENT;
 
-function corrupt(message: string): CorruptFileSystemError {
+export function corrupt(message: string): CorruptFileSystemError {
   return new CorruptFileSystemError('xfs', message);
 }
 
-function isPow2(n: number): boolean {
+export function isPow2(n: number): boolean {
   return n > 0 && (n & (n - 1)) === 0; // 32-bit-ok: only for sizes checked <= 2^16
 }
 
@@ -133,16 +128,26 @@ export function parseSuperblock(sb: Buffer, deviceSize: number): XfsGeometry {
   return { version, crc, blockSize, sectSize, dblocks, agblocks, agcount, agblklog, logstart, logblocks, rblocks, metaUuid: Buffer.from(metaUuid), incompat };
 }
 
-interface AgInfo {
+export interface AgInfo {
   agno: number;
   length: number;
   bnoRoot: number;
   bnoLevel: number;
   freeblks: number;
   flcount: number;
+  // Read but not checked here (the used map does not use them): xfs-metadata.ts checks them.
+  cntRoot: number;
+  cntLevel: number;
+  rmapRoot: number;
+  rmapLevel: number;
+  flfirst: number;
+  fllast: number;
+  refcountRoot: number;
+  refcountLevel: number;
 }
 
-function parseAgf(buf: Buffer, g: XfsGeometry, agno: number): AgInfo {
+/** Parses and checks an AGF sector (the fields the used map needs are checked; the rest are read for the metadata map). */
+export function parseAgf(buf: Buffer, g: XfsGeometry, agno: number): AgInfo {
   const what = `AGF of AG ${agno}`;
   if (buf.readUInt32BE(0) !== XFS_AGF_MAGIC) throw corrupt(`${what}: magic is not XAGF`);
   if (buf.readUInt32BE(4) !== 1) throw corrupt(`${what}: version ${buf.readUInt32BE(4)} is not 1`);
@@ -162,20 +167,16 @@ function parseAgf(buf: Buffer, g: XfsGeometry, agno: number): AgInfo {
   const flcount = buf.readUInt32BE(48);
   const freeblks = buf.readUInt32BE(52);
   if (freeblks > length) throw corrupt(`${what}: ${freeblks} free blocks in an AG of ${length}`);
-  return { agno, length, bnoRoot, bnoLevel, freeblks, flcount };
+  return {
+    agno, length, bnoRoot, bnoLevel, freeblks, flcount,
+    cntRoot: buf.readUInt32BE(20), cntLevel: buf.readUInt32BE(32), rmapRoot: buf.readUInt32BE(24), rmapLevel: buf.readUInt32BE(36),
+    flfirst: buf.readUInt32BE(40), fllast: buf.readUInt32BE(44), refcountRoot: buf.readUInt32BE(88), refcountLevel: buf.readUInt32BE(92),
+  };
 }
 
-interface PendingNode {
-  ag: AgInfo;
-  agbno: number;
-  level: number;
-  /** Key range the node's records must fall in: [lowKey, highKey) (highKey = AG length for the last). */
-  lowKey: number;
-  highKey: number;
-  /** Expected sibling pointers. */
-  leftsib: number;
-  rightsib: number;
-}
+/** The bnobt as walkShortBtrees checks it. */
+const BNOBT_V4: ShortBtreeType = { name: 'free-space btree', magic: XFS_ABTB_MAGIC, magicName: 'ABTB', recSize: 8, keySize: 8, sortOffset: 0, uniqueKeys: true };
+const BNOBT_V5: ShortBtreeType = { ...BNOBT_V4, magic: XFS_ABTB_CRC_MAGIC, magicName: 'AB3B' };
 
 /** Free extents of every AG, as [linear start, linear end) pairs in ascending order. */
 export interface XfsFreeSpace {
@@ -193,92 +194,25 @@ export async function readFreeSpace(reader: BlockReader, g: XfsGeometry): Promis
   );
   const ags = agfBufs.map((b, agno) => parseAgf(b, g, agno));
   const extents: Array<Array<[number, number]>> = ags.map(() => []);
-  const visited = ags.map((ag) => new Set<number>([ag.bnoRoot]));
-  const hdr = g.crc ? SHORT_HDR_V5 : SHORT_HDR_V4;
-  const magic = g.crc ? XFS_ABTB_CRC_MAGIC : XFS_ABTB_MAGIC;
-  const leafMax = Math.floor((g.blockSize - hdr) / 8);
-  const nodeMax = Math.floor((g.blockSize - hdr) / 12);
-  const sectorsPerBlock = g.blockSize / 512;
-  let frontier: PendingNode[] = ags.map((ag) => ({
-    ag, agbno: ag.bnoRoot, level: ag.bnoLevel - 1, lowKey: 0, highKey: ag.length, leftsib: NULLAGBLOCK, rightsib: NULLAGBLOCK,
+  const roots: ShortBtreeRoot[] = ags.map((ag) => ({
+    type: g.crc ? BNOBT_V5 : BNOBT_V4, agno: ag.agno, agLength: ag.length, root: ag.bnoRoot, levels: ag.bnoLevel, keyLimit: ag.length,
   }));
-  let blocksRead = 0;
-  while (frontier.length > 0) {
-    const bufs = await reader.readMany(frontier.map((n) => ({ offset: (n.ag.agno * g.agblocks + n.agbno) * g.blockSize, length: g.blockSize })));
-    blocksRead += bufs.length;
-    const next: PendingNode[] = [];
-    for (let i = 0; i < frontier.length; i++) {
-      const n = frontier[i]!;
-      const b = bufs[i]!;
-      const what = `free-space btree block ${n.agbno} of AG ${n.ag.agno}`;
-      if (b.readUInt32BE(0) !== magic) {
-        throw corrupt(`${what}: magic 0x${b.readUInt32BE(0).toString(16)} is not ${g.crc ? 'AB3B' : 'ABTB'}`);
+  const blocksRead = await walkShortBtrees(reader, g, roots, (leaf) => {
+    const { buf: b, hdr, what } = leaf;
+    const out = extents[leaf.tree.agno]!;
+    for (let r = 0; r < leaf.numrecs; r++) {
+      const start = b.readUInt32BE(hdr + r * 8);
+      const count = b.readUInt32BE(hdr + r * 8 + 4);
+      if (count === 0) throw corrupt(`${what}: record ${r} has length 0`);
+      if (start < leaf.lowKey || start >= leaf.highKey || start + count > leaf.tree.agLength) {
+        throw corrupt(`${what}: free extent ${start}+${count} lies outside its key range or past the AG end (${leaf.tree.agLength} blocks)`);
       }
-      if (g.crc) {
-        if (!xfsChecksumOk(b, BTREE_CRC_OFF)) throw corrupt(`${what}: CRC mismatch`);
-        const daddr = b.readBigUInt64BE(16);
-        if (daddr !== BigInt((n.ag.agno * g.agblocks + n.agbno) * sectorsPerBlock)) throw corrupt(`${what}: block number stamp ${daddr} is wrong (misplaced write)`);
-        if (!b.subarray(32, 48).equals(g.metaUuid)) throw corrupt(`${what}: uuid does not match the superblock`);
-        if (b.readUInt32BE(48) !== n.ag.agno) throw corrupt(`${what}: owner ${b.readUInt32BE(48)} is not AG ${n.ag.agno}`);
-      }
-      const level = b.readUInt16BE(4);
-      const numrecs = b.readUInt16BE(6);
-      const left = b.readUInt32BE(8);
-      const right = b.readUInt32BE(12);
-      if (level !== n.level) throw corrupt(`${what}: level ${level}, expected ${n.level}`);
-      if (left !== n.leftsib || right !== n.rightsib) throw corrupt(`${what}: sibling pointers ${left}/${right} do not match the tree`);
-      const isRoot = n.agbno === n.ag.bnoRoot;
-      if (level === 0) {
-        if (numrecs > leafMax) throw corrupt(`${what}: ${numrecs} records, at most ${leafMax} fit`);
-        if (numrecs === 0 && !isRoot) throw corrupt(`${what}: empty leaf`);
-        const out = extents[n.ag.agno]!;
-        for (let r = 0; r < numrecs; r++) {
-          const start = b.readUInt32BE(hdr + r * 8);
-          const count = b.readUInt32BE(hdr + r * 8 + 4);
-          if (count === 0) throw corrupt(`${what}: record ${r} has length 0`);
-          if (start < n.lowKey || start >= n.highKey || start + count > n.ag.length) {
-            throw corrupt(`${what}: free extent ${start}+${count} lies outside its key range or past the AG end (${n.ag.length} blocks)`);
-          }
-          const prev = out[out.length - 1];
-          if (prev && start < prev[1]) throw corrupt(`${what}: free extent ${start}+${count} overlaps or precedes the previous one (records out of order)`);
-          if (r === 0 && !isRoot && start !== n.lowKey) throw corrupt(`${what}: first record ${start} does not match its parent key ${n.lowKey}`);
-          out.push([start, start + count]);
-        }
-      } else {
-        if (numrecs === 0 || numrecs > nodeMax) throw corrupt(`${what}: ${numrecs} keys, expected 1..${nodeMax}`);
-        const keys: number[] = [];
-        const ptrs: number[] = [];
-        for (let r = 0; r < numrecs; r++) {
-          const k = b.readUInt32BE(hdr + r * 8);
-          const p = b.readUInt32BE(hdr + nodeMax * 8 + r * 4);
-          if (p === 0 || p >= n.ag.length) throw corrupt(`${what}: child pointer ${p} is past the AG end (${n.ag.length} blocks)`);
-          if (r > 0 && k <= keys[r - 1]!) throw corrupt(`${what}: keys out of order`);
-          if (k < n.lowKey || k >= n.highKey) throw corrupt(`${what}: key ${k} lies outside its parent's range`);
-          if (r === 0 && !isRoot && k !== n.lowKey) throw corrupt(`${what}: first key ${k} does not match its parent key ${n.lowKey}`);
-          const seen = visited[n.ag.agno]!;
-          if (seen.has(p) || p === n.agbno) throw corrupt(`${what}: child pointer ${p} is referenced twice (loop)`);
-          seen.add(p);
-          keys.push(k);
-          ptrs.push(p);
-        }
-        // Siblings of the children: neighbours here, or across to the neighbouring node at this level
-        // (patched below once the whole next level is known).
-        for (let r = 0; r < numrecs; r++) {
-          next.push({
-            ag: n.ag, agbno: ptrs[r]!, level: level - 1, lowKey: keys[r]!, highKey: r + 1 < numrecs ? keys[r + 1]! : n.highKey,
-            leftsib: NULLAGBLOCK, rightsib: NULLAGBLOCK,
-          });
-        }
-      }
+      const prev = out[out.length - 1];
+      if (prev && start < prev[1]) throw corrupt(`${what}: free extent ${start}+${count} overlaps or precedes the previous one (records out of order)`);
+      if (r === 0 && !leaf.isRoot && start !== leaf.lowKey) throw corrupt(`${what}: first record ${start} does not match its parent key ${leaf.lowKey}`);
+      out.push([start, start + count]);
     }
-    // Within one AG the next level's nodes are in left-to-right order: link the expected siblings.
-    for (let i = 0; i < next.length; i++) {
-      const prev = next[i - 1];
-      const cur = next[i]!;
-      if (prev && prev.ag === cur.ag) { cur.leftsib = prev.agbno; prev.rightsib = cur.agbno; }
-    }
-    frontier = next;
-  }
+  });
   let agflBlocks = 0;
   for (const ag of ags) {
     let sum = 0;
@@ -289,7 +223,8 @@ export async function readFreeSpace(reader: BlockReader, g: XfsGeometry): Promis
   return { geometry: g, extents, agflBlocks, btreeBlocksRead: blocksRead };
 }
 
-async function readSuperblock(reader: BlockReader): Promise<Buffer> {
+/** The primary superblock's first sector (all of it when the sector is larger than 512 bytes). */
+export async function readSuperblock(reader: BlockReader): Promise<Buffer> {
   if (reader.size < 512) throw corrupt(`device of ${reader.size} bytes is too small for XFS`);
   const [head] = await reader.readMany([{ offset: 0, length: 512 }]);
   const sect = head!.readUInt16BE(102);
