@@ -26,3 +26,7 @@ fsInstantTest('hold metadata + hold log: ext4 through nbdfuse + loop with churn 
   prefix: 'hold-fs-', backupArgs: (dir) => ['--method', 'hold', '--hold', 'metadata', '--hold-log', `${path.join(dir, 'hold.log')}:128M`], dataMayBeNewer: true,
   checkDone: (t, done) => { held(t, done); t.true(Number((done.hold as Record<string, unknown>).metadataBlocks) > 0, 'the metadata map was read'); },
 });
+fsInstantTest('hold metadata on XFS (with --freeze): XFS through nbdfuse + loop with churn; restore passes xfs_repair -n, the files of the instant are there and the untouched ones intact', {
+  prefix: 'hold-fs-', fs: 'xfs', backupArgs: () => ['--method', 'hold', '--hold', 'metadata'], dataMayBeNewer: true,
+  checkDone: (t, done) => { held(t, done); t.true(Number((done.hold as Record<string, unknown>).metadataBlocks) > 0, 'the metadata map was read'); },
+});

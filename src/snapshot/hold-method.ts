@@ -36,10 +36,19 @@ import { DEFAULT_HOLD_LIMIT, type HoldMode } from './hold-modes';
 import { readMetadataMap } from '../fs/metadata-map';
 import { usedAtBlockSize } from '../fs/used-map';
 
-/** --hold metadata on a volume whose metadata livesnap cannot name: refused, with what to use instead. */
-async function checkMetadataFileSystem(device: BlockReader): Promise<void> {
+/**
+ * --hold metadata on a volume whose metadata livesnap cannot name: refused, with what to use instead.
+ * XFS only with --freeze: its log holds partial buffers, so a block reassigned as metadata in the log
+ * alone (not on disk at the instant) would be replayed over newer bytes; a frozen XFS has its
+ * metadata on disk. (ext4's journal holds whole blocks, and its copies count as metadata.)
+ */
+async function checkMetadataFileSystem(device: BlockReader, freeze: string | undefined): Promise<void> {
   const [{ extReader }, { xfsReader }] = await Promise.all([import('../fs/ext4'), import('../fs/xfs')]);
-  if (await extReader.probe(device) || await xfsReader.probe(device)) return;
+  if (await extReader.probe(device)) return;
+  if (await xfsReader.probe(device)) {
+    if (freeze) return;
+    throw new UserError('--hold metadata of an XFS file system needs --freeze MOUNTPOINT: without it the metadata on the device may lag behind the log, and its map could miss blocks', 'add --freeze with the mount point, or use --hold all or --hold backup-blocks');
+  }
   await readMetadataMap(device); // throws the UserError that names what the volume holds
 }
 
@@ -166,7 +175,7 @@ export class HoldMethod implements SnapshotMethod {
     };
 
     // --hold metadata names the metadata of ext2/3/4 and XFS only: anything else is refused before the instant.
-    if (mode === 'metadata') await checkMetadataFileSystem(device);
+    if (mode === 'metadata') await checkMetadataFileSystem(device, this.o.freeze);
     // The log is made (header durable, named in the state directory) before the instant.
     const log = this.o.holdLog ? await HoldLog.create(this.o.holdLog.spec, this.o.holdLog.stateDir, this.o.holdLog.device) : undefined;
     // The instant: arming is O(1); with --freeze it runs inside the freeze window.
