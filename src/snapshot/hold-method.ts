@@ -286,10 +286,11 @@ export class HoldMethod implements SnapshotMethod {
       },
       failure: () => err,
       pace: {
-        // Held changes do not touch the device: full speed with `all`. With backup-blocks and
-        // metadata the changes not held do, and so does everything once copy-before-write took over:
-        // then the copier leaves the disk room while clients write.
-        writersActive: () => (mode !== 'all' || fellBackAt !== undefined) && performance.now() - gate.activity.lastEnterAt < 50,
+        // Held changes do not touch the device: full speed with `all`. With metadata the changes not
+        // held do, and so does everything once copy-before-write took over: then the copier leaves
+        // the disk room while clients write. (backup-blocks: held writers wait for the copier, which
+        // must not slow down; paced, its backups under steady writers did not finish in 10 s.)
+        writersActive: () => (mode === 'metadata' || fellBackAt !== undefined) && performance.now() - gate.activity.lastEnterAt < 50,
         writersStarved: () => (cbw?.waitingForSpace ?? 0) > 0,
         busy: busyPace(DEFAULT_WRITER_PRIORITY),
       },
