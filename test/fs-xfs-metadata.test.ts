@@ -18,7 +18,9 @@ import { testIf } from './helpers/skip';
 import { capture, MemReader } from './helpers/mem-reader';
 
 const MiB = 1 << 20;
-const needs = { root: true, commands: ['mkfs.xfs', 'xfs_db', 'xfs_metadump', 'xfs_mdrestore', 'xfs_bmap', 'mount', 'umount', 'losetup', 'python3', 'xfs_io'] };
+const needs = { root: true, commands: ['mkfs.xfs', 'xfs_db', 'xfs_metadump', 'xfs_mdrestore', 'xfs_bmap', 'mount', 'umount', 'losetup', 'xfs_io'] };
+// Debian's python3 (setup installs it; another one earlier in PATH may lack nothing, but is not the tested one).
+const PY = fs.existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3';
 // One at a time: each builds and fills file systems, and the machine is small.
 const xfsTest = testIf(needs, { serial: true });
 
@@ -49,7 +51,7 @@ interface Made {
 
 /** Writes a python helper that sets xattrs (no setfattr here): file, count, value size, name prefix. */
 function setXattrs(file: string, count: number, valueSize: number, prefix = 'user.a'): void {
-  run('python3', ['-c', `import os,sys\nf=sys.argv[1]\nfor i in range(int(sys.argv[2])): os.setxattr(f, '${prefix}%05d' % i, b'v' * int(sys.argv[3]))`, file, String(count), String(valueSize)]);
+  run(PY, ['-c', `import os,sys\nf=sys.argv[1]\nfor i in range(int(sys.argv[2])): os.setxattr(f, '${prefix}%05d' % i, b'v' * int(sys.argv[3]))`, file, String(count), String(valueSize)]);
 }
 
 /** Daddr ranges (512-byte units) of a file's data from `xfs_bmap -v`, as linear blocks. */

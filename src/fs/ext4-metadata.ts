@@ -8,13 +8,13 @@
 import type { BlockReader } from '../device/device';
 import { Bitset } from '../util/bitset';
 import {
-  baseMetaBlocks, corrupt, type Desc, type Geometry, geometry, groupFirstBlock, readBlockSet, readDescriptors,
+  baseMetaBlocks, corrupt, type Desc, type Geometry, geometry, groupFirstBlock, readBlockSet, readDescriptors, scanJournal,
 } from './ext4';
 import {
   BG_INODE_UNINIT, COMPAT, EXTENT_MAGIC, INCOMPAT, INODE, INODE_EXTENTS_FL, INODE_INLINE_DATA_FL, RO_COMPAT,
   SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE,
 } from './ext4-layout';
-import { Journal, JournalError, mapInodeBlocks } from './jbd2';
+import { JournalError } from './jbd2';
 import type { MetadataMap } from './metadata-map';
 
 const TWO32 = 0x100000000;
@@ -230,14 +230,6 @@ async function walkTrees(reader: BlockReader, g: Geometry, walks: Walk[], meta: 
 
 /** The blocks a journal replay would write (the newest committed copies). */
 async function journalCopyBlocks(reader: BlockReader, g: Geometry, descs: Desc[]): Promise<number[]> {
-  const { sb, blockSize } = g;
-  const ino = sb.journalInum;
-  if (ino < 1 || ino > sb.inodesCount) throw new JournalError(`journal inode number ${ino} is out of range`);
-  const group = Math.floor((ino - 1) / sb.inodesPerGroup);
-  const index = (ino - 1) % sb.inodesPerGroup;
-  const inode = await reader.read(descs[group]!.inodeTable * blockSize + index * g.inodeSize, Math.min(g.inodeSize, 256));
-  const { extents } = await mapInodeBlocks(reader, blockSize, g.blocksCount, inode);
-  const journal = await Journal.open(reader, blockSize, extents);
-  const scan = await journal.scan();
+  const { scan } = await scanJournal(reader, g, descs);
   return scan.empty ? [] : [...scan.copies.keys()];
 }

@@ -9,7 +9,7 @@ import {
   BG_BLOCK_UNINIT, COMPAT, crc16, crc32c, EXT4_ONLY_INCOMPAT, EXT4_ONLY_RO_COMPAT, EXT_MAGIC, GD, groupHasSuper, INCOMPAT,
   INCOMPAT_KNOWN, parseSuperblock, RO_COMPAT, SB, SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, type RawSuperblock,
 } from './ext4-layout';
-import { Journal, JournalError, mapInodeBlocks } from './jbd2';
+import { Journal, JournalError, type JournalScan, mapInodeBlocks } from './jbd2';
 import { CorruptFileSystemError, type FileSystemKind, type FileSystemReader, type UsedBlockMap } from './used-map';
 
 const TWO32 = 0x100000000;
@@ -368,13 +368,8 @@ async function read(reader: BlockReader): Promise<UsedBlockMap> {
   return { filesystem: g.kind, blockSize, totalBlocks, usedBlocks: bitmap.setCount, bitmap, notes, allBlocks: false };
 }
 
-/**
- * Replays the journal in memory, for the blocks that matter: the superblock (geometry must not
- * change), the descriptor blocks (flags and checksums; a moved bitmap means "copy everything"),
- * and the block bitmaps.
- */
-async function journalCopies(reader: BlockReader, g: Geometry, gdt: Buffer, gdtLoc: number[], descs: Desc[]):
-  Promise<{ fallback: string } | { descs: Desc[]; bitmaps: Map<number, Buffer>; note: string }> {
+/** Opens the internal journal (inode s_journal_inum) and scans what a replay would apply. */
+export async function scanJournal(reader: BlockReader, g: Geometry, descs: Desc[]): Promise<{ journal: Journal; scan: JournalScan }> {
   const { sb, blockSize } = g;
   const ino = sb.journalInum;
   if (ino < 1 || ino > sb.inodesCount) throw new JournalError(`journal inode number ${ino} is out of range`);
@@ -383,7 +378,18 @@ async function journalCopies(reader: BlockReader, g: Geometry, gdt: Buffer, gdtL
   const inode = await reader.read(descs[group]!.inodeTable * blockSize + index * g.inodeSize, Math.min(g.inodeSize, 256));
   const { extents } = await mapInodeBlocks(reader, blockSize, g.blocksCount, inode);
   const journal = await Journal.open(reader, blockSize, extents);
-  const scan = await journal.scan();
+  return { journal, scan: await journal.scan() };
+}
+
+/**
+ * Replays the journal in memory, for the blocks that matter: the superblock (geometry must not
+ * change), the descriptor blocks (flags and checksums; a moved bitmap means "copy everything"),
+ * and the block bitmaps.
+ */
+async function journalCopies(reader: BlockReader, g: Geometry, gdt: Buffer, gdtLoc: number[], descs: Desc[]):
+  Promise<{ fallback: string } | { descs: Desc[]; bitmaps: Map<number, Buffer>; note: string }> {
+  const { sb, blockSize } = g;
+  const { journal, scan } = await scanJournal(reader, g, descs);
   const what = `jbd2 v${scan.version}${scan.features.length ? ` (${scan.features.join(', ')})` : ''}`;
   if (scan.empty) {
     return { descs, bitmaps: new Map(), note: 'journal needs recovery but holds no transactions: the on-disk bitmaps are current' };
