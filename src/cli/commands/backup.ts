@@ -36,7 +36,7 @@ export class BackupCommand extends LivesnapCommand {
       is the backup done. Writers are NOT acknowledged while held: with \`--hold all\` (default) every
       write waits for the whole backup; with \`--hold backup-blocks\` only writes to used blocks not yet
       copied wait (the copier takes those blocks next), others go at once; with \`--hold metadata\`
-      (ext2/3/4 and XFS) only writes to the file system's metadata blocks as of the instant wait
+      (ext2/3/4, and XFS with --freeze) only writes to the file system's metadata blocks as of the instant wait
       (superblocks, descriptors, bitmaps, inode tables, btrees, directories, extent trees, the
       journal or log). That promises a file system whose STRUCTURE is one instant (it mounts and
       passes fsck without a journal replay of later work); it does NOT promise file contents of the

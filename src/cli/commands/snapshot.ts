@@ -35,7 +35,7 @@ export class SnapshotCommand extends LivesnapCommand {
       \`--hold-log PATH[:SIZE]\` (on another device) held writes are appended to a durable log and
       acknowledged at once; after a crash "livesnap serve" replays it. Past \`--hold-limit\` (default
       256M in memory) the queue is released in order and the rest is copy-before-write (--container);
-      no write fails. \`--hold metadata\` (ext2/3/4, XFS) holds only writes to the file system's
+      no write fails. \`--hold metadata\` (ext2/3/4, and XFS with --freeze) holds only writes to the file system's
       metadata blocks: the view's structure is one instant, its file data may be newer.
     `,
     examples: [
