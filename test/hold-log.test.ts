@@ -7,7 +7,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as zlib from 'node:zlib';
 import type { ExecutionContext } from 'ava';
-import { checkFinal, checkSnapshot, fillSectors, now, readRange, SelfDescribingWriters, servedVolume, serveDevice, sleep, startBackup } from './helpers/online';
+import { checkFinal, checkSnapshot, fillSectors, now, readRange, SelfDescribingWriters, servedVolume, serveDevice, sleep, startBackup, type WriteRecord } from './helpers/online';
 import { serialIf as testIf } from './helpers/online';
 import { rng, seedFromEnv } from './helpers/system';
 
@@ -139,4 +139,51 @@ testIf(needs)('kill -9 with writes only in the hold log: serve again replays eve
   t.false(fs.existsSync(path.join(again.runDir, 'state-victim', 'hold-log.json')), 'the replayed log is no longer named');
   const st = await again.status();
   t.is(st.exports[0]?.name, 'victim', 'and the export is served again');
+});
+
+testIf(needs)('hold log replay: a write to a block the log holds is logged and acknowledged at once while the log is replayed, not held until it is retired; the newest write wins', async (t) => {
+  const seed = seedFromEnv(t);
+  const r = rng(seed);
+  const { dir, size, vol, served } = await servedVolume(t, 'hold-replay-', 'replay', 256);
+  const target = path.join(dir, 'backup.img');
+  const { Pipelined } = await import('./helpers/pipelined');
+  const burst = await Pipelined.open(served.socket, served.name);
+  const loop = await Pipelined.open(served.socket, served.name);
+  t.teardown(async () => { await burst.close(); await loop.close(); });
+  const records: WriteRecord[] = [];
+  let seq = 0;
+  const write = async (p: typeof burst, block: number, writer: number): Promise<WriteRecord> => {
+    const rec: WriteRecord = { seq: ++seq, writer, offset: block * BS, length: BS, start: now() };
+    records.push(rec);
+    const rep = await p.write(rec.offset, fillSectors(Buffer.allocUnsafe(BS), rec.offset, rec.seq, writer));
+    if (rep.error === 0) rec.ack = now(); else rec.failed = `NBD error ${rep.error}`;
+    return rec;
+  };
+  const backup = startBackup(t, [served.name, '--to', target, '--method', 'hold', '--hold-log', `${path.join(dir, 'hold.log')}:256M`, '--max-rate', '64M', '--control', served.control]);
+  const armed = await backup.armed;
+  // Thousands of logged writes to random blocks: a replay long enough to write into.
+  const blocks = [...new Set(Array.from({ length: 12000 }, () => Math.floor(r() * (size / BS))))];
+  for (let i = 0; i < blocks.length; i += 64) await Promise.all(blocks.slice(i, i + 64).map((b) => write(burst, b, 1)));
+  let exited = false;
+  const res = backup.exit.then((x) => { exited = true; return x; });
+  // One writer at a time on blocks the log holds, until the backup is done (its replay included).
+  const hot: WriteRecord[] = [];
+  while (!exited) hot.push(await write(loop, blocks[Math.floor(r() * blocks.length)]!, 2));
+  const exitedAt = now();
+  const out = await res;
+  t.is(out.status, 0, `${out.stderr}\n${served.logTail()}`);
+  t.deepEqual(records.filter((w) => w.failed).map((w) => `#${w.seq}: ${w.failed}`), [], 'no write failed');
+  const done = out.lines[out.lines.length - 1]!;
+  const releaseMs = Number(done.releaseMs);
+  const replayStart = exitedAt - releaseMs - 50;
+  // Writes started in the first half of the replay (held until the retire, each would wait out the rest of it).
+  const during = hot.filter((w) => w.start >= replayStart + 20 && w.start <= replayStart + releaseMs / 2);
+  const worst = Math.max(0, ...during.map((w) => w.ack! - w.start));
+  t.log(`seed ${seed}: ${blocks.length} logged writes, replay ${releaseMs.toFixed(0)} ms; ${during.length} writes to logged blocks during it, the slowest acknowledged in ${worst.toFixed(1)} ms`);
+  t.true(releaseMs >= 100, 'the replay lasted long enough to write into');
+  t.true(during.length >= 3, 'writes to logged blocks were issued during the replay');
+  t.true(worst < releaseMs / 3, `a write to a logged block waited ${worst.toFixed(0)} ms of a ${releaseMs.toFixed(0)} ms replay`);
+  const check = checkSnapshot(target, size, records, backup.launchedAt, armed.receivedAt);
+  t.deepEqual(check.problems, [], 'the image is the volume at the instant (every write came after arming)');
+  t.deepEqual(checkFinal(vol, records).problems, [], 'the live volume holds the newest acknowledged write of every block');
 });
