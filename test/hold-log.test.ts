@@ -78,6 +78,10 @@ function walkLog(file: string): { epoch: number; records: Array<{ pos: number; s
     if (b.readUInt32LE(0 + at) !== 0x52484c53 || Number(b.readBigUInt64LE(at + 8)) !== seq) break;
     const length = b.readUInt32LE(at + 24);
     const kind = b.readUInt8(at + 4);
+    // Complete only with its whole payload and both checksums: the kill may cut a write short.
+    const payload = kind === 1 ? length : 0;
+    if (at + 40 + payload > b.length || zlib.crc32(b.subarray(at, at + 36)) !== b.readUInt32LE(at + 36)) break;
+    if (payload && zlib.crc32(b.subarray(at + 40, at + 40 + payload)) !== b.readUInt32LE(at + 28)) break;
     records.push({ pos: at, seq, offset: Number(b.readBigUInt64LE(at + 16)), length });
     at += 40 + (kind === 1 ? length : 0);
   }
