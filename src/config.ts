@@ -32,6 +32,12 @@ export interface Config {
   /** LIVESNAP_CHANGE_TRACKING=off: serve without the change map (bench/incremental measures its cost; every backup is then full). */
   readonly changeTracking: boolean;
   /**
+   * LIVESNAP_CHANGE_INTENT_IDLE_MS: a 4 MiB intent of the change map is cleared after this long with
+   * no write to its region (default 30000; shorter makes the incremental after a crash smaller, and
+   * makes writers to a region idle that long wait for one more flush of the map).
+   */
+  readonly changeIntentIdleMs: number;
+  /**
    * LIVESNAP_TEST_KILL_AT=replica:N — test fault injection only: the replica code SIGKILLs its own
    * process when it reaches its N-th I/O step (a real kill -9 at a chosen point of the apply).
    */
@@ -77,6 +83,9 @@ function oneOf<T extends string>(env: NodeJS.ProcessEnv, name: string, values: r
   return v as T;
 }
 
+/** How long a change-map intent outlives the last write to its region. */
+export const DEFAULT_CHANGE_INTENT_IDLE_MS = 30_000;
+
 export function readConfig(env: NodeJS.ProcessEnv = process.env): Config {
   return {
     control: path.resolve(env.LIVESNAP_CONTROL || '/run/livesnap/control.sock'),
@@ -91,6 +100,7 @@ export function readConfig(env: NodeJS.ProcessEnv = process.env): Config {
     nbdReadBuffer: env.LIVESNAP_NBD_READ_BUFFER !== '0',
     nbdSendBuffer: env.LIVESNAP_NBD_SEND_BUFFER !== '0',
     changeTracking: oneOf(env, 'LIVESNAP_CHANGE_TRACKING', ['on', 'off'] as const, 'on') === 'on',
+    changeIntentIdleMs: positiveInt(env, 'LIVESNAP_CHANGE_INTENT_IDLE_MS', 0) ?? DEFAULT_CHANGE_INTENT_IDLE_MS,
     testKillAt: killAt(env),
     s3Endpoint: endpointUrl(env),
     awsCaBundle: env.AWS_CA_BUNDLE || undefined,

@@ -13,6 +13,8 @@ import { DeviceBackend } from '../src/nbd/device-backend';
 import type { Bitset } from '../src/util/bitset';
 import { rng, scratchDir, seedFromEnv, sparseFile } from './helpers/system';
 
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
 const MiB = 1 << 20;
 const stamp = async () => ({ fileMtimeNs: null, sample: 'x' });
 const blocks = (b: Bitset) => [...b.runs()].map(([s, e]) => `${s}-${e}`).join(',');
@@ -215,9 +217,10 @@ test('fuzzed change maps are judged (trusted, or reset with a reason), never cra
   t.true(reset > 0);
 });
 
-test('a write under an intent already on disk waits for no write-out, also while one for another region is queued; the timer keeps the intents of regions written in its last interval', async (t) => {
+// Serial: its timing (a 1.5 s lifetime) must not share the thread pool with the other tests' syncs.
+test.serial('a write under an intent already on disk waits for no write-out, also while one for another region is queued; the timer clears an intent only once its region was idle for the intent lifetime', async (t) => {
   const { dir, backend } = setup(t);
-  const map = await ChangeMap.open(dir, 'dev-i', 16 * MiB, stamp, true);
+  const map = await ChangeMap.open(dir, 'dev-i', 16 * MiB, stamp, true, 1500);
   const f = new ChangeFilter(backend, map);
   const data = Buffer.alloc(4096, 3);
   await f.write(0, data, false); // the intent of the first 4 MiB, on disk
@@ -225,13 +228,20 @@ test('a write under an intent already on disk waits for no write-out, also while
   t.truthy(other, 'a new intent waits for its write-out');
   t.is(map.mark(4096, 4096), undefined, 'a write under the intent on disk goes on at once');
   await other;
-  // The timer's write-out (idle) keeps intents written since the previous one; the next clears them.
+  // The timer's write-out (idle) keeps intents written less than the lifetime (1.5 s here) ago.
   await map.settle('idle');
-  t.is(map.mark(8192, 4096), undefined, 'the intent written in the last interval is kept');
+  t.is(map.mark(8192, 4096), undefined, 'the intent written just now is kept');
   await map.settle('idle');
+  await sleep(150);
+  await map.settle('idle');
+  t.is(map.mark(16384, 4096), undefined, 'written 150 ms ago: still kept');
+  // Written at 150 ms: idle long enough only at a write-out begun 1.5 s after one begun after it.
+  await sleep(1600);
+  await map.settle('idle');
+  await sleep(1600);
   await map.settle('idle');
   const again = map.mark(12288, 4096);
-  t.truthy(again, 'after a whole idle interval the intent was cleared: the next write marks it anew');
+  t.truthy(again, 'idle for longer than the lifetime, the intent was cleared: the next write marks it anew');
   await again;
   await map.close();
 });

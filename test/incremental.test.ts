@@ -91,7 +91,9 @@ test('a full backup and three incrementals under concurrent writers: every resto
 });
 
 test('kill -9 of the daemon between backups: the change map still holds every acknowledged write, the next incremental stays small and the chain is exact', async (t) => {
-  const v = await servedVolume(t, 'incr-kill-', 'kill', 32);
+  // Intents live 1 s after their region's last write here (30 s by default), so the test need not wait long.
+  const shortIntents = { LIVESNAP_CHANGE_INTENT_IDLE_MS: '1000' };
+  const v = await servedVolume(t, 'incr-kill-', 'kill', 32, [], shortIntents);
   const { dir, size, vol } = v;
   let served = v.served;
   await writeAt(t, dir, served.uri, 0, 4 * MiB, 0x11);
@@ -101,10 +103,10 @@ test('kill -9 of the daemon between backups: the change map still holds every ac
   const offs = [5 * MiB, 7 * MiB + 4096, 9 * MiB, 11 * MiB, 13 * MiB, 15 * MiB, 17 * MiB, 19 * MiB, 21 * MiB, 32 * MiB - 4096];
   for (const [i, o] of offs.entries()) await writeAt(t, dir, served.uri, o, 4096, 0x40 + i);
   await writeAt(t, dir, served.uri, 3 * MiB - 2048, 4096, 0x77);
-  await sleep(2500); // the fine map written out (every second), the 4 MiB intents cleared
+  await sleep(3000); // the fine map written out (every second), the 4 MiB intents cleared
   process.kill(served.pid, 'SIGKILL');
   await sleep(200);
-  served = await serveDevice(t, dir, vol, 'kill');
+  served = await serveDevice(t, dir, vol, 'kill', [], shortIntents);
   const inc = await backup(t, served, ['--incremental', '--to', path.join(dir, 'inc.tar')]);
   const c = chainOf(inc);
   t.is(c.kind, 'incremental', `after kill -9 the backup is still incremental (${c.fullBecause ?? ''})`);
@@ -121,7 +123,7 @@ test('kill -9 of the daemon between backups: the change map still holds every ac
   await writeAt(t, dir, served.uri, 30 * MiB, 8192, 0x79);
   process.kill(served.pid, 'SIGKILL');
   await sleep(200);
-  served = await serveDevice(t, dir, vol, 'kill');
+  served = await serveDevice(t, dir, vol, 'kill', [], shortIntents);
   const inc2 = await backup(t, served, ['--incremental', '--to', path.join(dir, 'inc2.tar')]);
   t.is(chainOf(inc2).kind, 'incremental');
   t.true(Number(inc2.bytes) <= 8 * MiB, `two 4 MiB intent regions at most: ${inc2.bytes} bytes`);

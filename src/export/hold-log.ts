@@ -1,7 +1,7 @@
 // The durable hold log (--hold-log PATH[:SIZE], like a ZFS SLOG on another device): a held change is
 // appended here and acknowledged once it is on stable storage, so writers run at the log's speed
 // while nothing touches the source device. Appends are grouped: while one group is being written
-// and fdatasync'ed, the next collects, and every change of a group is acknowledged after its sync.
+// (O_DSYNC), the next collects, and every change of a group is acknowledged after its sync.
 // The log is self-describing:
 //   header (4096 bytes)  "LSNP-HOLD-LOG-1\n", u32 JSON length, u32 crc32(JSON), JSON {device, size, created}
 //   records              u32 magic, u8 kind, u8 flags, u16 0, u64 seq (1, 2, 3, ...), u64 offset,
@@ -66,7 +66,9 @@ export class HoldLog {
 
   /** Creates (or empties) the log, writes its header durably, and names it in the state directory. */
   static async create(spec: HoldLogSpec, stateDir: string, device: { path: string; key: string; size: number }): Promise<HoldLog> {
-    const fh = await fs.promises.open(spec.path, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600).catch((e: NodeJS.ErrnoException) => {
+    // O_DSYNC: a group is durable when its writev returns, one trip to the thread pool instead of
+    // two (writev, then fdatasync): under a backup's load each trip costs a thread wake-up.
+    const fh = await fs.promises.open(spec.path, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_DSYNC, 0o600).catch((e: NodeJS.ErrnoException) => {
       throw new UserError(`--hold-log ${spec.path}: ${e.message}`, 'give a file on another fast device (an SSD), in a directory that exists');
     });
     try {
@@ -134,7 +136,6 @@ export class HoldLog {
           if (bytesWritten !== want) throw new Error(`short write to the hold log (${bytesWritten} of ${want})`);
           at += want;
         }
-        await this.fh.datasync();
         this.syncs++;
         this.tail = at;
         for (const w of g.waiters) w.resolve(w.pos);

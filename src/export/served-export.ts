@@ -118,7 +118,7 @@ export class ServedExport {
       // like a write made while unserved); the replayed writes were marked when acknowledged.
       const stampFiles = identity.lockPaths.filter((p) => p !== undefined);
       const stamp = () => deviceStamp(directDevice, stampFiles);
-      const changeMap = !config().changeTracking ? undefined : await ChangeMap.open(state.dir, identity.files[0] ?? identity.devices[0] ?? req.device, device.size, stamp, state.created);
+      const changeMap = !config().changeTracking ? undefined : await ChangeMap.open(state.dir, identity.files[0] ?? identity.devices[0] ?? req.device, device.size, stamp, state.created, config().changeIntentIdleMs);
       undo.push(() => changeMap?.closeNow());
       if (changeMap?.resetBecause && !state.created) ctx.log(`[${req.name}] the change map cannot be trusted: ${changeMap.resetBecause}; the next backup is full`);
       // Acknowledged writes a killed daemon left only in its hold log go onto the device before any client.

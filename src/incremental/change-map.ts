@@ -30,6 +30,8 @@ const VERSION = 2;
 const INTENT_SPAN = 64;
 /** How often the fine map is written out (and intents cleared). */
 export const PERSIST_INTERVAL_MS = 1000;
+/** ChangeMap.open's default intent lifetime after its region's last write (the daemon passes config's). */
+const DEFAULT_INTENT_IDLE_MS = 30_000;
 const INTENT = 2;
 /** The in-memory map's block (the snapshot's block size), and the most memory it may take per epoch. */
 const SUB_BLOCK = 4096;
@@ -196,8 +198,13 @@ export class ChangeMap {
   private writeSeq = 0;
   /** The intent pages as last made durable: a write under a set intent that is on disk waits for nothing. */
   private readonly intentOnDisk = new SlotBits();
-  /** writeSeq when the previous write-out began: an intent is cleared only after a whole interval without writes. */
-  private prevPersistSeq = 0;
+  /**
+   * writeSeq when each recent write-out began: an intent is cleared only once no write entered its
+   * region for `intentIdleMs`. Clearing sooner made writers on a busy disk wait for the map: a
+   * region idle for one second (a 4K random writer slowed by a backup) was cleared and its next
+   * write waited for an fdatasync behind the copier's I/O, which slowed the writer further.
+   */
+  private readonly persistStarts: Array<{ at: number; seq: number }> = [];
   /** Fine pages changed in memory and not yet written out. */
   private lazy = new Set<number>();
   /** Slots every write marks now (normally the active one; both while a backup arms). */
@@ -224,6 +231,7 @@ export class ChangeMap {
     private readonly intentBytes: number,
     /** Why the map was reset when opened (it could not be trusted), if it was. */
     readonly resetBecause: string | undefined,
+    private readonly intentIdleMs: number,
   ) {
     this.marking = [header.active];
   }
@@ -237,7 +245,7 @@ export class ChangeMap {
    * decides whether it can be trusted; an untrusted map is reset, every region counted as changed,
    * and the reason kept for the next backup to report. `stampNow` gives the device's stamp now.
    */
-  static async open(stateDir: string, device: string, volumeSize: number, stampNow: () => Promise<DeviceStamp>, stateIsNew: boolean): Promise<ChangeMap> {
+  static async open(stateDir: string, device: string, volumeSize: number, stampNow: () => Promise<DeviceStamp>, stateIsNew: boolean, intentIdleMs = DEFAULT_INTENT_IDLE_MS): Promise<ChangeMap> {
     const file = path.join(stateDir, CHANGE_MAP_FILE);
     const regions = Math.ceil(volumeSize / GRANULARITY);
     const slotBytes = Math.max(PAGE, Math.ceil(regions / PAGE_BITS) * PAGE);
@@ -276,7 +284,7 @@ export class ChangeMap {
         format: FORMAT, version: VERSION, generation: (header?.generation ?? 0) + 1, device, volumeSize, granularity: GRANULARITY,
         base: null, active: 0, pending: null, state: 'serving', stamp: null, aliveAt: Date.now(), fullBecause: why ?? null,
       };
-      const map = new ChangeMap(file, fd, why ? fresh : { ...header!, state: 'serving', stamp: null, aliveAt: Date.now() }, regions, slotBytes, intentBytes, why);
+      const map = new ChangeMap(file, fd, why ? fresh : { ...header!, state: 'serving', stamp: null, aliveAt: Date.now() }, regions, slotBytes, intentBytes, why, intentIdleMs);
       if (why) {
         fs.ftruncateSync(fd, 0);
         fs.ftruncateSync(fd, expectLen);
@@ -481,7 +489,7 @@ export class ChangeMap {
    */
   private async persist(clear: 'idle' | 'settled'): Promise<void> {
     const since = this.writeSeq;
-    const idleSince = clear === 'idle' ? this.prevPersistSeq : since;
+    const idleSince = clear === 'idle' ? this.idleSince(since) : since;
     if (this.lazy.size) {
       const pages = this.lazy;
       this.lazy = new Set();
@@ -497,8 +505,23 @@ export class ChangeMap {
       this.queue(key(INTENT, this.intent.clear(c)));
       cleared = true;
     }
-    this.prevPersistSeq = since;
     if (cleared) await this.drainFlushes();
+  }
+
+  /**
+   * The writeSeq of the newest write-out that began at least intentIdleMs ago (-1: none, so nothing
+   * is idle long enough); this one's start is noted for the ones to come.
+   */
+  private idleSince(seq: number): number {
+    const now = performance.now();
+    const s = this.persistStarts;
+    s.push({ at: now, seq });
+    let i = -1;
+    while (i + 1 < s.length && s[i + 1]!.at <= now - this.intentIdleMs) i++;
+    if (i < 0) return -1;
+    const found = s[i]!.seq;
+    s.splice(0, i); // older starts are never needed again
+    return found;
   }
 
   /** Every mark made so far is on disk (fine bits included); `idle`: intents of regions written lately stay. */

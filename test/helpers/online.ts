@@ -104,11 +104,11 @@ export async function serveDevice(t: ExecutionContext, dir: string, device: stri
 }
 
 /** A new sparse volume (`vol.raw`, `sizeMiB`) in a scratch directory, served as `name` by a daemon of its own. */
-export async function servedVolume(t: ExecutionContext, prefix: string, name: string, sizeMiB: number, serveArgs: string[] = []): Promise<{ dir: string; size: number; vol: string; served: Served }> {
+export async function servedVolume(t: ExecutionContext, prefix: string, name: string, sizeMiB: number, serveArgs: string[] = [], env?: NodeJS.ProcessEnv): Promise<{ dir: string; size: number; vol: string; served: Served }> {
   const dir = scratchDir(t, prefix);
   const size = sizeMiB * (1 << 20);
   const vol = sparseFile(path.join(dir, 'vol.raw'), size);
-  return { dir, size, vol, served: await serveDevice(t, dir, vol, name, serveArgs) };
+  return { dir, size, vol, served: await serveDevice(t, dir, vol, name, serveArgs, env) };
 }
 
 export function alive(pid: number): boolean {
