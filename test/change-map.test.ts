@@ -11,6 +11,8 @@ import { Filter } from '../src/export/filter';
 import { ChangeMap, GRANULARITY } from '../src/incremental/change-map';
 import { DeviceBackend } from '../src/nbd/device-backend';
 import type { Bitset } from '../src/util/bitset';
+import { DEFAULT_CHANGE_INTENT_IDLE_MS, readConfig } from '../src/config';
+import type { UserError } from '../src/util/errors';
 import { rng, scratchDir, seedFromEnv, sparseFile } from './helpers/system';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -244,4 +246,13 @@ test.serial('a write under an intent already on disk waits for no write-out, als
   t.truthy(again, 'idle for longer than the lifetime, the intent was cleared: the next write marks it anew');
   await again;
   await map.close();
+});
+
+test('the intent lifetime is read from LIVESNAP_CHANGE_INTENT_IDLE_MS once, 30 s by default; a bad value is refused with what to do', (t) => {
+  t.is(readConfig({}).changeIntentIdleMs, DEFAULT_CHANGE_INTENT_IDLE_MS);
+  t.is(DEFAULT_CHANGE_INTENT_IDLE_MS, 30_000);
+  t.is(readConfig({ LIVESNAP_CHANGE_INTENT_IDLE_MS: '1000' }).changeIntentIdleMs, 1000);
+  const e = t.throws(() => readConfig({ LIVESNAP_CHANGE_INTENT_IDLE_MS: '2s' }));
+  t.regex(e.message, /LIVESNAP_CHANGE_INTENT_IDLE_MS=2s: expected a whole number of at least 0/);
+  t.regex((e as UserError).hint ?? '', /unset LIVESNAP_CHANGE_INTENT_IDLE_MS/);
 });

@@ -482,9 +482,9 @@ export class ChangeMap {
 
   /**
    * Writes the fine map out, then clears intents: their regions' bits are on disk now. `idle` (the
-   * timer, the epoch switches) clears only those no write entered since the previous write-out
-   * began, so a region still being written keeps its intent and its writers do not wait for an
-   * intent's write-out again and again (on a disk a backup keeps busy, each one is milliseconds);
+   * timer, the epoch switches) clears only those no write entered for the intent lifetime, so a
+   * region still being written keeps its intent and its writers do not wait for an intent's
+   * write-out again and again (on a disk a backup keeps busy, each one is milliseconds);
    * `settled` (a stop, an explicit settle) clears every one no write entered since this one began.
    */
   private async persist(clear: 'idle' | 'settled'): Promise<void> {
